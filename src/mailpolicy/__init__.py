@@ -1,0 +1,101 @@
+"""mailpolicy: SMTP policy decisions that answer like Postfix.
+
+The core is pure (no sockets, no DNS, no clock, no files)::
+
+    import mailpolicy
+    from mailpolicy import Envelope, Session, Stage
+
+    policy = mailpolicy.load_policy("policy.toml")
+    session = Session("203.0.113.5", helo="mail.example.org")
+    envelope = Envelope(Stage.RCPT, sender="a@example.org", recipient="bob@example.com")
+
+    # Ask the DNS questions the enabled rules need (any resolver will do),
+    # then decide.
+    while queries := policy.lookups(session, envelope):
+        session = session.with_dns(my_resolver(queries))
+    verdict = mailpolicy.evaluate(policy, session, envelope)
+    print(verdict.action, verdict.reply, verdict.rule)
+
+Adapters bind the core to the world: :mod:`mailpolicy.adapters.smtp`
+(an aiosmtpd server), :mod:`mailpolicy.adapters.replay` (captured sessions),
+:mod:`mailpolicy.adapters.dns` (dnspython and static zones),
+:mod:`mailpolicy.adapters.maildir` and :mod:`mailpolicy.adapters.relay`
+(delivery), :mod:`mailpolicy.adapters.state` (rate counters).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import PolicyError, load_settings, settings_from_mapping
+from .model import (
+    Action,
+    Counters,
+    DnsOutcome,
+    DnsQuery,
+    DnsResult,
+    Envelope,
+    Evidence,
+    MessageFacts,
+    NextHop,
+    Reply,
+    Route,
+    RouteKind,
+    RType,
+    Session,
+    Stage,
+    Verdict,
+)
+from .policy import Policy, compile_policy
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "Counters",
+    "DnsOutcome",
+    "DnsQuery",
+    "DnsResult",
+    "Envelope",
+    "Evidence",
+    "MessageFacts",
+    "NextHop",
+    "Policy",
+    "PolicyError",
+    "RType",
+    "Reply",
+    "Route",
+    "RouteKind",
+    "Session",
+    "Settings",
+    "Stage",
+    "Verdict",
+    "compile_policy",
+    "evaluate",
+    "load_policy",
+    "load_settings",
+    "settings_from_mapping",
+]
+
+
+def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
+    """Judge ``envelope`` at its stage for ``session`` under ``policy``.
+
+    Pure and deterministic: no I/O, no clock. The DNS answers the enabled
+    rules need must already be in ``session.dns`` (see :meth:`Policy.lookups`);
+    a missing one gives a temporary failure (``451 4.3.0``) that names the
+    question, never an acceptance. The :class:`Verdict` carries the action,
+    the reply for the client, the deciding rule (its settings key) and the
+    evidence (matched list entry, DNS answers, counters).
+    """
+    return policy.evaluate(session, envelope)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Load a TOML policy file and compile it.
+
+    Raises :class:`PolicyError` naming the file, the key path and the reason
+    for every problem; nothing half-loaded is ever returned.
+    """
+    return compile_policy(load_settings(path))

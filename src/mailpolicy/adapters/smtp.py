@@ -1,0 +1,749 @@
+"""The aiosmtpd binding: an SMTP server that asks the policy and answers like Postfix.
+
+aiosmtpd gives us the asyncio protocol, the transport, STARTTLS and the idle
+timeout. Nearly every reply must be Postfix's, with enhanced status codes, so
+the command loop and the command handlers are ours: each handler parses the
+command, builds the :class:`~mailpolicy.model.Envelope` for its stage, asks
+the resolver for what :meth:`Policy.lookups` says is missing, and turns the
+:class:`~mailpolicy.model.Verdict` into a reply.
+
+Replay (:mod:`mailpolicy.adapters.replay`) runs this same class on a loopback
+socket, so what replay prints is what a client would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import email.parser
+import email.policy
+import itertools
+import logging
+import secrets
+import ssl
+import time
+from base64 import b64decode, b64encode
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+from aiosmtpd.smtp import SMTP as _AioSMTP
+from aiosmtpd.smtp import sslproto
+
+from ..addresses import AddressError, parse_mail_from, parse_rcpt_to
+from ..model import (
+    Action,
+    Counters,
+    Envelope,
+    MessageFacts,
+    Reply,
+    Session,
+    Stage,
+    Verdict,
+)
+from ..policy import Policy
+from .dns import Resolver
+
+__all__ = [
+    "AcceptAllDelivery",
+    "Delivery",
+    "PolicySMTP",
+    "ReplyRecord",
+    "ServerOptions",
+]
+
+log = logging.getLogger("mailpolicy.smtp")
+decisions = logging.getLogger("mailpolicy.decisions")
+
+#: Postfix's smtpd_hard_error_limit: after this many error replies, 421 and close.
+HARD_ERROR_LIMIT = 20
+#: rounds of DNS questions for one decision (the PTR, then its forward name)
+MAX_DNS_ROUNDS = 4
+#: commands after which RFC 2920 forbids sending more before the reply
+_LAST_IN_GROUP = frozenset(
+    {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP", "AUTH", "STARTTLS"}
+)
+
+OK_MAIL = Reply(250, "2.1.0", "Ok")
+OK_RCPT = Reply(250, "2.1.5", "Ok")
+TEMP_FAILURE = Reply(451, "4.3.0", "Error: temporary failure, please try again later")
+
+
+class Delivery(Protocol):
+    """Where accepted messages go. Return the reply for the end of DATA:
+    250 only once the message is safe; 4xx makes the client retry."""
+
+    async def deliver(
+        self, message: bytes, sender: str, recipients: Sequence[str], session: Session,
+        queue_id: str,
+    ) -> Reply: ...
+
+
+class AcceptAllDelivery:
+    """Accept and drop (Postfix's ``discard`` transport): for replay and tests.
+
+    Keeps what it was given in ``messages`` so tests can look at it.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, tuple[str, ...], bytes]] = []
+
+    async def deliver(
+        self, message: bytes, sender: str, recipients: Sequence[str], session: Session,
+        queue_id: str,
+    ) -> Reply:
+        self.messages.append((sender, tuple(recipients), message))
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+class CounterStore(Protocol):
+    """The part of a state store the server uses (see adapters.state)."""
+
+    async def connection_opened(self, client: str, now: float, window: int) -> tuple[int, int]: ...
+
+    async def connection_closed(self, client: str) -> None: ...
+
+    async def hit(self, kind: Any, client: str, now: float, window: int) -> int: ...
+
+
+@attrs.frozen
+class ReplyRecord:
+    """A reply as sent, and the verdict behind it (for replay and logs)."""
+
+    reply: Reply
+    verdict: Verdict | None
+
+
+@attrs.define
+class ServerOptions:
+    """Everything a :class:`PolicySMTP` connection needs besides the policy."""
+
+    resolver: Resolver
+    delivery: Delivery = attrs.field(factory=AcceptAllDelivery)
+    store: CounterStore | None = None
+    clock: Callable[[], float] = time.time
+    tls_context: ssl.SSLContext | None = None
+    #: the listener is implicit TLS (port 465): AUTH may be offered at once
+    implicit_tls: bool = False
+    timeout: float = 300
+    #: replay and tests: judge this address instead of the socket's peer
+    client_address: str | None = None
+    #: called with each reply record (replay collects them)
+    on_reply: Callable[[ReplyRecord], None] | None = None
+
+
+_queue_ids = itertools.count(1)
+
+
+def _queue_id() -> str:
+    return f"{secrets.token_hex(4).upper()}{next(_queue_ids):X}"
+
+
+class PolicySMTP(_AioSMTP):  # type: ignore[misc]
+    """One SMTP connection, judged by ``policy``."""
+
+    def __init__(self, policy: Policy, options: ServerOptions) -> None:
+        g = policy.settings.general
+        super().__init__(
+            _NoHandler(),
+            hostname=g.hostname,
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=options.tls_context,
+            timeout=options.timeout,
+            auth_require_tls=False,
+        )
+        self.policy = policy
+        self.options = options
+        self.mp: Session | None = None
+        self._errors = 0
+        self._reset_transaction()
+
+    # -- transaction state -------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.mail_from: str | None = None
+        self.declared_size: int | None = None
+        self.rcpts: list[str] = []
+        self.rcpt_attempted = False
+        self.discard: Verdict | None = None
+
+    # -- replies -------------------------------------------------------------
+
+    async def reply(self, r: Reply, verdict: Verdict | None = None) -> None:
+        if r.code >= 400:
+            self._errors += 1
+        if self.options.on_reply is not None:
+            self.options.on_reply(ReplyRecord(r, verdict))
+        lines = r.text.split("\n")
+        prefix = f"{r.enhanced} " if r.enhanced else ""
+        out = [f"{r.code}-{prefix}{ln}" for ln in lines[:-1]]
+        out.append(f"{r.code} {prefix}{lines[-1]}")
+        await self.push("\r\n".join(out))
+
+    async def _say(self, code: int, enhanced: str | None, text: str) -> None:
+        await self.reply(Reply(code, enhanced, text))
+
+    def _log_decision(self, stage: Stage, verdict: Verdict, **facts: object) -> None:
+        assert self.mp is not None
+        fields: dict[str, object] = {
+            "client": str(self.mp.client_ip),
+            "helo": self.mp.helo,
+            "stage": stage.value,
+            "action": verdict.action.value,
+            "rule": verdict.rule,
+            "reply": str(verdict.reply) if verdict.reply else None,
+            "evidence": [str(e) for e in verdict.evidence],
+        }
+        fields.update(facts)
+        level = logging.INFO if verdict.action is not Action.ACCEPT else logging.DEBUG
+        decisions.log(level, "%s", verdict.explain(), extra={"decision": fields})
+
+    # -- asking the policy ----------------------------------------------------------
+
+    async def judge(self, envelope: Envelope) -> Verdict:
+        """Gather the DNS facts the policy needs, then evaluate. Never raises."""
+        assert self.mp is not None
+        try:
+            for _ in range(MAX_DNS_ROUNDS):
+                wanted = self.policy.lookups(self.mp, envelope)
+                if not wanted:
+                    break
+                answers = await self.options.resolver.resolve_all(wanted)
+                self.mp = self.mp.with_dns(answers)
+            return self.policy.evaluate(self.mp, envelope)
+        except Exception:  # a bug must defer, never accept by accident
+            log.exception("policy evaluation failed at %s", envelope.stage.value)
+            return Verdict(Action.DEFER, TEMP_FAILURE, "internal.error")
+
+    async def _count(self, kind: str, limit: int) -> int:
+        """Count this event in the state store when its limit is enabled."""
+        store = self.options.store
+        if store is None or limit <= 0:
+            return 0
+        assert self.mp is not None
+        window = self.policy.settings.security.connection_policy.rate_window_seconds
+        return await store.hit(kind, str(self.mp.client_ip), self.options.clock(), window)
+
+    # -- the connection ------------------------------------------------------------
+
+    def _client_ip(self) -> str:
+        if self.options.client_address:
+            return self.options.client_address
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return "127.0.0.1"
+
+    def connection_lost(self, error: Exception | None) -> None:
+        store = self.options.store
+        if store is not None and self._counted_connection and self.mp is not None:
+            task = self.loop.create_task(store.connection_closed(str(self.mp.client_ip)))
+            task.add_done_callback(_log_task_error)
+        super().connection_lost(error)
+
+    _counted_connection = False
+
+    async def _connect(self) -> bool:
+        """Connect-stage checks. False when the client was sent away."""
+        self.mp = Session(self._client_ip(), tls=self.options.implicit_tls)
+        cp = self.policy.settings.security.connection_policy
+        store = self.options.store
+        if store is not None and (
+            cp.max_connections_per_client > 0 or cp.max_connection_rate_per_client > 0
+        ):
+            try:
+                count, rate = await store.connection_opened(
+                    str(self.mp.client_ip), self.options.clock(), cp.rate_window_seconds
+                )
+                self._counted_connection = True
+            except Exception:
+                log.exception("state store failed at connect")
+                await self._say(421, "4.3.0", f"{self.hostname} Error: temporary failure")
+                return False
+            self.mp = attrs.evolve(self.mp, counters=Counters(connections=count, connection_rate=rate))
+        verdict = await self.judge(Envelope(Stage.CONNECT))
+        if verdict.action.refuses:
+            self._log_decision(Stage.CONNECT, verdict)
+            assert verdict.reply is not None
+            await self.reply(verdict.reply, verdict)
+            return False
+        await self._say(220, None, self.policy.settings.general.banner_text)
+        return True
+
+    async def _handle_client(self) -> None:
+        if not await self._connect():
+            self._close()
+            return
+        while self.transport is not None:
+            try:
+                line = await self._read_command_line()
+                if line is None:
+                    continue
+                if self._errors >= HARD_ERROR_LIMIT:
+                    await self._say(421, "4.7.0", f"{self.hostname} Error: too many errors")
+                    self._close()
+                    return
+                await self._dispatch(line)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except Exception:
+                log.exception("SMTP session error")
+                await self.reply(TEMP_FAILURE)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _read_command_line(self) -> bytes | None:
+        try:
+            line: bytes = await self._reader.readuntil()
+        except asyncio.LimitOverrunError as error:
+            await self._reader.read(error.consumed)
+            while True:
+                try:
+                    await self._reader.readuntil()
+                    break
+                except asyncio.LimitOverrunError as e:
+                    await self._reader.read(e.consumed)
+            await self._say(500, "5.5.0", "Error: line too long")
+            return None
+        except asyncio.IncompleteReadError:
+            self._close()
+            return None
+        return line.rstrip(b"\r\n")
+
+    def _more_input_pending(self) -> bool:
+        # asyncio.StreamReader keeps what arrived in _buffer; Postfix does the
+        # same check (vstream_peek) to spot a client talking ahead of us.
+        return bool(getattr(self._reader, "_buffer", b""))
+
+    async def _dispatch(self, line: bytes) -> None:
+        assert self.mp is not None
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+        except UnicodeDecodeError:
+            await self._say(500, "5.5.2", "Error: bad syntax")
+            return
+        if not verb:
+            await self._say(500, "5.5.2", "Error: bad syntax")
+            return
+        arg = arg_bytes.decode("utf-8", errors="surrogateescape").strip()
+        if self._more_input_pending() and not self.mp.improper_pipelining:
+            if not self.mp.esmtp or verb in _LAST_IN_GROUP:
+                self.mp = attrs.evolve(self.mp, improper_pipelining=True)
+        handler = _COMMANDS.get(verb)
+        if handler is None:
+            await self._say(502, "5.5.2", "Error: command not recognized")
+            return
+        self._reset_timeout()
+        await handler(self, arg)
+
+    # -- commands --------------------------------------------------------------
+
+    async def cmd_helo(self, arg: str) -> None:
+        assert self.mp is not None
+        if not arg:
+            await self._say(501, None, "Syntax: HELO hostname")
+            return
+        self._reset_transaction()
+        self.mp = attrs.evolve(self.mp, helo=arg, esmtp=False)
+        await self._say(250, None, self.hostname)
+
+    async def cmd_ehlo(self, arg: str) -> None:
+        assert self.mp is not None
+        if not arg:
+            await self._say(501, "5.5.4", "Syntax: EHLO hostname")
+            return
+        self._reset_transaction()
+        self.mp = attrs.evolve(self.mp, helo=arg, esmtp=True)
+        size = self.policy.settings.general.max_message_size
+        caps = [self.hostname, "PIPELINING", f"SIZE {size}" if size else "SIZE"]
+        if self.tls_context is not None and not self.mp.tls:
+            caps.append("STARTTLS")
+        if self.policy.auth_offered(self.mp):
+            caps.append("AUTH PLAIN LOGIN")
+        caps += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        await self._say(250, None, "\n".join(caps))
+
+    async def cmd_noop(self, arg: str) -> None:
+        await self._say(250, "2.0.0", "Ok")
+
+    async def cmd_rset(self, arg: str) -> None:
+        if arg:
+            await self._say(501, "5.5.4", "Syntax: RSET")
+            return
+        self._reset_transaction()
+        await self._say(250, "2.0.0", "Ok")
+
+    async def cmd_quit(self, arg: str) -> None:
+        await self._say(221, "2.0.0", "Bye")
+        self._close()
+
+    async def cmd_vrfy(self, arg: str) -> None:
+        assert self.mp is not None
+        verdict = await self.judge(Envelope(Stage.VRFY, recipient=arg or None))
+        if verdict.action.refuses:
+            assert verdict.reply is not None
+            await self.reply(verdict.reply, verdict)
+            return
+        if not arg:
+            await self._say(501, "5.5.4", "Syntax: VRFY address")
+            return
+        await self._say(252, "2.0.0", arg)
+
+    async def cmd_starttls(self, arg: str) -> None:
+        assert self.mp is not None
+        if arg:
+            await self._say(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        if self.mp.tls:
+            await self._say(554, "5.5.1", "Error: TLS already active")
+            return
+        if self.tls_context is None:
+            await self._say(502, "5.5.1", "Error: command not implemented")
+            return
+        await self._say(220, "2.0.0", "Ready to start TLS")
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True
+        )
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except Exception:
+            log.info("TLS handshake failed with %s", self.mp.client_ip)
+            self._close()
+            return
+        # RFC 3207 4.2: forget everything the client said before TLS.
+        self._reset_transaction()
+        self.mp = attrs.evolve(self.mp, tls=True, helo=None, esmtp=False, auth_user=None)
+
+    async def cmd_auth(self, arg: str) -> None:
+        assert self.mp is not None
+        if not self.policy.auth_offered(self.mp):
+            await self._say(503, "5.5.1", "Error: authentication not enabled")
+            return
+        if self.mp.auth_user is not None:
+            await self._say(503, "5.5.1", "Error: already authenticated")
+            return
+        if self.mail_from is not None:
+            await self._say(503, "5.5.1", "Error: MAIL transaction in progress")
+            return
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            await self._say(501, "5.5.4", "Syntax: AUTH mechanism")
+            return
+        mech = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mech == "PLAIN":
+            creds = await self._auth_plain(initial)
+        elif mech == "LOGIN":
+            creds = await self._auth_login(initial)
+        else:
+            await self._say(535, "5.7.8", "Error: authentication failed: Invalid authentication mechanism")
+            return
+        if creds is None:
+            return
+        user, password = creds
+        ok = await asyncio.to_thread(self.policy.check_password, user, password)
+        if not ok:
+            # The password never reaches a log: only the user name does.
+            decisions.info("AUTH failed for %r from %s", user, self.mp.client_ip,
+                           extra={"decision": {"client": str(self.mp.client_ip), "stage": "auth",
+                                               "action": "reject", "auth_user": user}})
+            await self._say(535, "5.7.8", "Error: authentication failed: authentication failure")
+            return
+        self.mp = attrs.evolve(self.mp, auth_user=user)
+        await self._say(235, "2.7.0", "Authentication successful")
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        """One SASL round: send a 334, read the client's base64 answer."""
+        await self.reply(Reply(334, None, _b64(prompt).decode("ascii")))
+        line = (await self._reader.readline()).strip()
+        if line == b"*":
+            await self._say(501, "5.7.0", "Authentication aborted")
+            return None
+        try:
+            return b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            await self._say(501, "5.5.2", "Error: cannot decode response")
+            return None
+
+    async def _auth_plain(self, initial: str | None) -> tuple[str, str] | None:
+        if initial is None:
+            blob = await self._challenge(b"")
+        else:
+            try:
+                blob = b64decode(initial, validate=True)
+            except (binascii.Error, ValueError):
+                await self._say(501, "5.5.2", "Error: cannot decode response")
+                return None
+        if blob is None:
+            return None
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self._say(535, "5.7.8", "Error: authentication failed: malformed response")
+            return None
+        return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
+
+    async def _auth_login(self, initial: str | None) -> tuple[str, str] | None:
+        if initial is None:
+            user = await self._challenge(b"Username:")
+        else:
+            try:
+                user = b64decode(initial, validate=True)
+            except (binascii.Error, ValueError):
+                await self._say(501, "5.5.2", "Error: cannot decode response")
+                return None
+        if user is None:
+            return None
+        password = await self._challenge(b"Password:")
+        if password is None:
+            return None
+        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+    async def cmd_mail(self, arg: str) -> None:
+        assert self.mp is not None
+        if self.mail_from is not None:
+            await self._say(503, "5.5.1", "Error: nested MAIL command")
+            return
+        try:
+            address, params = parse_mail_from(arg)
+        except AddressError as e:
+            await self._say(e.reply_code, e.enhanced, e.text)
+            return
+        size: int | None = None
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    await self._say(501, "5.5.4", "Bad message size syntax")
+                    return
+                size = int(value)
+            elif key in ("BODY", "SMTPUTF8", "AUTH"):
+                continue
+            else:
+                await self._say(555, "5.5.4", f"Unsupported option: {key}")
+                return
+        limit = self.policy.settings.security.connection_policy.max_message_rate_per_client
+        try:
+            rate = await self._count("message", limit)
+        except Exception:
+            log.exception("state store failed at MAIL")
+            await self.reply(TEMP_FAILURE)
+            return
+        if rate:
+            self.mp = attrs.evolve(self.mp, counters=attrs.evolve(self.mp.counters, message_rate=rate))
+        sender = address.text
+        verdict = await self.judge(Envelope(Stage.MAIL, sender=sender, declared_size=size))
+        if verdict.action.refuses:
+            self._log_decision(Stage.MAIL, verdict, sender=sender)
+            assert verdict.reply is not None
+            await self.reply(verdict.reply, verdict)
+            return
+        self.mail_from = sender
+        self.declared_size = size
+        await self.reply(OK_MAIL, verdict if verdict.rule else None)
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        assert self.mp is not None
+        if self.mail_from is None:
+            await self._say(503, "5.5.1", "Error: need MAIL command")
+            return
+        try:
+            address, _params = parse_rcpt_to(arg)
+        except AddressError as e:
+            await self._say(e.reply_code, e.enhanced, e.text)
+            return
+        self.rcpt_attempted = True
+        limit = self.policy.settings.security.connection_policy.max_recipient_rate_per_client
+        try:
+            rate = await self._count("recipient", limit)
+        except Exception:
+            log.exception("state store failed at RCPT")
+            await self.reply(TEMP_FAILURE)
+            return
+        if rate:
+            self.mp = attrs.evolve(
+                self.mp, counters=attrs.evolve(self.mp.counters, recipient_rate=rate)
+            )
+        rcpt = address.text
+        envelope = Envelope(
+            Stage.RCPT, sender=self.mail_from, recipient=rcpt, recipients=tuple(self.rcpts),
+            declared_size=self.declared_size,
+        )
+        verdict = await self.judge(envelope)
+        self._log_decision(Stage.RCPT, verdict, sender=self.mail_from, recipient=rcpt)
+        if verdict.action.refuses:
+            assert verdict.reply is not None
+            await self.reply(verdict.reply, verdict)
+            return
+        if verdict.action is Action.DISCARD and self.discard is None:
+            self.discard = verdict
+        self.rcpts.append(rcpt)
+        await self.reply(OK_RCPT, verdict if verdict.rule else None)
+
+    async def cmd_data(self, arg: str) -> None:
+        assert self.mp is not None
+        if arg:
+            await self._say(501, "5.5.4", "Syntax: DATA")
+            return
+        if self.mail_from is None:
+            await self._say(503, "5.5.1", "Error: need RCPT command")
+            return
+        if not self.rcpts:
+            if self.rcpt_attempted:
+                await self._say(554, "5.5.1", "Error: no valid recipients")
+            else:
+                await self._say(503, "5.5.1", "Error: need RCPT command")
+            return
+        envelope = Envelope(Stage.DATA, sender=self.mail_from, recipients=tuple(self.rcpts))
+        verdict = await self.judge(envelope)
+        if verdict.action.refuses:
+            self._log_decision(Stage.DATA, verdict, sender=self.mail_from)
+            assert verdict.reply is not None
+            await self.reply(verdict.reply, verdict)
+            return
+        await self._say(354, None, "End data with <CR><LF>.<CR><LF>")
+        content, size = await self._read_data()
+        if content is None:
+            return
+        await self._end_of_data(content, size)
+
+    async def _read_data(self) -> tuple[bytes | None, int]:
+        """Read the message up to the lone dot. Past the size limit the rest is
+        counted but not kept, so a huge message cannot exhaust memory."""
+        limit = self.policy.settings.general.max_message_size
+        keep: list[bytes] = []
+        size = 0
+        partial = b""
+        while self.transport is not None:
+            try:
+                chunk: bytes = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as e:
+                # A long line is not an error for us (Postfix accepts them).
+                chunk = await self._reader.read(e.consumed)
+            except asyncio.IncompleteReadError:
+                self._close()
+                return None, 0
+            if not partial and chunk == b".\r\n":
+                return b"".join(keep), size
+            if not partial and chunk.startswith(b"."):
+                chunk = chunk[1:]
+            partial = b"" if chunk.endswith(b"\r\n") else b"x"
+            size += len(chunk)
+            if not limit or size <= limit:
+                keep.append(chunk)
+        return None, 0
+
+    async def _end_of_data(self, content: bytes, size: int) -> None:
+        assert self.mp is not None and self.mail_from is not None
+        facts = self._message_facts(content, size)
+        envelope = Envelope(
+            Stage.END_OF_DATA, sender=self.mail_from, recipients=tuple(self.rcpts), message=facts
+        )
+        verdict = await self.judge(envelope)
+        queue_id = _queue_id()
+        sender, rcpts, discard = self.mail_from, tuple(self.rcpts), self.discard
+        self._reset_transaction()
+        if verdict.action.refuses:
+            self._log_decision(Stage.END_OF_DATA, verdict, sender=sender, size=size)
+            assert verdict.reply is not None
+            await self.reply(verdict.reply, verdict)
+            return
+        if discard is not None:
+            self._log_decision(Stage.END_OF_DATA, discard, sender=sender, size=size,
+                               recipients=list(rcpts), queue_id=queue_id, discarded=True)
+            await self.reply(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), discard)
+            return
+        message = self._received_header(rcpts, queue_id) + content
+        try:
+            result = await self.options.delivery.deliver(message, sender, rcpts, self.mp, queue_id)
+        except Exception:
+            log.exception("delivery failed for queue id %s", queue_id)
+            result = Reply(451, "4.3.0", "Error: queue file write error")
+        decisions.info("message %s from <%s> to %s: %s", queue_id, sender, ",".join(rcpts), result,
+                       extra={"decision": {"client": str(self.mp.client_ip), "stage": "delivery",
+                                           "queue_id": queue_id, "sender": sender,
+                                           "recipients": list(rcpts), "reply": str(result)}})
+        await self.reply(result)
+
+    def _message_facts(self, content: bytes, size: int) -> MessageFacts:
+        g = self.policy.settings.general
+        header_end = content.find(b"\r\n\r\n")
+        head = content if header_end < 0 else content[: header_end + 2]
+        received = sum(1 for ln in head.split(b"\r\n") if ln[:9].lower() == b"received:")
+        largest = 0
+        forwarded = False
+        if g.max_attachment_size > 0 or g.disable_auto_forwarding:
+            msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(content)
+            if g.max_attachment_size > 0:
+                for part in msg.walk():
+                    if part.is_multipart():
+                        continue
+                    if part.get_content_disposition() == "attachment" or part.get_filename():
+                        payload = part.get_payload(decode=True)
+                        if isinstance(payload, bytes):
+                            largest = max(largest, len(payload))
+            if g.disable_auto_forwarding:
+                auto = str(msg.get("Auto-Submitted", "")).strip().lower()
+                forwarded = (
+                    auto.startswith("auto-forwarded")
+                    or "Resent-From" in msg
+                    or "Resent-Sender" in msg
+                )
+        return MessageFacts(size=size, received_headers=received,
+                            largest_attachment=largest, auto_forwarded=forwarded)
+
+    def _received_header(self, rcpts: tuple[str, ...], queue_id: str) -> bytes:
+        assert self.mp is not None
+        from email.utils import formatdate
+
+        helo = self.mp.helo or "unknown"
+        proto = "ESMTP" if self.mp.esmtp else "SMTP"
+        if self.mp.tls:
+            proto += "S"
+        if self.mp.auth_user is not None:
+            proto += "A"
+        date = formatdate(self.options.clock(), localtime=False)
+        for_part = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        text = (
+            f"Received: from {helo} ([{self.mp.client_ip}])\r\n"
+            f"\tby {self.hostname} (mailpolicy) with {proto} id {queue_id}{for_part};"
+            f" {date}\r\n"
+        )
+        return text.encode("utf-8", "surrogateescape")
+
+
+def _b64(data: bytes) -> bytes:
+    return b64encode(data)
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("state store update failed: %s", task.exception())
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; every command is ours."""
+
+
+_COMMANDS: dict[str, Callable[[PolicySMTP, str], Any]] = {
+    "HELO": PolicySMTP.cmd_helo,
+    "EHLO": PolicySMTP.cmd_ehlo,
+    "NOOP": PolicySMTP.cmd_noop,
+    "RSET": PolicySMTP.cmd_rset,
+    "QUIT": PolicySMTP.cmd_quit,
+    "VRFY": PolicySMTP.cmd_vrfy,
+    "STARTTLS": PolicySMTP.cmd_starttls,
+    "AUTH": PolicySMTP.cmd_auth,
+    "MAIL": PolicySMTP.cmd_mail,
+    "RCPT": PolicySMTP.cmd_rcpt,
+    "DATA": PolicySMTP.cmd_data,
+}

@@ -1,0 +1,77 @@
+"""``mailpolicy replay``: play captured sessions against a policy, offline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay JSON cases through the SMTP server code, offline",
+        description="Replay each case (a JSON file, or every *.json in a directory) through "
+        "the real SMTP server code with the case's DNS zone and no network; print one "
+        "JSON object per server reply.",
+    )
+    p.add_argument("paths", nargs="+", metavar="CASE.json|DIR")
+    p.add_argument("--policy", metavar="POLICY.toml",
+                   help="judge every case with this policy file instead of the case's own")
+    p.add_argument("--check", action="store_true",
+                   help="compare with NAME.expected.jsonl beside each case (codes and "
+                   "enhanced codes, as REPLAY.md says); print PASS/FAIL and a summary")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adapters.replay import CaseError, build_policy, compare, load_cases, run_case
+    from ..config import PolicyError, load_settings
+
+    base = None
+    if args.policy:
+        try:
+            base = load_settings(args.policy)
+        except PolicyError as e:
+            print(f"mailpolicy: {e}", file=sys.stderr)
+            return 2
+    cases, errors = load_cases(args.paths)
+    for err in errors:
+        print(f"mailpolicy: {err}", file=sys.stderr)
+    passed = failed = 0
+
+    async def main() -> None:
+        nonlocal passed, failed
+        for case in cases:
+            try:
+                replies = await run_case(case, policy=build_policy(case, base))
+            except CaseError as e:
+                errors.append(e)
+                print(f"mailpolicy: {e}", file=sys.stderr)
+                continue
+            if not args.check:
+                for r in replies:
+                    print(json.dumps({"case": case.name, **r.to_json()}))
+                continue
+            expected_path = Path(case.source).with_suffix(".expected.jsonl")
+            if not expected_path.exists():
+                print(f"SKIP {case.name}: no {expected_path.name}")
+                continue
+            expected = [json.loads(ln) for ln in expected_path.read_text().splitlines() if ln.strip()]
+            diffs = compare(expected, replies)
+            if diffs:
+                failed += 1
+                print(f"FAIL {case.name}")
+                for d in diffs:
+                    print(f"    {d}")
+            else:
+                passed += 1
+                print(f"PASS {case.name}")
+
+    asyncio.run(main())
+    if args.check:
+        print(f"{passed} passed, {failed} failed")
+    return 1 if errors or failed else 0

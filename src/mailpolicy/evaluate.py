@@ -1,0 +1,104 @@
+"""The engine: walk a stage's chains and turn the rules' opinions into a verdict.
+
+Semantics (Postfix's restriction lists with ``smtpd_delay_reject = yes``):
+
+* a rule that returns ``None`` has no opinion: the next rule runs;
+* ``PERMIT`` ends its chain; the next chain runs;
+* ``ACCEPT`` ends every chain: the request is accepted;
+* ``REJECT`` ends every chain with the rule's reply;
+* ``DISCARD`` ends every chain: accepted, and the message will be dropped;
+* ``DEFER_IF_PERMIT`` is remembered (the first one wins) and evaluation
+  goes on; a later refusal wins over it, and if the request would be
+  accepted it is deferred instead.
+
+:func:`lookups` runs the same walk but collects the DNS questions that rules
+could not answer, going on past them so that independent questions are asked
+together, in one round trip.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .model import ACCEPT, Action, DnsQuery, Envelope, Evidence, Reply, Session, Verdict
+from .rules import Decision, NeedDns, Outcome
+from .rules.context import Context
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+__all__ = ["evaluate", "lookups"]
+
+_FINAL = {Outcome.REJECT: Action.REJECT, Outcome.DISCARD: Action.DISCARD}
+
+
+def _verdict(action: Action, d: Decision) -> Verdict:
+    if action is Action.REJECT and d.reply is not None and d.reply.temporary:
+        action = Action.DEFER
+    return Verdict(action, d.reply, d.rule, d.evidence)
+
+
+def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
+    """Judge ``envelope`` at its stage for ``session`` under ``policy``.
+
+    Pure: the same facts always give the same verdict. A missing DNS fact is
+    a temporary failure (451 4.3.0) naming the rule and the question.
+    """
+    ctx = Context(policy.shared, session, envelope)
+    pending: Decision | None = None
+    white: Decision | None = None
+    for chain in policy.chains[envelope.stage]:
+        for rule in chain.rules:
+            try:
+                d = rule.check(ctx)
+            except NeedDns as need:
+                return Verdict(
+                    Action.DEFER,
+                    Reply(451, "4.3.0", "Temporary lookup failure"),
+                    rule.name,
+                    tuple(Evidence("dns", str(q), matched="not supplied") for q in need.queries),
+                )
+            if d is None:
+                continue
+            outcome = d.outcome
+            if outcome is Outcome.DEFER_IF_PERMIT:
+                pending = pending or d
+                continue
+            if outcome is Outcome.PERMIT:
+                if d.rule.startswith("security.lists."):
+                    white = d
+                break
+            if outcome is Outcome.ACCEPT:
+                return _accept(pending, None)
+            return _verdict(_FINAL[outcome], d)
+    return _accept(pending, white)
+
+
+def _accept(pending: Decision | None, white: Decision | None) -> Verdict:
+    if pending is not None:
+        return Verdict(Action.DEFER_IF_PERMIT, pending.reply, pending.rule, pending.evidence)
+    if white is not None:
+        return Verdict(Action.ACCEPT, None, white.rule, white.evidence)
+    return ACCEPT
+
+
+def lookups(policy: Policy, session: Session, envelope: Envelope) -> frozenset[DnsQuery]:
+    """The DNS questions the walk for this stage still needs answered."""
+    ctx = Context(policy.shared, session, envelope)
+    needed: set[DnsQuery] = set()
+    for chain in policy.chains[envelope.stage]:
+        for rule in chain.rules:
+            try:
+                d = rule.check(ctx)
+            except NeedDns as need:
+                # Go on: later rules' questions are asked in the same round.
+                needed.update(need.queries)
+                continue
+            if d is None or d.outcome is Outcome.DEFER_IF_PERMIT:
+                continue
+            if d.outcome is Outcome.PERMIT:
+                break
+            # A final decision: nothing after it is needed, unless an earlier
+            # rule, still waiting for DNS, might have decided differently.
+            return frozenset(needed)
+    return frozenset(needed)

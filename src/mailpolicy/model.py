@@ -1,0 +1,385 @@
+"""The facts the policy core judges, and the verdict it returns.
+
+Theory of operation
+-------------------
+The core never does I/O. An adapter (the aiosmtpd server, replay, the Postfix
+policy protocol, a benchmark) describes the world as plain values:
+
+* :class:`Session` holds what is known about the connection: the client's
+  address, its HELO name, TLS and AUTH state, the rate counters the adapter's
+  state store keeps, and every DNS answer gathered so far (``dns``).
+* :class:`Envelope` holds the transaction: which SMTP stage is being judged,
+  the sender, the recipient being judged, those already accepted, the declared
+  size, and at the end of DATA the facts about the message.
+
+``Policy.lookups(session, envelope)`` tells the adapter which DNS questions
+the enabled rules still need for this stage; the adapter asks them (or reads a
+static zone), adds the answers with :meth:`Session.with_dns`, and asks again
+until nothing is missing. ``Policy.evaluate(session, envelope)`` then returns a
+:class:`Verdict`. A fact that is missing is never guessed: the verdict is a
+temporary failure that names the missing question.
+
+Everything here is a frozen, slotted attrs class: cheap to build, safe to
+share, usable as a dictionary key, and equal when the facts are equal.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Final
+
+import attrs
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+__all__ = [
+    "Action",
+    "Counters",
+    "DnsOutcome",
+    "DnsQuery",
+    "DnsResult",
+    "Envelope",
+    "Evidence",
+    "IPAddress",
+    "IPNetwork",
+    "MessageFacts",
+    "NextHop",
+    "RType",
+    "Reply",
+    "Route",
+    "RouteKind",
+    "Session",
+    "Stage",
+    "Verdict",
+]
+
+
+class Stage(enum.Enum):
+    """The SMTP moment a decision is made at."""
+
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    END_OF_DATA = "end_of_data"
+    VRFY = "vrfy"
+
+
+class RType(enum.Enum):
+    """DNS record types the core asks about."""
+
+    A = "A"
+    AAAA = "AAAA"
+    MX = "MX"
+    PTR = "PTR"
+    TXT = "TXT"
+
+
+class DnsOutcome(enum.Enum):
+    """How a DNS question ended. Only ``ANSWER`` carries records."""
+
+    ANSWER = "answer"
+    NXDOMAIN = "nxdomain"
+    NODATA = "nodata"
+    SERVFAIL = "servfail"
+    TIMEOUT = "timeout"
+
+    @property
+    def temporary(self) -> bool:
+        """A failure that may go away: it defers, it never bounces."""
+        return self in (DnsOutcome.SERVFAIL, DnsOutcome.TIMEOUT)
+
+    @property
+    def not_found(self) -> bool:
+        """An authoritative "there is no such data"."""
+        return self in (DnsOutcome.NXDOMAIN, DnsOutcome.NODATA)
+
+
+def _lower_name(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+@attrs.frozen
+class DnsQuery:
+    """One DNS question.
+
+    ``name`` is a domain name (compared without case or trailing dot); for a
+    ``PTR`` question it is the IP address itself (``"192.0.2.10"``), and the
+    resolver turns it into the ``in-addr.arpa``/``ip6.arpa`` name.
+    """
+
+    name: str = attrs.field(converter=_lower_name)
+    rtype: RType
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.rtype.value}"
+
+
+@attrs.frozen
+class DnsResult:
+    """The answer to a :class:`DnsQuery`.
+
+    ``records`` are presentation-format strings: addresses for A/AAAA, host
+    names for PTR, ``"PREF HOST"`` for MX (``"0 ."`` is a null MX), text for
+    TXT.
+    """
+
+    outcome: DnsOutcome
+    records: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    @classmethod
+    def answer(cls, *records: str) -> DnsResult:
+        return cls(DnsOutcome.ANSWER, records)
+
+    @property
+    def found(self) -> bool:
+        return self.outcome is DnsOutcome.ANSWER and bool(self.records)
+
+    def mx(self) -> tuple[tuple[int, str], ...]:
+        """MX records as ``(preference, host)``, hosts without trailing dot."""
+        out: list[tuple[int, str]] = []
+        for rec in self.records:
+            pref, _, host = rec.strip().partition(" ")
+            out.append((int(pref), host.strip().lower().rstrip(".")))
+        return tuple(out)
+
+    @property
+    def null_mx(self) -> bool:
+        """RFC 7505: a single MX whose host is the root (``"0 ."``)."""
+        mx = self.mx() if self.outcome is DnsOutcome.ANSWER else ()
+        return len(mx) == 1 and mx[0][1] == ""
+
+
+def _freeze_dns(value: Mapping[DnsQuery, DnsResult] | None) -> Mapping[DnsQuery, DnsResult]:
+    if value is None:
+        return _EMPTY_DNS
+    if isinstance(value, MappingProxyType):
+        return value
+    return MappingProxyType(dict(value))
+
+
+_EMPTY_DNS: Final[Mapping[DnsQuery, DnsResult]] = MappingProxyType({})
+
+
+@attrs.frozen
+class Counters:
+    """Rate and concurrency facts from the adapter's state store.
+
+    Each count includes the event being judged: ``connections`` counts this
+    session among the concurrent ones, ``message_rate`` this MAIL FROM among
+    those in the current window, and so on. Zero means "not counted".
+    """
+
+    connections: int = 0
+    connection_rate: int = 0
+    message_rate: int = 0
+    recipient_rate: int = 0
+
+
+def _ip(value: str | IPAddress) -> IPAddress:
+    if isinstance(value, str):
+        return ipaddress.ip_address(value)
+    return value
+
+
+@attrs.frozen
+class Session:
+    """What is known about one SMTP connection.
+
+    ``helo`` is the argument of the last HELO/EHLO (``None`` before one).
+    ``auth_user`` is the account name after a successful AUTH.
+    ``improper_pipelining`` is set by the adapter when the client sent a
+    command ahead of a reply where RFC 2920 does not allow it (or without
+    having seen PIPELINING in an EHLO reply).
+    """
+
+    client_ip: IPAddress = attrs.field(converter=_ip)
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    auth_user: str | None = None
+    improper_pipelining: bool = False
+    counters: Counters = Counters()
+    dns: Mapping[DnsQuery, DnsResult] = attrs.field(
+        default=None, converter=_freeze_dns, eq=False, hash=False, repr=False
+    )
+
+    def with_dns(
+        self, answers: Mapping[DnsQuery, DnsResult] | Iterable[tuple[DnsQuery, DnsResult]]
+    ) -> Session:
+        """A copy that also knows ``answers``."""
+        merged = dict(self.dns)
+        merged.update(answers)
+        return attrs.evolve(self, dns=merged)
+
+
+@attrs.frozen
+class MessageFacts:
+    """Facts about a received message, known at the end of DATA.
+
+    ``size`` is the message as received (after dot-unstuffing, before the
+    header we add). ``received_headers`` counts ``Received:`` fields already in
+    it. ``largest_attachment`` is the decoded size of the largest MIME part
+    that is an attachment. ``auto_forwarded`` is true for
+    ``Auto-Submitted: auto-forwarded`` or any ``Resent-From``/``Resent-Sender``.
+    """
+
+    size: int
+    received_headers: int = 0
+    largest_attachment: int = 0
+    auto_forwarded: bool = False
+
+
+@attrs.frozen
+class Envelope:
+    """The transaction being judged, at one :class:`Stage`.
+
+    ``sender`` is the MAIL FROM address as the client gave it, without angle
+    brackets (``""`` is the null sender, ``None`` before MAIL). ``recipient``
+    is the RCPT TO address being judged (RCPT stage); ``recipients`` are those
+    accepted so far. ``declared_size`` is the MAIL FROM ``SIZE=`` value.
+    """
+
+    stage: Stage
+    sender: str | None = None
+    recipient: str | None = None
+    recipients: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    declared_size: int | None = None
+    message: MessageFacts | None = None
+
+
+class Action(enum.Enum):
+    """What the server does with the request."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    DEFER = "defer"
+    #: accept unless something else refuses; when nothing does, defer
+    #: (Postfix's ``defer_if_permit``: a temporary DNS failure).
+    DEFER_IF_PERMIT = "defer_if_permit"
+    #: accept, then drop the whole message for every recipient.
+    DISCARD = "discard"
+
+    @property
+    def refuses(self) -> bool:
+        return self in (Action.REJECT, Action.DEFER, Action.DEFER_IF_PERMIT)
+
+
+@attrs.frozen
+class Reply:
+    """An SMTP reply: ``code``, enhanced status code (or ``None``), text."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    def __str__(self) -> str:
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}"
+        return f"{self.code} {self.text}"
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+@attrs.frozen
+class Evidence:
+    """Why a rule decided: what it looked at and what it found.
+
+    ``kind`` names the fact (``"client"``, ``"sender"``, ``"dns"``,
+    ``"counter"``...), ``value`` the value judged, ``matched`` the list entry
+    or limit it matched, ``dns`` the DNS answer relied on.
+    """
+
+    kind: str
+    value: str
+    matched: str | None = None
+    dns: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        parts = [f"{self.kind}={self.value}"]
+        if self.matched is not None:
+            parts.append(f"matched={self.matched}")
+        parts.extend(f"{q}={o}" for q, o in self.dns)
+        return " ".join(parts)
+
+
+@attrs.frozen
+class Verdict:
+    """The policy's answer for one stage.
+
+    ``rule`` is the settings key of the rule that decided (for example
+    ``"relay.reject_unauth_destination"`` or ``"security.lists.spammers"``),
+    or ``None`` when nothing in the policy decided and the request passes.
+    ``reply`` is what the client should be told; ``None`` for a plain
+    acceptance, where the adapter sends its usual positive reply.
+    """
+
+    action: Action
+    reply: Reply | None = None
+    rule: str | None = None
+    evidence: tuple[Evidence, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.action in (Action.ACCEPT, Action.DISCARD)
+
+    def explain(self) -> str:
+        """One line a person can read: action, rule, reply and evidence."""
+        out = [self.action.value]
+        if self.rule:
+            out.append(f"rule={self.rule}")
+        if self.reply is not None:
+            out.append(f'reply="{self.reply}"')
+        out.extend(str(e) for e in self.evidence)
+        return " ".join(out)
+
+
+ACCEPT: Final = Verdict(Action.ACCEPT)
+
+
+# ---------------------------------------------------------------------------
+# Routing: where accepted mail goes next (see mailpolicy.routing)
+
+
+class RouteKind(enum.Enum):
+    LOCAL = "local"
+    SMTP = "smtp"
+    ERROR = "error"
+
+
+@attrs.frozen
+class NextHop:
+    """One SMTP server to hand a message to. ``security`` is ``"none"``,
+    ``"starttls"`` or ``"tls"``; credentials are a reference (the user name
+    and the *name* of the environment variable that holds the password), so
+    a route can be logged, compared and captured without a secret in it."""
+
+    host: str
+    port: int = 25
+    security: str = "none"
+    username: str | None = None
+    password_env: str | None = None
+
+
+@attrs.frozen
+class Route:
+    """The routing decision for one recipient.
+
+    ``LOCAL``: deliver to ``mailbox`` (after external-postmaster rewriting).
+    ``SMTP``: try ``next_hops`` in order. ``ERROR``: ``error`` says why not
+    (``error.temporary`` for DNS failures). ``reason`` explains the choice.
+    """
+
+    recipient: str
+    kind: RouteKind
+    reason: str
+    mailbox: str | None = None
+    next_hops: tuple[NextHop, ...] = ()
+    error: Reply | None = None

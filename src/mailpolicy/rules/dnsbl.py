@@ -1,0 +1,49 @@
+"""DNS blocklists (``security.advanced.dnsbl``), Postfix's ``reject_rbl_client``.
+
+A temporary DNS failure of a blocklist is ignored, as in Postfix: a broken
+blocklist must not stop mail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+
+from ..model import DnsQuery, Evidence, IPAddress, RType
+from ..settings import DnsblZone
+from . import Decision, Outcome
+from .context import Context
+from ..model import Reply
+
+__all__ = ["RejectRblClient", "dnsbl_query_name"]
+
+
+def dnsbl_query_name(ip: IPAddress, zone: str) -> str:
+    """``192.0.2.10`` in ``bl.example`` is ``10.2.0.192.bl.example``; IPv6
+    addresses are reversed nibble by nibble (RFC 5782)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    rev = ip.reverse_pointer
+    suffix = ".in-addr.arpa" if ip.version == 4 else ".ip6.arpa"
+    return f"{rev.removesuffix(suffix)}.{zone}"
+
+
+@attrs.frozen
+class RejectRblClient:
+    zone: DnsblZone
+    name: str = "security.advanced.dnsbl"
+
+    def check(self, ctx: Context) -> Decision | None:
+        query = DnsQuery(dnsbl_query_name(ctx.client_ip, self.zone.zone), RType.A)
+        (result,) = ctx.dns(query)
+        if not result.found:
+            return None
+        if self.zone.answer is not None and str(self.zone.answer) not in result.records:
+            return None
+        text = (
+            f"Service unavailable; Client host [{ctx.client_ip}] blocked using {self.zone.zone}"
+        )
+        ev = (Evidence("client", str(ctx.client_ip), matched=str(self.zone),
+                       dns=((str(query), ",".join(result.records)),)),)
+        return Decision(Outcome.REJECT, f"{self.name}.{self.zone.zone}", Reply(554, "5.7.1", text), ev)

@@ -1,0 +1,94 @@
+"""HELO checks (settings section 4.4): the name the client gave.
+
+Judged at RCPT (Postfix's ``smtpd_delay_reject``); ``require_helo`` is judged
+at MAIL, where Postfix says "send HELO/EHLO first".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+
+from ..addresses import is_fqdn, is_valid_hostname, is_valid_ip_literal
+from ..model import Evidence
+from . import Decision, Outcome, reply
+from .context import Context
+from .dnscheck import Existence, domain_existence
+
+__all__ = ["RejectInvalidHelo", "RejectNonFqdnHelo", "RejectUnknownHelo", "RequireHelo"]
+
+
+def _is_bare_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@attrs.frozen
+class RequireHelo:
+    name: str = "security.advanced.require_helo"
+
+    def check(self, ctx: Context) -> Decision | None:
+        if ctx.session.helo is not None:
+            return None
+        return Decision(
+            Outcome.REJECT, self.name, reply(503, "5.1", "Error: send HELO/EHLO first"),
+            (Evidence("helo", "none"),),
+        )
+
+
+@attrs.frozen
+class RejectInvalidHelo:
+    name: str = "security.advanced.reject_invalid_helo"
+
+    def check(self, ctx: Context) -> Decision | None:
+        helo = ctx.session.helo
+        if not helo:
+            return None
+        if helo.startswith("["):
+            if is_valid_ip_literal(helo):
+                return None
+            why = "invalid ip address"
+        elif _is_bare_ip(helo) or is_valid_hostname(helo):
+            return None
+        else:
+            why = "Invalid name"
+        text = f"<{helo}>: Helo command rejected: {why}"
+        return Decision(Outcome.REJECT, self.name, reply(501, "5.2", text), (Evidence("helo", helo),))
+
+
+@attrs.frozen
+class RejectNonFqdnHelo:
+    name: str = "security.advanced.reject_non_fqdn_helo"
+
+    def check(self, ctx: Context) -> Decision | None:
+        helo = ctx.session.helo
+        if not helo or helo.startswith("[") or is_fqdn(helo):
+            return None
+        text = f"<{helo}>: Helo command rejected: need fully-qualified hostname"
+        return Decision(Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("helo", helo),))
+
+
+@attrs.frozen
+class RejectUnknownHelo:
+    """A HELO name with no A, AAAA or MX is refused; DNS trouble defers only
+    if nothing else refuses. Address literals are not looked up."""
+
+    name: str = "security.advanced.reject_unknown_helo"
+
+    def check(self, ctx: Context) -> Decision | None:
+        helo = ctx.session.helo
+        if not helo or helo.startswith("["):
+            return None
+        found, dns = domain_existence(ctx, helo.lower().rstrip("."))
+        if found in (Existence.FOUND, Existence.NULL_MX):
+            return None
+        ev = (Evidence("helo", helo, dns=dns),)
+        text = f"<{helo}>: Helo command rejected: Host not found"
+        if found is Existence.TEMPORARY:
+            return Decision(Outcome.DEFER_IF_PERMIT, self.name, reply(450, "7.1", text), ev)
+        code = ctx.settings.replies.unknown_hostname
+        return Decision(Outcome.REJECT, self.name, reply(code, "7.1", text), ev)

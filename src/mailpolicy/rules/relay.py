@@ -1,0 +1,109 @@
+"""Relay control (settings section 3): who may send mail to foreign domains.
+
+Postfix's ``smtpd_relay_restrictions = permit_mynetworks,
+permit_sasl_authenticated, reject_unauth_destination``. The recipient is
+judged by where the mail would really go: ``user%other@us``,
+``"user@other"@us`` and ``other!user@us`` are unwrapped while the domain is
+ours, an address literal is never ours, and a routing operator left in the
+local part of an inbound-relay address keeps the relay closed (Postfix's
+``allow_untrusted_routing = no``).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ..addresses import Address
+from ..model import Evidence
+from . import Decision, Outcome, reply
+from .context import Context, Shared
+
+__all__ = [
+    "PermitAuthenticated",
+    "PermitMynetworks",
+    "RejectUnauthDestination",
+    "real_destination",
+]
+
+_ROUTING_OPERATORS = ("@", "%", "!")
+#: bounded so a crafted ``a%b%c%...`` local part cannot loop for long
+_MAX_UNWRAP = 16
+
+
+@attrs.frozen
+class PermitMynetworks:
+    """Trusted networks (and local networks when they skip AUTH) pass."""
+
+    name: str = "relay.trusted_networks"
+
+    def check(self, ctx: Context) -> Decision | None:
+        if ctx.in_mynetworks:
+            return Decision(
+                Outcome.PERMIT, self.name, evidence=(Evidence("client", str(ctx.client_ip)),)
+            )
+        return None
+
+
+@attrs.frozen
+class PermitAuthenticated:
+    """A client that logged in with SMTP AUTH passes."""
+
+    name: str = "general.smtp_auth.enabled"
+
+    def check(self, ctx: Context) -> Decision | None:
+        user = ctx.session.auth_user
+        if user is not None:
+            return Decision(Outcome.PERMIT, self.name, evidence=(Evidence("auth_user", user),))
+        return None
+
+
+def real_destination(address: Address, shared: Shared) -> tuple[str, bool]:
+    """The domain the mail would really go to, and whether it was routed.
+
+    An unqualified address gets our host name, as Postfix's ``myorigin``.
+    """
+    local, domain = address.local, address.domain or shared.settings.general.hostname
+    routed = bool(address.route)
+    for _ in range(_MAX_UNWRAP):
+        if domain not in shared.local_domains:
+            break
+        if "@" in local:
+            local, domain = local.rsplit("@", 1)
+        elif "%" in local:
+            local, domain = local.rsplit("%", 1)
+        elif "!" in local:
+            domain, local = local.split("!", 1)
+        else:
+            break
+        routed = True
+        domain = domain.lower().rstrip(".")
+    if any(op in local for op in _ROUTING_OPERATORS):
+        routed = True
+    return domain, routed
+
+
+@attrs.frozen
+class RejectUnauthDestination:
+    """Everything else may only send to our domains and inbound domains."""
+
+    shared: Shared
+    name: str = "relay.reject_unauth_destination"
+
+    def check(self, ctx: Context) -> Decision | None:
+        rcpt = ctx.recipient
+        if rcpt is None:
+            return None
+        domain, routed = real_destination(rcpt, self.shared)
+        if not domain.startswith("["):
+            if domain in self.shared.local_domains:
+                return None
+            matched = self.shared.inbound_domains.matches(domain)
+            if matched and not routed:
+                return None
+        code = ctx.settings.replies.relay_denied
+        return Decision(
+            Outcome.REJECT,
+            self.name,
+            reply(code, "7.1", f"<{rcpt.text}>: Relay access denied"),
+            (Evidence("recipient", rcpt.text, matched=f"destination {domain}"),),
+        )

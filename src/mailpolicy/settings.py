@@ -1,0 +1,297 @@
+"""Typed settings: one attrs class per table of the policy file.
+
+Every class mirrors a section of the settings reference (docs/settings.md),
+field for field, with the same names and defaults. Values are already
+validated and normalised here (networks parsed, domains lower-cased without a
+trailing dot), so a ``Settings`` object that exists is usable: the loader in
+:mod:`mailpolicy.config` turns a TOML file into one, or refuses it with the
+file, the key path and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Literal
+
+import attrs
+
+from .model import IPNetwork
+
+__all__ = [
+    "Account",
+    "AdvancedSettings",
+    "ConnectionPolicy",
+    "DeliveryException",
+    "DeliverySettings",
+    "DnsSettings",
+    "DnsblZone",
+    "GeneralSettings",
+    "ListRule",
+    "RelayHost",
+    "RelaySettings",
+    "Replies",
+    "SecuritySettings",
+    "SenderPolicy",
+    "ServerSettings",
+    "Settings",
+    "SmtpAuthSettings",
+    "normalize_domain",
+]
+
+MIB = 1_048_576
+
+
+def normalize_domain(name: str) -> str:
+    """Domains compare without case and without a trailing dot."""
+    return name.strip().lower().rstrip(".")
+
+
+def _domains(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(normalize_domain(v) for v in values)
+
+
+def _lower(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(v.strip().lower() for v in values)
+
+
+def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
+    return tuple(
+        v if not isinstance(v, str) else ipaddress.ip_network(v.strip(), strict=False)
+        for v in values
+    )
+
+
+@attrs.frozen
+class SmtpAuthSettings:
+    """``[general.smtp_auth]``."""
+
+    enabled: bool = True
+    skip_for_local_network: bool = True
+    local_networks: tuple[IPNetwork, ...] = attrs.field(
+        default=("127.0.0.0/8", "::1/128"), converter=_networks
+    )
+    sender_must_match_login: bool = False
+    no_plaintext_without_tls: bool = True
+
+
+@attrs.frozen
+class GeneralSettings:
+    """``[general]``. ``hostname`` has no static default: the loader puts
+    the machine's FQDN there when the file does not say."""
+
+    hostname: str = attrs.field(default="localhost.localdomain", converter=normalize_domain)
+    banner: str = "$hostname ESMTP"
+    local_domains: tuple[str, ...] = attrs.field(default=(), converter=_domains)
+    max_recipients: int = 1000
+    max_hops: int = 50
+    max_message_size_mb: float = 10
+    max_attachment_size_mb: float = 0
+    disable_auto_forwarding: bool = False
+    external_postmasters: tuple[str, ...] = attrs.field(default=(), converter=_lower)
+    smtp_auth: SmtpAuthSettings = SmtpAuthSettings()
+
+    @property
+    def max_message_size(self) -> int:
+        """In bytes; 0 is unlimited."""
+        return int(self.max_message_size_mb * MIB)
+
+    @property
+    def max_attachment_size(self) -> int:
+        """In bytes; 0 is unlimited."""
+        return int(self.max_attachment_size_mb * MIB)
+
+    @property
+    def banner_text(self) -> str:
+        return self.banner.replace("$hostname", self.hostname)
+
+
+Security = Literal["none", "starttls", "tls"]
+
+
+@attrs.frozen
+class RelayHost:
+    """A next hop: ``delivery.relay_host`` or an exception's host."""
+
+    host: str = attrs.field(converter=normalize_domain)
+    port: int = 25
+    security: Security = "none"
+    username: str | None = None
+    password_env: str | None = None
+
+
+@attrs.frozen
+class DeliveryException:
+    """``[[delivery.exceptions]]``: mail matching ``targets`` (by recipient or
+    by sender; addresses, or domains with their subdomains) goes through
+    ``relay_host``. In the file the relay host's keys sit in the exception
+    itself (``host``, ``port``, ``security``, ``username``, ``password_env``)."""
+
+    name: str
+    match: Literal["recipient", "sender"]
+    targets: tuple[str, ...] = attrs.field(converter=_lower)
+    relay_host: RelayHost
+
+
+@attrs.frozen
+class DeliverySettings:
+    """``[delivery]``."""
+
+    mode: Literal["direct", "relay"] = "direct"
+    relay_host: RelayHost | None = None
+    exceptions: tuple[DeliveryException, ...] = ()
+    maildir: str = "maildir"
+
+
+@attrs.frozen
+class RelaySettings:
+    """``[relay]``."""
+
+    trusted_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    inbound_domains: tuple[str, ...] = attrs.field(default=(), converter=_domains)
+
+
+@attrs.frozen
+class ListRule:
+    """``[[security.lists]]``: one black or white rule.
+
+    A rule matches when, for each criterion it has, any of its values matches.
+    """
+
+    name: str
+    list: Literal["black", "white"] = "black"
+    action: Literal["reject", "discard", "allow"] = "reject"
+    text: str | None = None
+    client: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    client_hostname: tuple[str, ...] = attrs.field(default=(), converter=_domains)
+    helo: tuple[str, ...] = attrs.field(default=(), converter=_domains)
+    sender: tuple[str, ...] = attrs.field(default=(), converter=_lower)
+    recipient: tuple[str, ...] = attrs.field(default=(), converter=_lower)
+
+    def criteria(self) -> tuple[str, ...]:
+        """The names of the criteria this rule uses, in Postfix's order."""
+        return tuple(k for k in CRITERIA if getattr(self, k))
+
+
+#: Criteria in the order Postfix consults the access maps.
+CRITERIA: tuple[str, ...] = ("client", "client_hostname", "helo", "sender", "recipient")
+
+
+@attrs.frozen
+class SenderPolicy:
+    """``[security.sender_policy]``."""
+
+    reject_non_fqdn_sender: bool = False
+    reject_unknown_sender_domain: bool = False
+    reject_unauthenticated_local_sender: bool = False
+
+
+@attrs.frozen
+class ConnectionPolicy:
+    """``[security.connection_policy]``."""
+
+    reject_unknown_reverse_client_hostname: bool = False
+    reject_unknown_client_hostname: bool = False
+    max_connections_per_client: int = 50
+    max_connection_rate_per_client: int = 0
+    max_message_rate_per_client: int = 0
+    max_recipient_rate_per_client: int = 0
+    rate_window_seconds: int = 60
+
+
+@attrs.frozen
+class DnsblZone:
+    """One ``security.advanced.dnsbl`` entry: ``zone`` or ``zone=127.0.0.2``."""
+
+    zone: str = attrs.field(converter=normalize_domain)
+    answer: ipaddress.IPv4Address | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DnsblZone:
+        zone, sep, want = text.partition("=")
+        return cls(zone, ipaddress.IPv4Address(want.strip()) if sep else None)
+
+    def __str__(self) -> str:
+        return self.zone if self.answer is None else f"{self.zone}={self.answer}"
+
+
+@attrs.frozen
+class AdvancedSettings:
+    """``[security.advanced]``."""
+
+    require_helo: bool = False
+    reject_invalid_helo: bool = False
+    reject_non_fqdn_helo: bool = False
+    reject_unknown_helo: bool = False
+    reject_unauth_pipelining: bool = False
+    reject_non_fqdn_recipient: bool = False
+    reject_unknown_recipient_domain: bool = False
+    disable_vrfy: bool = True
+    dnsbl: tuple[DnsblZone, ...] = ()
+
+
+@attrs.frozen
+class SecuritySettings:
+    """``[security]``."""
+
+    lists: tuple[ListRule, ...] = ()
+    sender_policy: SenderPolicy = SenderPolicy()
+    connection_policy: ConnectionPolicy = ConnectionPolicy()
+    advanced: AdvancedSettings = AdvancedSettings()
+
+
+@attrs.frozen
+class Replies:
+    """``[replies]``: reply codes of the configurable refusals."""
+
+    unknown_address: int = 450
+    unknown_client: int = 450
+    unknown_hostname: int = 450
+    access_denied: int = 554
+    relay_denied: int = 554
+
+
+@attrs.frozen
+class ServerSettings:
+    """``[server]``: listeners and TLS files (used by ``mailpolicy serve``)."""
+
+    smtp: str | None = "127.0.0.1:2525"
+    submission: str | None = None
+    smtps: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@attrs.frozen
+class DnsSettings:
+    """``[dns]``: resolvers in order, and the per-query timeout."""
+
+    nameservers: tuple[str, ...] = ()
+    timeout_seconds: float = 5
+
+
+@attrs.frozen
+class Account:
+    """``[accounts.NAME]``: a login, its password hash and the addresses it owns.
+
+    An address ``@example.com`` owns the whole domain, as in Postfix's
+    ``smtpd_sender_login_maps``.
+    """
+
+    name: str
+    password_hash: str = attrs.field(repr=False)
+    addresses: tuple[str, ...] = attrs.field(default=(), converter=_lower)
+
+
+@attrs.frozen
+class Settings:
+    """The whole policy file."""
+
+    general: GeneralSettings = GeneralSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    relay: RelaySettings = RelaySettings()
+    security: SecuritySettings = SecuritySettings()
+    replies: Replies = Replies()
+    server: ServerSettings = ServerSettings()
+    dns: DnsSettings = DnsSettings()
+    accounts: tuple[Account, ...] = ()
