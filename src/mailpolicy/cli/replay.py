@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             base = load_settings(args.policy)
         except PolicyError as e:
-            print(f"mailpolicy: {e}", file=sys.stderr)
+            print(f"mailpolicy: {e.report()}", file=sys.stderr)
             return 2
     cases, errors = load_cases(args.paths)
     for err in errors:

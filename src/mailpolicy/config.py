@@ -1,0 +1,931 @@
+"""The policy file: TOML in, :class:`~mailpolicy.settings.Settings` out.
+
+Theory of operation
+-------------------
+The loader walks the data once, table by table. Each table is read against
+the attrs class it becomes (a :class:`_Table`): the class's fields are the
+table's allowed keys, and every field has a *reader* that checks one value
+and converts it. A reader that refuses a value raises :class:`_Refused`; the
+walker records the refusal with its key path (``security.lists[2].client[0]``)
+and carries on with the next key, so one pass reports every problem in the
+file. An object is built only from a subtree without problems, and the whole
+``Settings`` only when there were none at all: nothing half-loaded escapes.
+
+Rules that tie several keys together (relay mode needs a relay host, a TLS
+listener needs a certificate, a white rule cannot reject) are each table's
+``check``; they look at what the file *wrote*, so a bad value is reported once,
+not again as "missing" by the rule that depends on it.
+
+The file differs from the classes in three places only: ``[accounts.NAME]``
+puts an account's name in the table name, ``[[delivery.exceptions]]`` holds its
+relay host's keys inline, and ``security.advanced.dnsbl`` entries are strings
+(``zone`` or ``zone=127.0.0.2``).
+
+cattrs is not used: strict bool/int separation, error paths in the file's own
+notation, unknown-key messages that list the allowed keys, and the cross-key
+rules would each need a custom hook, leaving cattrs little to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+
+from .passwords import is_password_hash
+from .settings import (
+    Account,
+    AdvancedSettings,
+    ConnectionPolicy,
+    DeliveryException,
+    DeliverySettings,
+    DnsblZone,
+    DnsSettings,
+    GeneralSettings,
+    ListRule,
+    RelayHost,
+    RelaySettings,
+    Replies,
+    SecuritySettings,
+    SenderPolicy,
+    ServerSettings,
+    Settings,
+    SmtpAuthSettings,
+)
+
+__all__ = ["PolicyError", "PolicyIssue", "load_settings", "settings_from_mapping"]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+@attrs.frozen
+class PolicyIssue:
+    """One problem in a policy: where (file and key path) and why."""
+
+    source: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.source}: {self.key}: {self.reason}"
+        return f"{self.source}: {self.reason}"
+
+
+class PolicyError(Exception):
+    """A policy that cannot be loaded.
+
+    ``source``, ``key`` and ``reason`` describe the first problem (``key`` is
+    ``""`` for a whole-file problem such as bad TOML); ``errors`` holds every
+    problem found in the file, the first included, so a user can fix them all
+    in one go. ``str(err)`` is the first problem; :meth:`report` is all of them.
+    """
+
+    def __init__(
+        self, source: str, key: str, reason: str, errors: Iterable[PolicyIssue] = ()
+    ) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        self.errors: tuple[PolicyIssue, ...] = tuple(errors) or (PolicyIssue(source, key, reason),)
+        super().__init__(str(PolicyIssue(source, key, reason)))
+
+    @classmethod
+    def from_issues(cls, issues: Sequence[PolicyIssue]) -> PolicyError:
+        """The error for a non-empty list of problems, the first one leading."""
+        first = issues[0]
+        return cls(first.source, first.key, first.reason, issues)
+
+    def report(self) -> str:
+        """Every problem, one per line, in the order they appear in the file."""
+        return "\n".join(str(e) for e in self.errors)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle by their args; ours are keyword-rich.
+        return (PolicyError, (self.source, self.key, self.reason, self.errors))
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read the TOML policy file at ``path`` and return its settings.
+
+    Raises :class:`PolicyError` naming the file for an unreadable file, bad
+    TOML (with line and column) or any invalid setting (with its key path).
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(source, "", f"not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise PolicyError(source, "", f"not valid UTF-8: {e}") from None
+    except OSError as e:
+        raise PolicyError(source, "", f"cannot read the file: {e.strerror or e}") from None
+    return settings_from_mapping(data, source)
+
+
+def settings_from_mapping(data: Mapping[str, Any], source: str = "<policy>") -> Settings:
+    """Convert parsed policy data (TOML or JSON: tables as mappings) to settings.
+
+    ``source`` names the data in errors. When ``general.hostname`` is absent
+    the machine's FQDN is used. Raises :class:`PolicyError` with every problem.
+    """
+    walk = _Walk(source)
+    try:
+        settings: Settings = walk.read(_read_settings, "", data)
+    except _Reported:
+        raise PolicyError.from_issues(walk.issues) from None
+    return settings
+
+
+def _machine_fqdn() -> str:
+    """The only fact the loader takes from the machine (tests replace it)."""
+    return socket.getfqdn().lower()
+
+
+# ---------------------------------------------------------------------------
+# The walker
+
+
+class _Refused(Exception):
+    """A reader refuses its value; the walker records ``reason`` at the key."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Reported(Exception):
+    """A subtree had problems, already recorded: build nothing from it."""
+
+
+Reader = Callable[["_Walk", str, object], Any]
+Check = Callable[["_Walk", str, Mapping[object, object], dict[str, Any]], None]
+Make = Callable[[dict[str, Any]], Any]
+
+
+@attrs.define
+class _Walk:
+    """The state of one load: the source name and the problems found so far."""
+
+    source: str
+    issues: list[PolicyIssue] = attrs.Factory(list)
+
+    def refuse(self, key: str, reason: str) -> None:
+        self.issues.append(PolicyIssue(self.source, key, reason))
+
+    def read(self, reader: Reader, path: str, value: object) -> Any:
+        """``reader``'s result, or :class:`_Reported` if it found any problem."""
+        before = len(self.issues)
+        try:
+            result = reader(self, path, value)
+        except _Refused as e:
+            self.refuse(path, e.reason)
+            raise _Reported from None
+        if len(self.issues) > before:
+            raise _Reported
+        return result
+
+
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _join(path: str, key: str) -> str:
+    # Key paths use TOML's notation, so a user can search the file for them.
+    if not _BARE_KEY.fullmatch(key):
+        key = json.dumps(key)
+    return f"{path}.{key}" if path else key
+
+
+def _describe(value: object) -> str:
+    """A value as a TOML user would name it, for "expected X, got Y"."""
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({value})" if abs(value) < 10**18 else "an integer"
+    if isinstance(value, float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ({json.dumps(shown)})"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__}"
+
+
+@attrs.frozen
+class _Table:
+    """How one table of the file becomes an instance of ``cls``.
+
+    ``readers`` maps every allowed key to its reader; ``required`` keys must be
+    present; ``check`` enforces rules across keys; ``make`` builds the object
+    from the converted values (``cls(**values)`` by default).
+    """
+
+    cls: type[Any]
+    readers: Mapping[str, Reader]
+    required: tuple[str, ...]
+    check: Check | None = None
+    make: Make | None = None
+
+    def __call__(self, walk: _Walk, path: str, value: object) -> Any:
+        data = _table_data(value)
+        before = len(walk.issues)
+        values: dict[str, Any] = {}
+        for key, item in data.items():
+            if not isinstance(key, str):
+                walk.refuse(path, f"key {key!r} is not a string")
+                continue
+            sub = _join(path, key)
+            reader = self.readers.get(key)
+            if reader is None:
+                allowed = ", ".join(self.readers)
+                walk.refuse(sub, f"unknown key {key!r}; allowed keys: {allowed}")
+                continue
+            with contextlib.suppress(_Reported):
+                values[key] = walk.read(reader, sub, item)
+        for key in self.required:
+            if key not in data:
+                walk.refuse(_join(path, key), "required key is missing")
+        if self.check is not None:
+            self.check(walk, path, data, values)
+        # The caller's walk.read() notices any problem and skips the result.
+        if len(walk.issues) > before:
+            return None
+        return self.make(values) if self.make is not None else self.cls(**values)
+
+
+def _table_data(value: object) -> Mapping[object, object]:
+    if not isinstance(value, Mapping):
+        raise _Refused(f"expected a table, got {_describe(value)}")
+    return value
+
+
+def _table(
+    cls: type[Any],
+    readers: Mapping[str, Reader] | None = None,
+    *,
+    omit: Iterable[str] = (),
+    extra: Mapping[str, Reader] | None = None,
+    required: Iterable[str] = (),
+    check: Check | None = None,
+    make: Make | None = None,
+) -> _Table:
+    """A :class:`_Table` for ``cls``: its fields (less ``omit``, plus ``extra``).
+
+    Fields without a reader in ``readers`` get one from their type (bool,
+    int >= 0, number >= 0). A field of any other type without a reader is a
+    programming error, raised at import so a new setting cannot go unchecked.
+    """
+    readers = dict(readers or {})
+    hints = typing.get_type_hints(cls)
+    skip = set(omit)
+    table: dict[str, Reader] = {}
+    needed: list[str] = []
+    for field in attrs.fields(cls):
+        if field.name in skip:
+            continue
+        reader = readers.pop(field.name, None) or _TYPE_READERS.get(hints[field.name])
+        if reader is None:
+            raise TypeError(f"no reader for {cls.__name__}.{field.name}")
+        table[field.name] = reader
+        if field.default is attrs.NOTHING:
+            needed.append(field.name)
+    if readers:
+        raise TypeError(f"readers for unknown fields of {cls.__name__}: {sorted(readers)}")
+    table.update(extra or {})
+    return _Table(cls, table, (*needed, *required), check, make)
+
+
+def _list(item: Reader, *, nonempty: bool = False, unique: str | None = None) -> Reader:
+    """An array whose elements ``item`` reads; ``unique`` names a key that
+    must differ between the array's tables (rule names)."""
+
+    def read(walk: _Walk, path: str, value: object) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple):
+            raise _Refused(f"expected an array, got {_describe(value)}")
+        if nonempty and not value:
+            raise _Refused("must not be empty")
+        out: list[Any] = []
+        seen: dict[str, str] = {}
+        for i, element in enumerate(value):
+            sub = f"{path}[{i}]"
+            if unique is not None and isinstance(element, Mapping):
+                name = element.get(unique)
+                if isinstance(name, str) and name in seen:
+                    walk.refuse(
+                        _join(sub, unique), f"duplicate name {name!r}, already used by {seen[name]}"
+                    )
+                elif isinstance(name, str):
+                    seen[name] = sub
+            with contextlib.suppress(_Reported):
+                out.append(walk.read(item, sub, element))
+        return tuple(out)
+
+    return read
+
+
+def _scalar(convert: Callable[[object], Any]) -> Reader:
+    """A reader from a one-value converter that raises :class:`_Refused`."""
+
+    def read(walk: _Walk, path: str, value: object) -> Any:
+        return convert(value)
+
+    return read
+
+
+# ---------------------------------------------------------------------------
+# Scalar values
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Refused(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _int(minimum: int = 0, maximum: int | None = None) -> Reader:
+    def convert(value: object) -> int:
+        # bool is an int in Python; in the file `true` is not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Refused(f"expected an integer, got {_describe(value)}")
+        _within(value, minimum, maximum)
+        return value
+
+    return _scalar(convert)
+
+
+def _number(minimum: float = 0, *, above: bool = False) -> Reader:
+    def convert(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Refused(f"expected a number, got {_describe(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Refused(f"expected a finite number, got {value!r}")
+        if above and value <= minimum:
+            raise _Refused(f"must be greater than {minimum:g}, got {value!r}")
+        _within(value, minimum, None)
+        return value
+
+    return _scalar(convert)
+
+
+def _within(value: float, minimum: float, maximum: float | None) -> None:
+    if value < minimum:
+        what = "must not be negative" if minimum == 0 else f"must be at least {minimum:g}"
+        raise _Refused(f"{what}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise _Refused(f"must be at most {maximum:g}, got {value!r}")
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Refused(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _word(value: object) -> str:
+    """A non-empty string without surrounding blanks: names, paths."""
+    text = _string(value).strip()
+    if not text:
+        raise _Refused("must not be empty")
+    return text
+
+
+def _text_line(value: object) -> str:
+    """Text sent in an SMTP reply: a line break would end the reply early."""
+    text = _string(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise _Refused("must be one line without control characters")
+    return text
+
+
+def _choice(*allowed: str) -> Reader:
+    def convert(value: object) -> str:
+        text = _string(value)
+        if text not in allowed:
+            options = ", ".join(json.dumps(a) for a in allowed)
+            raise _Refused(f"expected one of {options}, got {json.dumps(text)}")
+        return text
+
+    return _scalar(convert)
+
+
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: object) -> str:
+    text = _string(value)
+    if not _ENV_NAME.fullmatch(text):
+        raise _Refused(
+            f"{json.dumps(text)} is not an environment variable name "
+            "(letters, digits and _, not starting with a digit)"
+        )
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Names, addresses and networks
+
+_LABEL: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _domain_text(text: str) -> str:
+    """``text`` as a normalised domain name, or :class:`_Refused`."""
+    name = text.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise _Refused("empty domain name")
+    if not name.isascii():
+        raise _Refused(f"{json.dumps(text)}: write an international name in its ASCII (xn--) form")
+    if len(name) > 253:
+        raise _Refused(f"{json.dumps(text[:40] + '...')}: a domain name has at most 253 characters")
+    for label in name.split("."):
+        if not _LABEL.fullmatch(label):
+            raise _Refused(
+                f"{json.dumps(text)} is not a valid domain name: label {json.dumps(label)} must "
+                "be 1-63 letters, digits or hyphens, not starting or ending with a hyphen"
+            )
+    return name
+
+
+def _domain(value: object) -> str:
+    return _domain_text(_string(value))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fqdn(value: object) -> str:
+    text = _string(value)
+    if _is_ip(text.strip()):
+        raise _Refused(f"{json.dumps(text)} is an IP address, not a host name")
+    name = _domain_text(text)
+    if "." not in name:
+        raise _Refused(f"{json.dumps(text)} is not fully qualified (e.g. mx.example.com)")
+    if name.rpartition(".")[2].isdigit():
+        raise _Refused(f"{json.dumps(text)}: the last label of a host name is not all digits")
+    return name
+
+
+def _host(value: object) -> str:
+    """A host to connect to: a host name (single label allowed) or an IP."""
+    text = _string(value).strip()
+    if _is_ip(text):
+        return text
+    if text.startswith("["):
+        raise _Refused(f"{json.dumps(text)}: write the host without brackets")
+    return _domain_text(text)
+
+
+# RFC 5322 specials, blanks and controls cannot appear unquoted in a local
+# part; quoted local parts are not supported in a policy.
+_LOCAL_PART: Final = re.compile(r"[^\x00-\x20\x7f()<>\[\]:;@\\,\"]{1,64}")
+
+
+def _local_part(text: str, whole: str) -> str:
+    if not _LOCAL_PART.fullmatch(text) or text.startswith(".") or text.endswith("."):
+        raise _Refused(f"{json.dumps(whole)}: {json.dumps(text)} is not a valid local part")
+    return text
+
+
+def _address_text(text: str) -> str:
+    local, at, domain = text.strip().rpartition("@")
+    if not at or not local:
+        raise _Refused(f"{json.dumps(text)} is not an address (user@example.com)")
+    _local_part(local, text)
+    try:
+        return f"{local}@{_domain_text(domain)}"
+    except _Refused as e:
+        raise _Refused(f"{json.dumps(text)}: {e.reason}") from None
+
+
+def _address(value: object) -> str:
+    return _address_text(_string(value))
+
+
+def _target(value: object) -> str:
+    """An exception target: an address or a domain."""
+    text = _string(value).strip()
+    return _address_text(text) if "@" in text else _domain_text(text)
+
+
+def _owned_address(value: object) -> str:
+    """An account's address: ``user@example.com``, or ``@example.com`` for
+    the whole domain (as in Postfix's ``smtpd_sender_login_maps``)."""
+    text = _string(value).strip()
+    if text.startswith("@"):
+        return "@" + _domain_text(text[1:])
+    return _address_text(text)
+
+
+def _list_value(*, null_sender: bool) -> Reader:
+    """A sender or recipient list value: ``a@b.example``, ``b.example``,
+    ``user@`` or (senders only) ``<>``, the null sender."""
+
+    forms = (
+        "an address (a@b.example), a domain (b.example), a local part (user@) "
+        "or <> (the null sender)"
+        if null_sender
+        else "an address (a@b.example), a domain (b.example) or a local part (user@)"
+    )
+
+    def convert(value: object) -> str:
+        text = _string(value).strip()
+        if null_sender and text == "<>":
+            return text
+        if text.count("@") > 1 or text.startswith("@") or " " in text:
+            raise _Refused(f"{json.dumps(text)} is not {forms}")
+        if text.endswith("@"):
+            return _local_part(text[:-1], text) + "@"
+        try:
+            return _address_text(text) if "@" in text else _domain_text(text)
+        except _Refused as e:
+            raise _Refused(f"{e.reason}; expected {forms}") from None
+
+    return _scalar(convert)
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = _string(value).strip()
+    try:
+        # strict=False: like Postfix, 192.0.2.1/24 means 192.0.2.0/24.
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _Refused(f"{json.dumps(text)} is not an IP address or CIDR network") from None
+
+
+_PORT: Final = re.compile(r"[0-9]{1,5}")
+
+
+def _host_port(text: str, *, port_required: bool) -> tuple[str, int | None]:
+    """Split ``HOST:PORT`` / ``[IPv6]:PORT`` (``:PORT`` optional if allowed)."""
+    if text.startswith("["):
+        inside, close, rest = text[1:].partition("]")
+        if not close or not _is_ip(inside) or ":" not in inside:
+            raise _Refused(f"{json.dumps(text)}: brackets hold an IPv6 address, as [::1]:2525")
+        host = inside
+        if rest and not rest.startswith(":"):
+            raise _Refused(f"{json.dumps(text)}: expected :PORT after the brackets")
+        port_text: str | None = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        if not port_required and _is_ip(text):
+            return text, None
+        raise _Refused(f"{json.dumps(text)}: write an IPv6 address in brackets, as [::1]:2525")
+    else:
+        host, colon, after = text.partition(":")
+        port_text = after if colon else None
+    if port_text is None:
+        if port_required:
+            raise _Refused(f"{json.dumps(text)}: expected HOST:PORT, as 127.0.0.1:2525")
+        return host, None
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise _Refused(f"{json.dumps(text)}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _listener(value: object) -> str | None:
+    """``HOST:PORT``; ``""`` turns the listener off."""
+    text = _string(value).strip()
+    if not text:
+        return None
+    host, _ = _host_port(text, port_required=True)
+    try:
+        _host(host)
+    except _Refused as e:
+        raise _Refused(f"{json.dumps(text)}: {e.reason}") from None
+    return text
+
+
+def _nameserver(value: object) -> str:
+    """An IP address, optionally with a port: ``IP:PORT`` or ``[IPv6]:PORT``."""
+    text = _string(value).strip()
+    host, _ = _host_port(text, port_required=False)
+    if not _is_ip(host):
+        raise _Refused(f"{json.dumps(text)}: a name server is an IP address (optionally :PORT)")
+    return text
+
+
+def _dnsbl(value: object) -> DnsblZone:
+    text = _string(value).strip()
+    zone, sep, answer = text.partition("=")
+    try:
+        _domain_text(zone)
+    except _Refused as e:
+        raise _Refused(f"bad DNSBL zone: {e.reason}") from None
+    if sep:
+        try:
+            ipaddress.IPv4Address(answer.strip())
+        except ValueError:
+            raise _Refused(
+                f"{json.dumps(text)}: the answer after = must be an IPv4 address, as 127.0.0.2"
+            ) from None
+    return DnsblZone.parse(text)
+
+
+# $scrypt$ln=14,r=8,p=1$SALT$HASH, as `mailpolicy hash-password` writes it
+# (unpadded base64).
+_SCRYPT_SHAPE: Final = re.compile(
+    r"\$scrypt\$ln=[0-9]+,r=[0-9]+,p=[0-9]+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"
+)
+
+
+def _password_hash(value: object) -> str:
+    text = _string(value)
+    if not _SCRYPT_SHAPE.fullmatch(text):
+        raise _Refused(
+            "not a hash made by `mailpolicy hash-password` "
+            "(expected $scrypt$ln=N,r=N,p=N$SALT$HASH)"
+        )
+    # The shape is right; the verifier must also accept its cost and lengths,
+    # or every AUTH for this account would fail without a word.
+    if not is_password_hash(text):
+        raise _Refused(
+            "a $scrypt$ hash whose cost, salt or key length `mailpolicy hash-password` "
+            "never makes; hash the password again"
+        )
+    return text
+
+
+def _clear_password(value: object) -> None:
+    raise _Refused(
+        "clear passwords are not allowed; store password_hash made by `mailpolicy hash-password`"
+    )
+
+
+def _account_name(name: str) -> str:
+    if not name or any(c.isspace() or ord(c) < 32 for c in name):
+        raise _Refused("an account name must be non-empty, without blanks or control characters")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Rules that tie keys together
+
+
+def _present(data: Mapping[object, object], key: str) -> bool:
+    return key in data
+
+
+def _check_credentials(
+    walk: _Walk, path: str, data: Mapping[object, object], _: dict[str, Any]
+) -> None:
+    # A user name without a password (or the reverse) cannot log in.
+    if _present(data, "username") and not _present(data, "password_env"):
+        walk.refuse(_join(path, "password_env"), "required with username")
+    if _present(data, "password_env") and not _present(data, "username"):
+        walk.refuse(_join(path, "username"), "required with password_env")
+
+
+def _check_delivery(
+    walk: _Walk, path: str, data: Mapping[object, object], values: dict[str, Any]
+) -> None:
+    if values.get("mode") == "relay" and not _present(data, "relay_host"):
+        walk.refuse(_join(path, "relay_host"), 'required when mode is "relay"')
+
+
+def _check_rule(
+    walk: _Walk, path: str, data: Mapping[object, object], values: dict[str, Any]
+) -> None:
+    kind = values.get("list", "black")
+    action = values.get("action")
+    if kind == "white" and action in ("reject", "discard"):
+        walk.refuse(
+            _join(path, "action"), 'a white rule always allows; write "allow" or leave it out'
+        )
+    if kind == "black" and action == "allow":
+        walk.refuse(_join(path, "action"), 'a black rule\'s action is "reject" or "discard"')
+    criteria = ("client", "client_hostname", "helo", "sender", "recipient")
+    if not any(data.get(c) for c in criteria):
+        walk.refuse(path, f"a rule needs at least one non-empty criterion: {', '.join(criteria)}")
+
+
+def _make_rule(values: dict[str, Any]) -> ListRule:
+    if values.get("list") == "white":
+        values.setdefault("action", "allow")
+    return ListRule(**values)
+
+
+def _check_server(
+    walk: _Walk, path: str, data: Mapping[object, object], values: dict[str, Any]
+) -> None:
+    has_cert, has_key = _present(data, "tls_cert"), _present(data, "tls_key")
+    if has_cert and not has_key:
+        walk.refuse(_join(path, "tls_key"), "required with tls_cert")
+    if has_key and not has_cert:
+        walk.refuse(_join(path, "tls_cert"), "required with tls_key")
+    for listener in ("submission", "smtps"):
+        if values.get(listener) and not (has_cert and has_key):
+            walk.refuse(_join(path, listener), "needs tls_cert and tls_key")
+
+
+def _make_general(values: dict[str, Any]) -> GeneralSettings:
+    if "hostname" not in values:
+        values["hostname"] = _machine_fqdn()
+    return GeneralSettings(**values)
+
+
+_RELAY_HOST_READERS: Final[Mapping[str, Reader]] = {
+    "host": _scalar(_host),
+    "port": _int(1, 65535),
+    "security": _choice("none", "starttls", "tls"),
+    "username": _scalar(_word),
+    "password_env": _scalar(_env_name),
+}
+
+
+def _make_exception(values: dict[str, Any]) -> DeliveryException:
+    host = {k: values.pop(k) for k in _RELAY_HOST_READERS if k in values}
+    return DeliveryException(**values, relay_host=RelayHost(**host))
+
+
+def _read_accounts(walk: _Walk, path: str, value: object) -> tuple[Account, ...]:
+    accounts: list[Account] = []
+    for name, table in _table_data(value).items():
+        if not isinstance(name, str):
+            walk.refuse(path, f"key {name!r} is not a string")
+            continue
+        sub = _join(path, name)
+        try:
+            _account_name(name)
+        except _Refused as e:
+            walk.refuse(sub, e.reason)
+        try:
+            fields = walk.read(_ACCOUNT, sub, table)
+        except _Reported:
+            continue
+        accounts.append(Account(name=name, **fields))
+    return tuple(accounts)
+
+
+# ---------------------------------------------------------------------------
+# The schema: one table per settings class
+
+_TYPE_READERS: Final[Mapping[object, Reader]] = {
+    bool: _scalar(_bool),
+    int: _int(0),
+    float: _number(0),
+}
+
+_SMTP_AUTH: Final = _table(SmtpAuthSettings, {"local_networks": _list(_scalar(_network))})
+
+_GENERAL: Final = _table(
+    GeneralSettings,
+    {
+        "hostname": _scalar(_fqdn),
+        "banner": _scalar(_text_line),
+        "local_domains": _list(_scalar(_domain)),
+        # Postfix's hopcount_limit has a minimum of 1: 0 would refuse everything.
+        "max_hops": _int(1),
+        "external_postmasters": _list(_scalar(_address)),
+        "smtp_auth": _SMTP_AUTH,
+    },
+    make=_make_general,
+)
+
+_RELAY_HOST: Final = _table(RelayHost, _RELAY_HOST_READERS, check=_check_credentials)
+
+_EXCEPTION: Final = _table(
+    DeliveryException,
+    {
+        "name": _scalar(_word),
+        "match": _choice("recipient", "sender"),
+        "targets": _list(_scalar(_target), nonempty=True),
+    },
+    omit=["relay_host"],
+    extra=_RELAY_HOST_READERS,
+    required=["host"],
+    check=_check_credentials,
+    make=_make_exception,
+)
+
+_DELIVERY: Final = _table(
+    DeliverySettings,
+    {
+        "mode": _choice("direct", "relay"),
+        "relay_host": _RELAY_HOST,
+        "exceptions": _list(_EXCEPTION, unique="name"),
+        "maildir": _scalar(_word),
+    },
+    check=_check_delivery,
+)
+
+_RELAY: Final = _table(
+    RelaySettings,
+    {
+        "trusted_networks": _list(_scalar(_network)),
+        "inbound_domains": _list(_scalar(_domain)),
+    },
+)
+
+_LIST_RULE: Final = _table(
+    ListRule,
+    {
+        "name": _scalar(_word),
+        "list": _choice("black", "white"),
+        "action": _choice("reject", "discard", "allow"),
+        "text": _scalar(_text_line),
+        "client": _list(_scalar(_network)),
+        "client_hostname": _list(_scalar(_domain)),
+        "helo": _list(_scalar(_domain)),
+        "sender": _list(_list_value(null_sender=True)),
+        "recipient": _list(_list_value(null_sender=False)),
+    },
+    check=_check_rule,
+    make=_make_rule,
+)
+
+_SECURITY: Final = _table(
+    SecuritySettings,
+    {
+        "lists": _list(_LIST_RULE, unique="name"),
+        "sender_policy": _table(SenderPolicy),
+        "connection_policy": _table(ConnectionPolicy, {"rate_window_seconds": _int(1)}),
+        "advanced": _table(AdvancedSettings, {"dnsbl": _list(_scalar(_dnsbl))}),
+    },
+)
+
+_REPLIES: Final = _table(Replies, {f.name: _int(400, 599) for f in attrs.fields(Replies)})
+
+_SERVER: Final = _table(
+    ServerSettings,
+    {
+        "smtp": _scalar(_listener),
+        "submission": _scalar(_listener),
+        "smtps": _scalar(_listener),
+        "tls_cert": _scalar(_word),
+        "tls_key": _scalar(_word),
+    },
+    check=_check_server,
+)
+
+_DNS: Final = _table(
+    DnsSettings,
+    {
+        "nameservers": _list(_scalar(_nameserver)),
+        "timeout_seconds": _number(0, above=True),
+    },
+)
+
+_ACCOUNT: Final = _table(
+    Account,
+    {"password_hash": _scalar(_password_hash), "addresses": _list(_scalar(_owned_address))},
+    omit=["name"],
+    extra={"password": _scalar(_clear_password)},
+    make=dict,
+)
+
+
+def _make_settings(values: dict[str, Any]) -> Settings:
+    if "general" not in values:
+        # The machine's FQDN is needed even when [general] is absent.
+        values["general"] = _make_general({})
+    return Settings(**values)
+
+
+_SETTINGS: Final = _table(
+    Settings,
+    {
+        "general": _GENERAL,
+        "delivery": _DELIVERY,
+        "relay": _RELAY,
+        "security": _SECURITY,
+        "replies": _REPLIES,
+        "server": _SERVER,
+        "dns": _DNS,
+        "accounts": _read_accounts,
+    },
+    make=_make_settings,
+)
+
+
+def _read_settings(walk: _Walk, path: str, value: object) -> Settings:
+    if not isinstance(value, Mapping):
+        raise _Refused(f"a policy is a table of settings, got {_describe(value)}")
+    settings: Settings = _SETTINGS(walk, path, value)
+    return settings
