@@ -1,0 +1,278 @@
+"""Local delivery into one Maildir per recipient address, without losing mail.
+
+Theory of operation
+-------------------
+The server answers ``250`` to the end of DATA only after :meth:`MaildirDelivery.deliver`
+has returned, so everything this module does is aimed at one promise: when
+``deliver`` returns, the message is on stable storage under ``new/``; when it
+raises, nothing was delivered and the caller answers ``4xx`` so the client
+keeps the message and retries.
+
+The Maildir protocol gives exactly that:
+
+1. write the message to ``tmp/`` under a name no other delivery can pick,
+2. ``fsync`` the file, so its bytes are on disk before its name is published,
+3. ``rename`` it into ``new/`` (atomic: a reader sees the whole message or none),
+4. ``fsync`` the ``new/`` directory, so the rename itself survives a crash.
+
+Directories created on demand are fsynced into their parents too: a crash
+must not take away the ``new/`` folder a message was just renamed into.
+
+On any error the file in ``tmp/`` is removed and the exception propagates. If
+only the final directory ``fsync`` fails, the message is also taken back out of
+``new/`` (best effort) before raising: the client will send it again, and a
+copy we could not make durable is better withdrawn than duplicated.
+
+The folder of a recipient is its address, lower-cased and made safe for a file
+name by :func:`mailbox_name`: characters outside a small safe set are
+percent-escaped (``%`` itself included, so two addresses never share a
+folder), and a leading dot is escaped, so a name is never ``.``, ``..``, hidden,
+or a path with a separator. An address can never escape the root.
+
+Messages are written byte for byte as given. Maildir readers expect ``\\n``
+line ends; converting the SMTP ``\\r\\n`` (and adding a ``Return-Path:`` or
+``Delivered-To:`` header) is the caller's choice, made before calling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+__all__ = [
+    "DeliveryOutcome",
+    "MaildirDelivery",
+    "mailbox_name",
+]
+
+# Characters kept as they are in a folder name. Everything else, ``%``
+# included, is written as ``%XX`` per UTF-8 byte, which keeps the mapping
+# one-to-one: distinct addresses never land in the same folder.
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789@._+-=")
+
+# NAME_MAX on every filesystem we care about.
+_MAX_NAME_BYTES = 255
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+def mailbox_name(address: str) -> str:
+    """The folder name of ``address``: lower-cased, every unsafe byte escaped.
+
+    Raises :class:`ValueError` for an empty address or one whose escaped form is
+    too long for a file name. That is a permanent property of the address, so a
+    server can call this at RCPT time and refuse it with a ``5xx`` then.
+    """
+    if not address:
+        raise ValueError("empty recipient address has no mailbox")
+    out: list[str] = []
+    for index, char in enumerate(address.lower()):
+        if char in _SAFE and not (index == 0 and char == "."):
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    name = "".join(out)
+    if len(name.encode("ascii")) > _MAX_NAME_BYTES:
+        raise ValueError(f"recipient address is too long for a mailbox name: {address[:64]!r}...")
+    return name
+
+
+def _hostname_part() -> str:
+    # Maildir names use the host name as their last component; "/" and ":"
+    # would break the path or the ":2,flags" info suffix, so they are encoded
+    # as the Maildir specification says.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
+
+
+@attrs.frozen
+class DeliveryOutcome:
+    """What happened to one recipient's copy in :meth:`MaildirDelivery.deliver_many`.
+
+    Exactly one of ``path`` (the file in ``new/``) and ``error`` is set.
+    """
+
+    recipient: str
+    path: Path | None = None
+    error: Exception | None = attrs.field(default=None, eq=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class MaildirDelivery:
+    """Deliver messages into ``root/<mailbox_name(recipient)>/{tmp,new,cur}``.
+
+    The folders are created on demand (mode ``0700``, files ``0600``: mail is
+    private). One instance can be shared by threads and by the event loop.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._host = _hostname_part()
+
+    def __repr__(self) -> str:
+        return f"MaildirDelivery({str(self.root)!r})"
+
+    def maildir(self, recipient: str) -> Path:
+        """The Maildir of ``recipient`` (not created)."""
+        name = mailbox_name(recipient)
+        path = self.root / name
+        # mailbox_name cannot produce a separator, "." or ".."; checking the
+        # result anyway keeps that promise local and visible.
+        if path.parent != self.root or path.name != name or name in (".", ".."):
+            raise ValueError(f"recipient address escapes the maildir root: {recipient!r}")
+        return path
+
+    def deliver(self, recipient: str, message: bytes) -> Path:
+        """Write ``message`` to the Maildir of ``recipient``; return its path in ``new/``.
+
+        Returns only once the message and its directory entry are on stable
+        storage. Raises (``OSError``, or ``ValueError`` for an address that
+        cannot be a mailbox) with nothing left behind in ``tmp/`` or ``new/``.
+        """
+        maildir = self.maildir(recipient)
+        self._ensure(maildir)
+        name = self._unique_name()
+        tmp = maildir / "tmp" / name
+        new = maildir / "new" / name
+        # O_EXCL: never write into (or later remove) a file someone else
+        # created under our name; if it exists, this raises before we own it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        published = False
+        try:
+            try:
+                view = memoryview(message)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, new)
+            published = True
+            _fsync_dir(new.parent)
+        except BaseException:
+            _unlink_quietly(new if published else tmp)
+            raise
+        return new
+
+    async def deliver_async(self, recipient: str, message: bytes) -> Path:
+        """:meth:`deliver` in a worker thread, so the event loop never waits on a disk.
+
+        Cancelling the awaiting task does not stop a write already running; it
+        completes (or cleans up) in its thread.
+        """
+        return await asyncio.to_thread(self.deliver, recipient, message)
+
+    def deliver_many(
+        self, recipients: Iterable[str], message: bytes
+    ) -> tuple[DeliveryOutcome, ...]:
+        """Deliver one copy per recipient; each copy succeeds or fails on its own.
+
+        Copies are independent files in independent folders, so there is no
+        all-or-nothing: a full disk for one mailbox must not undo a copy
+        already safe in another (the client would then retry and duplicate
+        it). The result has one outcome per distinct mailbox, in order;
+        recipients naming the same mailbox (differing only in case) get one
+        copy and share its outcome, as Postfix suppresses duplicate recipients.
+        Never raises for a single recipient's failure; the caller decides
+        the reply from the outcomes.
+        """
+        done: dict[str, DeliveryOutcome] = {}
+        out: list[DeliveryOutcome] = []
+        for recipient in recipients:
+            try:
+                key = mailbox_name(recipient)
+            except ValueError as exc:
+                out.append(DeliveryOutcome(recipient, error=exc))
+                continue
+            if key in done:
+                out.append(attrs.evolve(done[key], recipient=recipient))
+                continue
+            try:
+                outcome = DeliveryOutcome(recipient, path=self.deliver(recipient, message))
+            except Exception as exc:
+                outcome = DeliveryOutcome(recipient, error=exc)
+            done[key] = outcome
+            out.append(outcome)
+        return tuple(out)
+
+    async def deliver_many_async(
+        self, recipients: Iterable[str], message: bytes
+    ) -> tuple[DeliveryOutcome, ...]:
+        """:meth:`deliver_many` in a worker thread."""
+        return await asyncio.to_thread(self.deliver_many, tuple(recipients), message)
+
+    # -- internals -----------------------------------------------------------
+
+    def _unique_name(self) -> str:
+        # The classic "time.M<usec>P<pid>.host" name, plus a per-process
+        # counter (two deliveries in the same microsecond) and random bits
+        # (a reused pid after a restart, or a clock stepping backwards).
+        now = time.time_ns() // 1000
+        seconds, usec = divmod(now, 1_000_000)
+        with self._lock:
+            count = next(self._counter)
+        return f"{seconds}.M{usec}P{os.getpid()}Q{count}R{secrets.token_hex(4)}.{self._host}"
+
+    def _ensure(self, maildir: Path) -> None:
+        if all((maildir / sub).is_dir() for sub in ("tmp", "new", "cur")):
+            return
+        _make_dir(self.root, sync_parent=True, parents=True)
+        _make_dir(maildir, sync_parent=True)
+        for sub in ("tmp", "new", "cur"):
+            _make_dir(maildir / sub, sync_parent=False)
+        # One fsync of the maildir publishes all three sub-folders.
+        _fsync_dir(maildir)
+
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _make_dir(path: Path, *, sync_parent: bool, parents: bool = False) -> None:
+    try:
+        path.mkdir(mode=_DIR_MODE, parents=parents)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    if sync_parent:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory at all (EINVAL); their
+        # renames are as durable as they get without it.
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # The original error is the one worth reporting; a leftover in tmp/
+        # is harmless (Maildir readers ignore tmp/, and it is never renamed).
+        pass
