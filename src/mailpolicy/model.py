@@ -100,6 +100,10 @@ class DnsOutcome(enum.Enum):
         return self in (DnsOutcome.NXDOMAIN, DnsOutcome.NODATA)
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 def _lower_name(name: str) -> str:
     return name.lower().rstrip(".")
 
@@ -130,7 +134,7 @@ class DnsResult:
     """
 
     outcome: DnsOutcome
-    records: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    records: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
     @classmethod
     def answer(cls, *records: str) -> DnsResult:
@@ -248,7 +252,7 @@ class Envelope:
     stage: Stage
     sender: str | None = None
     recipient: str | None = None
-    recipients: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    recipients: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     declared_size: int | None = None
     message: MessageFacts | None = None
 

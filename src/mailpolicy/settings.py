@@ -260,6 +260,8 @@ class ServerSettings:
     smtps: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: failed AUTH attempts per client and rate window before 421 and hang-up
+    max_auth_failures_per_client: int = 5
 
 
 @attrs.frozen

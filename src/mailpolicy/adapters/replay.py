@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import json
 import os
@@ -42,8 +43,18 @@ __all__ = [
 ]
 
 _CASE_KEYS = frozenset(
-    {"description", "policy", "accounts", "dns", "client", "session", "variants", "now",
-     "step_seconds", "name"}
+    {
+        "description",
+        "policy",
+        "accounts",
+        "dns",
+        "client",
+        "session",
+        "variants",
+        "now",
+        "step_seconds",
+        "name",
+    }
 )
 _CLIENT_KEYS = frozenset({"ip", "helo", "tls"})
 DEFAULT_CLIENT = {"ip": "192.0.2.10", "helo": "client.example.com", "tls": False}
@@ -95,7 +106,10 @@ class ReplayReply:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "cmd": self.cmd, "code": self.code, "enhanced": self.enhanced, "text": self.text
+            "cmd": self.cmd,
+            "code": self.code,
+            "enhanced": self.enhanced,
+            "text": self.text,
         }
         if self.rule is not None:
             out["rule"] = self.rule
@@ -134,7 +148,9 @@ def cases_from_mapping(data: Any, source: str, name: str) -> list[Case]:
         raise CaseError(source, "a case must be a JSON object")
     unknown = sorted(set(data) - _CASE_KEYS)
     if unknown:
-        raise CaseError(source, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_CASE_KEYS))})")
+        raise CaseError(
+            source, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_CASE_KEYS))})"
+        )
     client = data.get("client", {})
     if not isinstance(client, dict) or set(client) - _CLIENT_KEYS:
         raise CaseError(source, f"client: must be an object with keys {sorted(_CLIENT_KEYS)}")
@@ -172,8 +188,10 @@ def build_policy(case: Case, base: Settings | None = None) -> Policy:
     """The case's policy (or ``base``, e.g. from ``--policy``), plus its
     accounts with their clear passwords hashed."""
     try:
-        settings = base if base is not None else settings_from_mapping(
-            case.data.get("policy", {}), source=f"{case.source}: policy"
+        settings = (
+            base
+            if base is not None
+            else settings_from_mapping(case.data.get("policy", {}), source=f"{case.source}: policy")
         )
     except PolicyError as e:
         raise CaseError(case.source, str(e)) from e
@@ -184,8 +202,13 @@ def build_policy(case: Case, base: Settings | None = None) -> Policy:
     for login, spec in accounts.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("password"), str):
             raise CaseError(case.source, f"accounts.{login}: needs a password string")
-        extra.append(Account(login, hash_password(spec["password"], ln=_CASE_HASH_COST),
-                             tuple(spec.get("addresses", ()))))
+        extra.append(
+            Account(
+                login,
+                hash_password(spec["password"], ln=_CASE_HASH_COST),
+                tuple(spec.get("addresses", ())),
+            )
+        )
     if extra:
         settings = attrs.evolve(settings, accounts=settings.accounts + tuple(extra))
     return compile_policy(settings)
@@ -219,11 +242,16 @@ def build_message(step: Mapping[str, Any]) -> bytes:
         body += "\r\n"
     hops = int(step.get("received", 0))
     if hops:
-        body = "".join(
-            f"Received: from hop{i}.example.net (hop{i}.example.net [198.51.100.{i % 250 + 1}])\r\n"
-            f"\tby relay{i}.example.net with ESMTP id HOP{i}; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
-            for i in range(hops)
-        ) + body
+        body = (
+            "".join(
+                f"Received: from hop{i}.example.net"
+                f" (hop{i}.example.net [198.51.100.{i % 250 + 1}])\r\n"
+                f"\tby relay{i}.example.net with ESMTP id HOP{i};"
+                f" Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                for i in range(hops)
+            )
+            + body
+        )
     size = int(step.get("size", 0))
     if size and len(body) < size:
         filler = "X" * 76 + "\r\n"
@@ -297,23 +325,27 @@ async def run_case(case: Case, *, policy: Policy | None = None) -> list[ReplayRe
             await _play(c, case.steps, client, clock, step_seconds, out)
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
     finally:
         server.close()
         await server.wait_closed()
     # Pair the replies the client saw with the verdicts the server recorded.
-    return [
-        attrs.evolve(r, rule=records[i].verdict.rule if i < len(records) and records[i].verdict else None)
-        for i, r in enumerate(out)
-    ]
+    return [attrs.evolve(r, rule=_rule_of(records, i)) for i, r in enumerate(out)]
+
+
+def _rule_of(records: Sequence[ReplyRecord], i: int) -> str | None:
+    verdict = records[i].verdict if i < len(records) else None
+    return verdict.rule if verdict is not None else None
 
 
 async def _play(
-    c: _Client, steps: Sequence[Any], client: Mapping[str, Any], clock: _Clock,
-    step_seconds: float, out: list[ReplayReply],
+    c: _Client,
+    steps: Sequence[Any],
+    client: Mapping[str, Any],
+    clock: _Clock,
+    step_seconds: float,
+    out: list[ReplayReply],
 ) -> None:
     def fmt(s: str) -> str:
         return s.replace("{helo}", str(client.get("helo", ""))).replace("{ip}", str(client["ip"]))
@@ -398,7 +430,9 @@ def compare(expected: Sequence[Mapping[str, Any]], got: Sequence[ReplayReply]) -
             continue
         where = f"#{i} {e.get('cmd')}"
         if e.get("code") != g.code:
-            diffs.append(f"{where}: code {g.code} {g.text!r}, expected {e.get('code')} {e.get('text')!r}")
+            diffs.append(
+                f"{where}: code {g.code} {g.text!r}, expected {e.get('code')} {e.get('text')!r}"
+            )
         elif e.get("enhanced") and e.get("enhanced") != g.enhanced:
             diffs.append(f"{where}: enhanced {g.enhanced}, expected {e.get('enhanced')}")
         elif str(e.get("cmd", "")).upper().startswith("EHLO") and (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import email.parser
 import email.policy
 import itertools
@@ -22,13 +23,13 @@ import logging
 import secrets
 import ssl
 import time
+from asyncio import sslproto
 from base64 import b64decode, b64encode
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 from aiosmtpd.smtp import SMTP as _AioSMTP
-from aiosmtpd.smtp import sslproto
 
 from ..addresses import AddressError, parse_mail_from, parse_rcpt_to
 from ..model import (
@@ -50,6 +51,7 @@ __all__ = [
     "PolicySMTP",
     "ReplyRecord",
     "ServerOptions",
+    "Submission",
 ]
 
 log = logging.getLogger("mailpolicy.smtp")
@@ -69,14 +71,28 @@ OK_RCPT = Reply(250, "2.1.5", "Ok")
 TEMP_FAILURE = Reply(451, "4.3.0", "Error: temporary failure, please try again later")
 
 
+@attrs.frozen
+class Submission:
+    """An accepted message, handed to a :class:`Delivery`.
+
+    ``message`` is what to deliver (our ``Received:`` header first);
+    ``content`` is the message exactly as the client sent it, which stays the
+    same when the client retries (see :mod:`.ledger`).
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: bytes = attrs.field(repr=False)
+    content: bytes = attrs.field(repr=False)
+    queue_id: str
+    session: Session
+
+
 class Delivery(Protocol):
     """Where accepted messages go. Return the reply for the end of DATA:
     250 only once the message is safe; 4xx makes the client retry."""
 
-    async def deliver(
-        self, message: bytes, sender: str, recipients: Sequence[str], session: Session,
-        queue_id: str,
-    ) -> Reply: ...
+    async def deliver(self, submission: Submission) -> Reply: ...
 
 
 class AcceptAllDelivery:
@@ -86,14 +102,11 @@ class AcceptAllDelivery:
     """
 
     def __init__(self) -> None:
-        self.messages: list[tuple[str, tuple[str, ...], bytes]] = []
+        self.messages: list[Submission] = []
 
-    async def deliver(
-        self, message: bytes, sender: str, recipients: Sequence[str], session: Session,
-        queue_id: str,
-    ) -> Reply:
-        self.messages.append((sender, tuple(recipients), message))
-        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+    async def deliver(self, submission: Submission) -> Reply:
+        self.messages.append(submission)
+        return Reply(250, "2.0.0", f"Ok: queued as {submission.queue_id}")
 
 
 class CounterStore(Protocol):
@@ -139,7 +152,7 @@ def _queue_id() -> str:
     return f"{secrets.token_hex(4).upper()}{next(_queue_ids):X}"
 
 
-class PolicySMTP(_AioSMTP):  # type: ignore[misc]
+class PolicySMTP(_AioSMTP):
     """One SMTP connection, judged by ``policy``."""
 
     def __init__(self, policy: Policy, options: ServerOptions) -> None:
@@ -158,6 +171,10 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
         self.options = options
         self.mp: Session | None = None
         self._errors = 0
+        #: receiving or delivering a message: a graceful shutdown waits for it
+        self.busy = False
+        #: called with this protocol once the connection is gone
+        self.on_close: Callable[[PolicySMTP], None] | None = None
         self._reset_transaction()
 
     # -- transaction state -------------------------------------------------------
@@ -237,6 +254,8 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
         return "127.0.0.1"
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.on_close is not None:
+            self.on_close(self)
         store = self.options.store
         if store is not None and self._counted_connection and self.mp is not None:
             task = self.loop.create_task(store.connection_closed(str(self.mp.client_ip)))
@@ -262,7 +281,9 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
                 log.exception("state store failed at connect")
                 await self._say(421, "4.3.0", f"{self.hostname} Error: temporary failure")
                 return False
-            self.mp = attrs.evolve(self.mp, counters=Counters(connections=count, connection_rate=rate))
+            self.mp = attrs.evolve(
+                self.mp, counters=Counters(connections=count, connection_rate=rate)
+            )
         verdict = await self.judge(Envelope(Stage.CONNECT))
         if verdict.action.refuses:
             self._log_decision(Stage.CONNECT, verdict)
@@ -296,6 +317,20 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    async def shut_down(self) -> None:
+        """Server shutdown: tell the client, then close (RFC 5321 3.8)."""
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._say(421, "4.3.2", f"{self.hostname} Service shutting down")
+            self._close()
+
+    def _timeout_cb(self) -> None:
+        # Postfix says why it hangs up on an idle client; aiosmtpd just closes.
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        self._close()
 
     async def _read_command_line(self) -> bytes | None:
         try:
@@ -332,9 +367,14 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
             await self._say(500, "5.5.2", "Error: bad syntax")
             return
         arg = arg_bytes.decode("utf-8", errors="surrogateescape").strip()
-        if self._more_input_pending() and not self.mp.improper_pipelining:
-            if not self.mp.esmtp or verb in _LAST_IN_GROUP:
-                self.mp = attrs.evolve(self.mp, improper_pipelining=True)
+        # RFC 2920: a client may send ahead only after EHLO, and never past a
+        # command that ends a group (Postfix's reject_unauth_pipelining test).
+        if (
+            not self.mp.improper_pipelining
+            and self._more_input_pending()
+            and (not self.mp.esmtp or verb in _LAST_IN_GROUP)
+        ):
+            self.mp = attrs.evolve(self.mp, improper_pipelining=True)
         handler = _COMMANDS.get(verb)
         if handler is None:
             await self._say(502, "5.5.2", "Error: command not recognized")
@@ -411,10 +451,12 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
         self._tls_protocol = sslproto.SSLProtocol(
             self.loop, self, self.tls_context, waiter, server_side=True
         )
-        self._original_transport = self.transport
-        self._original_transport.set_protocol(self._tls_protocol)
+        original = self.transport
+        assert original is not None
+        self._original_transport = original
+        original.set_protocol(self._tls_protocol)
         self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(self._original_transport)
+        self._tls_protocol.connection_made(original)
         try:
             await waiter
         except Exception:
@@ -447,21 +489,67 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
         elif mech == "LOGIN":
             creds = await self._auth_login(initial)
         else:
-            await self._say(535, "5.7.8", "Error: authentication failed: Invalid authentication mechanism")
+            await self._say(
+                535, "5.7.8", "Error: authentication failed: Invalid authentication mechanism"
+            )
             return
         if creds is None:
             return
         user, password = creds
         ok = await asyncio.to_thread(self.policy.check_password, user, password)
         if not ok:
+            if await self._too_many_auth_failures():
+                return
             # The password never reaches a log: only the user name does.
-            decisions.info("AUTH failed for %r from %s", user, self.mp.client_ip,
-                           extra={"decision": {"client": str(self.mp.client_ip), "stage": "auth",
-                                               "action": "reject", "auth_user": user}})
+            decisions.info(
+                "AUTH failed for %r from %s",
+                user,
+                self.mp.client_ip,
+                extra={
+                    "decision": {
+                        "client": str(self.mp.client_ip),
+                        "stage": "auth",
+                        "action": "reject",
+                        "auth_user": user,
+                    }
+                },
+            )
             await self._say(535, "5.7.8", "Error: authentication failed: authentication failure")
             return
         self.mp = attrs.evolve(self.mp, auth_user=user)
         await self._say(235, "2.7.0", "Authentication successful")
+
+    async def _too_many_auth_failures(self) -> bool:
+        """Count a failed AUTH; past the limit, 421 and hang up (password guessing)."""
+        assert self.mp is not None
+        limit = self.policy.settings.server.max_auth_failures_per_client
+        if self.options.store is None or limit <= 0:
+            return False
+        window = self.policy.settings.security.connection_policy.rate_window_seconds
+        try:
+            n = await self.options.store.hit(
+                "auth_failure", str(self.mp.client_ip), self.options.clock(), window
+            )
+        except Exception:
+            log.exception("state store failed counting AUTH failures")
+            n = limit + 1  # fail closed: a store outage must not open guessing
+        if n <= limit:
+            return False
+        decisions.warning(
+            "too many AUTH failures from %s",
+            self.mp.client_ip,
+            extra={
+                "decision": {
+                    "client": str(self.mp.client_ip),
+                    "stage": "auth",
+                    "action": "defer",
+                    "rule": "server.max_auth_failures_per_client",
+                }
+            },
+        )
+        await self._say(421, "4.7.0", f"{self.hostname} Error: too many failed authentications")
+        self._close()
+        return True
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
         """One SASL round: send a 334, read the client's base64 answer."""
@@ -539,7 +627,9 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
             await self.reply(TEMP_FAILURE)
             return
         if rate:
-            self.mp = attrs.evolve(self.mp, counters=attrs.evolve(self.mp.counters, message_rate=rate))
+            self.mp = attrs.evolve(
+                self.mp, counters=attrs.evolve(self.mp.counters, message_rate=rate)
+            )
         sender = address.text
         verdict = await self.judge(Envelope(Stage.MAIL, sender=sender, declared_size=size))
         if verdict.action.refuses:
@@ -575,7 +665,10 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
             )
         rcpt = address.text
         envelope = Envelope(
-            Stage.RCPT, sender=self.mail_from, recipient=rcpt, recipients=tuple(self.rcpts),
+            Stage.RCPT,
+            sender=self.mail_from,
+            recipient=rcpt,
+            recipients=tuple(self.rcpts),
             declared_size=self.declared_size,
         )
         verdict = await self.judge(envelope)
@@ -611,10 +704,14 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
             await self.reply(verdict.reply, verdict)
             return
         await self._say(354, None, "End data with <CR><LF>.<CR><LF>")
-        content, size = await self._read_data()
-        if content is None:
-            return
-        await self._end_of_data(content, size)
+        self.busy = True
+        try:
+            content, size = await self._read_data()
+            if content is None:
+                return
+            await self._end_of_data(content, size)
+        finally:
+            self.busy = False
 
     async def _read_data(self) -> tuple[bytes | None, int]:
         """Read the message up to the lone dot. Past the size limit the rest is
@@ -632,6 +729,7 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
             except asyncio.IncompleteReadError:
                 self._close()
                 return None, 0
+            self._reset_timeout()
             if not partial and chunk == b".\r\n":
                 return b"".join(keep), size
             if not partial and chunk.startswith(b"."):
@@ -658,20 +756,41 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
             await self.reply(verdict.reply, verdict)
             return
         if discard is not None:
-            self._log_decision(Stage.END_OF_DATA, discard, sender=sender, size=size,
-                               recipients=list(rcpts), queue_id=queue_id, discarded=True)
+            self._log_decision(
+                Stage.END_OF_DATA,
+                discard,
+                sender=sender,
+                size=size,
+                recipients=list(rcpts),
+                queue_id=queue_id,
+                discarded=True,
+            )
             await self.reply(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), discard)
             return
         message = self._received_header(rcpts, queue_id) + content
         try:
-            result = await self.options.delivery.deliver(message, sender, rcpts, self.mp, queue_id)
+            submission = Submission(sender, rcpts, message, content, queue_id, self.mp)
+            result = await self.options.delivery.deliver(submission)
         except Exception:
             log.exception("delivery failed for queue id %s", queue_id)
             result = Reply(451, "4.3.0", "Error: queue file write error")
-        decisions.info("message %s from <%s> to %s: %s", queue_id, sender, ",".join(rcpts), result,
-                       extra={"decision": {"client": str(self.mp.client_ip), "stage": "delivery",
-                                           "queue_id": queue_id, "sender": sender,
-                                           "recipients": list(rcpts), "reply": str(result)}})
+        decisions.info(
+            "message %s from <%s> to %s: %s",
+            queue_id,
+            sender,
+            ",".join(rcpts),
+            result,
+            extra={
+                "decision": {
+                    "client": str(self.mp.client_ip),
+                    "stage": "delivery",
+                    "queue_id": queue_id,
+                    "sender": sender,
+                    "recipients": list(rcpts),
+                    "reply": str(result),
+                }
+            },
+        )
         await self.reply(result)
 
     def _message_facts(self, content: bytes, size: int) -> MessageFacts:
@@ -698,8 +817,12 @@ class PolicySMTP(_AioSMTP):  # type: ignore[misc]
                     or "Resent-From" in msg
                     or "Resent-Sender" in msg
                 )
-        return MessageFacts(size=size, received_headers=received,
-                            largest_attachment=largest, auto_forwarded=forwarded)
+        return MessageFacts(
+            size=size,
+            received_headers=received,
+            largest_attachment=largest,
+            auto_forwarded=forwarded,
+        )
 
     def _received_header(self, rcpts: tuple[str, ...], queue_id: str) -> bytes:
         assert self.mp is not None

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMANDS: tuple[str, ...] = ("replay", "route", "hash_password", "serve")
+COMMANDS: tuple[str, ...] = ("serve", "replay", "route", "hash_password")
 
 
 def build_parser() -> argparse.ArgumentParser:

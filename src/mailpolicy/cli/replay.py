@@ -19,11 +19,17 @@ def register(sub: Any) -> None:
         "JSON object per server reply.",
     )
     p.add_argument("paths", nargs="+", metavar="CASE.json|DIR")
-    p.add_argument("--policy", metavar="POLICY.toml",
-                   help="judge every case with this policy file instead of the case's own")
-    p.add_argument("--check", action="store_true",
-                   help="compare with NAME.expected.jsonl beside each case (codes and "
-                   "enhanced codes, as REPLAY.md says); print PASS/FAIL and a summary")
+    p.add_argument(
+        "--policy",
+        metavar="POLICY.toml",
+        help="judge every case with this policy file instead of the case's own",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare with NAME.expected.jsonl beside each case (codes and "
+        "enhanced codes, as REPLAY.md says); print PASS/FAIL and a summary",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
             if not expected_path.exists():
                 print(f"SKIP {case.name}: no {expected_path.name}")
                 continue
-            expected = [json.loads(ln) for ln in expected_path.read_text().splitlines() if ln.strip()]
+            expected = [
+                json.loads(ln) for ln in expected_path.read_text().splitlines() if ln.strip()
+            ]
             diffs = compare(expected, replies)
             if diffs:
                 failed += 1

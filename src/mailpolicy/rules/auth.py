@@ -59,7 +59,9 @@ class SenderMustMatchLogin:
             return None
         text = f"<{s.text}>: Sender address rejected: not owned by user {user}"
         return Decision(
-            Outcome.REJECT, self.name, reply(553, "7.1", text),
+            Outcome.REJECT,
+            self.name,
+            reply(553, "7.1", text),
             (Evidence("sender", s.text, matched=",".join(sorted(owners or ())) or None),),
         )
 
@@ -81,6 +83,8 @@ class RejectUnauthenticatedLocalSender:
             return None
         text = f"<{s.text}>: Sender address rejected: not logged in"
         return Decision(
-            Outcome.REJECT, self.name, reply(553, "7.1", text),
+            Outcome.REJECT,
+            self.name,
+            reply(553, "7.1", text),
             (Evidence("sender", s.text, matched=",".join(sorted(owners))),),
         )

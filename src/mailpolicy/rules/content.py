@@ -24,7 +24,9 @@ class MaxAttachmentSize:
         if msg is None or msg.largest_attachment <= self.limit:
             return None
         return Decision(
-            Outcome.REJECT, self.name, Reply(552, "5.3.4", "Error: attachment too big"),
+            Outcome.REJECT,
+            self.name,
+            Reply(552, "5.3.4", "Error: attachment too big"),
             (Evidence("attachment", str(msg.largest_attachment), matched=f"limit {self.limit}"),),
         )
 
@@ -48,7 +50,8 @@ class DisableAutoForwarding:
                 domain = ""
             if domain not in ctx.shared.local_domains:
                 return Decision(
-                    Outcome.REJECT, self.name,
+                    Outcome.REJECT,
+                    self.name,
                     Reply(550, "5.7.1", "Error: auto-forwarded mail may not leave our domains"),
                     (Evidence("recipient", rcpt, matched="auto-forwarded"),),
                 )

@@ -10,11 +10,10 @@ import ipaddress
 
 import attrs
 
-from ..model import DnsQuery, Evidence, IPAddress, RType
+from ..model import DnsQuery, Evidence, IPAddress, Reply, RType
 from ..settings import DnsblZone
 from . import Decision, Outcome
 from .context import Context
-from ..model import Reply
 
 __all__ = ["RejectRblClient", "dnsbl_query_name"]
 
@@ -41,9 +40,15 @@ class RejectRblClient:
             return None
         if self.zone.answer is not None and str(self.zone.answer) not in result.records:
             return None
-        text = (
-            f"Service unavailable; Client host [{ctx.client_ip}] blocked using {self.zone.zone}"
+        text = f"Service unavailable; Client host [{ctx.client_ip}] blocked using {self.zone.zone}"
+        ev = (
+            Evidence(
+                "client",
+                str(ctx.client_ip),
+                matched=str(self.zone),
+                dns=((str(query), ",".join(result.records)),),
+            ),
         )
-        ev = (Evidence("client", str(ctx.client_ip), matched=str(self.zone),
-                       dns=((str(query), ",".join(result.records)),)),)
-        return Decision(Outcome.REJECT, f"{self.name}.{self.zone.zone}", Reply(554, "5.7.1", text), ev)
+        return Decision(
+            Outcome.REJECT, f"{self.name}.{self.zone.zone}", Reply(554, "5.7.1", text), ev
+        )

@@ -35,7 +35,9 @@ class RequireHelo:
         if ctx.session.helo is not None:
             return None
         return Decision(
-            Outcome.REJECT, self.name, reply(503, "5.1", "Error: send HELO/EHLO first"),
+            Outcome.REJECT,
+            self.name,
+            reply(503, "5.1", "Error: send HELO/EHLO first"),
             (Evidence("helo", "none"),),
         )
 
@@ -57,7 +59,9 @@ class RejectInvalidHelo:
         else:
             why = "Invalid name"
         text = f"<{helo}>: Helo command rejected: {why}"
-        return Decision(Outcome.REJECT, self.name, reply(501, "5.2", text), (Evidence("helo", helo),))
+        return Decision(
+            Outcome.REJECT, self.name, reply(501, "5.2", text), (Evidence("helo", helo),)
+        )
 
 
 @attrs.frozen
@@ -69,7 +73,9 @@ class RejectNonFqdnHelo:
         if not helo or helo.startswith("[") or is_fqdn(helo):
             return None
         text = f"<{helo}>: Helo command rejected: need fully-qualified hostname"
-        return Decision(Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("helo", helo),))
+        return Decision(
+            Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("helo", helo),)
+        )
 
 
 @attrs.frozen

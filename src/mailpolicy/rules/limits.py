@@ -26,9 +26,13 @@ __all__ = [
 ]
 
 
-def _limit(rule: str, code: int, enhanced: str, text: str, kind: str, value: int, limit: int) -> Decision:
+def _limit(
+    rule: str, code: int, enhanced: str, text: str, kind: str, value: int, limit: int
+) -> Decision:
     return Decision(
-        Outcome.REJECT, rule, Reply(code, enhanced, text),
+        Outcome.REJECT,
+        rule,
+        Reply(code, enhanced, text),
         (Evidence(kind, str(value), matched=f"limit {limit}"),),
     )
 
@@ -42,8 +46,15 @@ class MaxRecipients:
         count = len(ctx.envelope.recipients)
         if count < self.limit:
             return None
-        return _limit(self.name, 452, "4.5.3", "Error: too many recipients",
-                      "recipients", count + 1, self.limit)
+        return _limit(
+            self.name,
+            452,
+            "4.5.3",
+            "Error: too many recipients",
+            "recipients",
+            count + 1,
+            self.limit,
+        )
 
 
 @attrs.frozen
@@ -57,13 +68,27 @@ class MaxMessageSize:
         msg = ctx.envelope.message
         if msg is not None:
             if msg.size > self.limit:
-                return _limit(self.name, 552, "5.3.4", "Error: message file too big",
-                              "size", msg.size, self.limit)
+                return _limit(
+                    self.name,
+                    552,
+                    "5.3.4",
+                    "Error: message file too big",
+                    "size",
+                    msg.size,
+                    self.limit,
+                )
             return None
         declared = ctx.envelope.declared_size
         if declared is not None and declared > self.limit:
-            return _limit(self.name, 552, "5.3.4", "Message size exceeds fixed limit",
-                          "declared_size", declared, self.limit)
+            return _limit(
+                self.name,
+                552,
+                "5.3.4",
+                "Message size exceeds fixed limit",
+                "declared_size",
+                declared,
+                self.limit,
+            )
         return None
 
 
@@ -78,8 +103,15 @@ class MaxHops:
         msg = ctx.envelope.message
         if msg is None or msg.received_headers + 1 < self.limit:
             return None
-        return _limit(self.name, 554, "5.4.0", "Error: too many hops",
-                      "hops", msg.received_headers + 1, self.limit)
+        return _limit(
+            self.name,
+            554,
+            "5.4.0",
+            "Error: too many hops",
+            "hops",
+            msg.received_headers + 1,
+            self.limit,
+        )
 
 
 @attrs.frozen
@@ -100,9 +132,15 @@ class MaxConnections(_PerClient):
         if n <= self.limit or self.exempted(ctx):
             return None
         host = ctx.settings.general.hostname
-        return _limit(self.name, 421, "4.7.0",
-                      f"{host} Error: too many connections from {ctx.client_ip}",
-                      "connections", n, self.limit)
+        return _limit(
+            self.name,
+            421,
+            "4.7.0",
+            f"{host} Error: too many connections from {ctx.client_ip}",
+            "connections",
+            n,
+            self.limit,
+        )
 
 
 @attrs.frozen
@@ -114,9 +152,15 @@ class MaxConnectionRate(_PerClient):
         if n <= self.limit or self.exempted(ctx):
             return None
         host = ctx.settings.general.hostname
-        return _limit(self.name, 421, "4.7.0",
-                      f"{host} Error: too many connections from {ctx.client_ip}",
-                      "connection_rate", n, self.limit)
+        return _limit(
+            self.name,
+            421,
+            "4.7.0",
+            f"{host} Error: too many connections from {ctx.client_ip}",
+            "connection_rate",
+            n,
+            self.limit,
+        )
 
 
 @attrs.frozen
@@ -127,8 +171,15 @@ class MaxMessageRate(_PerClient):
         n = ctx.session.counters.message_rate
         if n <= self.limit or self.exempted(ctx):
             return None
-        return _limit(self.name, 450, "4.7.1", f"Error: too much mail from {ctx.client_ip}",
-                      "message_rate", n, self.limit)
+        return _limit(
+            self.name,
+            450,
+            "4.7.1",
+            f"Error: too much mail from {ctx.client_ip}",
+            "message_rate",
+            n,
+            self.limit,
+        )
 
 
 @attrs.frozen
@@ -139,5 +190,12 @@ class MaxRecipientRate(_PerClient):
         n = ctx.session.counters.recipient_rate
         if n <= self.limit or self.exempted(ctx):
             return None
-        return _limit(self.name, 450, "4.7.1", f"Error: too many recipients from {ctx.client_ip}",
-                      "recipient_rate", n, self.limit)
+        return _limit(
+            self.name,
+            450,
+            "4.7.1",
+            f"Error: too many recipients from {ctx.client_ip}",
+            "recipient_rate",
+            n,
+            self.limit,
+        )

@@ -16,6 +16,7 @@ rule with several criteria matches only when each of them matches.
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 import attrs
 
 from ..addresses import Address
@@ -48,7 +49,17 @@ class ListMatch:
 class ListIndex:
     """Every rule of one list colour, indexed by criterion."""
 
-    __slots__ = ("client", "client_hostname", "helo", "kinds", "recipient", "rules", "sender")
+    __slots__ = (
+        "_by_name",
+        "_name_only",
+        "client",
+        "client_hostname",
+        "helo",
+        "kinds",
+        "recipient",
+        "rules",
+        "sender",
+    )
 
     def __init__(self, rules: Iterable[ListRule]) -> None:
         self.rules = tuple(rules)
@@ -61,6 +72,10 @@ class ListIndex:
         self.recipient = AccessTable((v, i) for i, r in enumerate(self.rules) for v in r.recipient)
         #: the criteria any rule uses: the others cost nothing, not even DNS
         self.kinds = tuple(k for k in CRITERIA if any(getattr(r, k) for r in self.rules))
+        #: rules that name client host names (few: these need DNS to judge)
+        self._by_name = frozenset(i for i, r in enumerate(self.rules) if r.client_hostname)
+        #: some rule judges by host name alone: the name is always needed
+        self._name_only = any(r.criteria() == ("client_hostname",) for r in self.rules)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -83,14 +98,32 @@ class ListIndex:
 
     def match(self, ctx: Context) -> ListMatch | None:
         """The winning rule, or ``None``."""
-        hits = {kind: self._hits(ctx, kind) for kind in self.kinds}
+        # The client's host name costs DNS lookups: ask for it only when a
+        # rule could still match through it (every other criterion of the
+        # rule already matched), never just because the list mentions it.
+        hits = {k: self._hits(ctx, k) for k in self.kinds if k != "client_hostname"}
         ordinals = {kind: {i for _, i in found} for kind, found in hits.items()}
+        if "client_hostname" in self.kinds and self._name_could_decide(ordinals):
+            hits["client_hostname"] = self._hits(ctx, "client_hostname")
+            ordinals["client_hostname"] = {i for _, i in hits["client_hostname"]}
         for kind in self.kinds:
-            for key, i in hits[kind]:
+            for key, i in hits.get(kind, ()):
                 rule = self.rules[i]
-                if all(i in ordinals[k] for k in rule.criteria() if k != kind):
+                if all(i in ordinals.get(k, ()) for k in rule.criteria() if k != kind):
                     return ListMatch(rule, kind, _value(ctx, kind), key)
         return None
+
+    def _name_could_decide(self, ordinals: dict[str, set[int]]) -> bool:
+        if self._name_only:
+            return True
+        # Only rules already hit by another criterion can still match: look
+        # at those (a few), never at the whole list.
+        candidates = set().union(*ordinals.values()) & self._by_name
+        for i in candidates:
+            others = [k for k in self.rules[i].criteria() if k != "client_hostname"]
+            if all(i in ordinals[k] for k in others):
+                return True
+        return False
 
 
 def _value(ctx: Context, kind: str) -> str:
@@ -149,4 +182,3 @@ class BlackList:
         text = f"{_subject_text(ctx, m)}: {m.rule.text or 'Access denied'}"
         out: Reply = reply(code, "7.1", text)
         return Decision(Outcome.REJECT, rule_name, out, _evidence(m))
-

@@ -19,8 +19,12 @@ class RejectUnauthPipelining:
         if not ctx.session.improper_pipelining:
             return None
         text = "<DATA>: Data command rejected: Improper use of SMTP command pipelining"
-        return Decision(Outcome.REJECT, self.name, Reply(503, "5.5.0", text),
-                        (Evidence("pipelining", "improper"),))
+        return Decision(
+            Outcome.REJECT,
+            self.name,
+            Reply(503, "5.5.0", text),
+            (Evidence("pipelining", "improper"),),
+        )
 
 
 @attrs.frozen

@@ -36,7 +36,9 @@ class RejectNonFqdnRecipient:
         if r is None or r.is_literal or is_fqdn(r.domain):
             return None
         text = f"<{r.text}>: Recipient address rejected: need fully-qualified address"
-        return Decision(Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("recipient", r.text),))
+        return Decision(
+            Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("recipient", r.text),)
+        )
 
 
 @attrs.frozen
@@ -61,4 +63,6 @@ class RejectUnknownRecipientDomain:
             text = f"{subject}: Domain not found"
             return Decision(Outcome.DEFER_IF_PERMIT, self.name, reply(450, "1.2", text), ev)
         code = ctx.settings.replies.unknown_address
-        return Decision(Outcome.REJECT, self.name, reply(code, "1.2", f"{subject}: Domain not found"), ev)
+        return Decision(
+            Outcome.REJECT, self.name, reply(code, "1.2", f"{subject}: Domain not found"), ev
+        )

@@ -57,4 +57,6 @@ class RejectUnknownSenderDomain:
             text = f"{subject}: Domain not found"
             return Decision(Outcome.DEFER_IF_PERMIT, self.name, reply(450, "1.8", text), ev)
         code = ctx.settings.replies.unknown_address
-        return Decision(Outcome.REJECT, self.name, reply(code, "1.8", f"{subject}: Domain not found"), ev)
+        return Decision(
+            Outcome.REJECT, self.name, reply(code, "1.8", f"{subject}: Domain not found"), ev
+        )

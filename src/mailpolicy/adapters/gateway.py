@@ -1,0 +1,170 @@
+"""Delivery for ``mailpolicy serve``: route each recipient, then Maildir or relay.
+
+What the client is told at the end of DATA (one reply for all recipients):
+
+* every recipient delivered (now, or by an earlier attempt of the same
+  message, see :mod:`.ledger`): ``250``;
+* any recipient failed temporarily (a DNS failure, a next hop down or
+  answering 4xx, a disk error): ``451``. The client retries; the recipients
+  delivered this time are in the ledger and are skipped then, so nobody gets
+  the message twice;
+* the rest failed permanently (null MX, no such domain, a next hop's 5xx):
+  when nothing was delivered, the first permanent reply, and the client
+  bounces the message; when some recipients got it, ``250`` (a refusal would
+  make the client bounce a message that was partly delivered) and the message
+  is kept in the ``undeliverable@HOSTNAME`` Maildir under the delivery root,
+  with a header naming each failed recipient and why, and a warning in the
+  log. Accepted mail is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from ..model import IPAddress, NextHop, Reply, Route, RouteKind
+from ..settings import Settings
+from .dns import Resolver
+from .ledger import DeliveryLedger, message_digest
+from .maildir import MaildirDelivery
+from .relay import relay
+from .routing import resolve_routes
+from .smtp import Submission
+
+__all__ = ["GatewayDelivery"]
+
+log = logging.getLogger("mailpolicy.delivery")
+
+
+class GatewayDelivery:
+    """Route, then deliver each recipient locally or through its next hops."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: Resolver,
+        *,
+        maildir_root: str | os.PathLike[str] | None = None,
+        ledger: DeliveryLedger | None = None,
+        rng: random.Random | None = None,
+        our_addresses: Iterable[str | IPAddress] = (),
+        relay_timeout: float = 60,
+        env: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        root = Path(maildir_root if maildir_root is not None else settings.delivery.maildir)
+        self.maildir = MaildirDelivery(root)
+        self.ledger = (
+            ledger
+            if ledger is not None
+            else DeliveryLedger(root / ".mailpolicy" / "delivered.sqlite3")
+        )
+        self.rng = rng or random.Random()
+        self.our_addresses = frozenset(our_addresses)
+        self.relay_timeout = relay_timeout
+        self.env = env
+
+    async def deliver(self, submission: Submission) -> Reply:
+        s = submission
+        digest = message_digest(s.sender, s.content)
+        done = await self.ledger.delivered_async(digest, s.recipients)
+        todo = [r for r in s.recipients if r.lower() not in done]
+        delivered: list[str] = []
+        temporary: list[tuple[str, Reply]] = []
+        permanent: list[tuple[str, Reply]] = []
+        if todo:
+            routes = await resolve_routes(
+                self.settings, s.sender, todo, self.resolver, self.rng, self.our_addresses
+            )
+            by_hops: dict[tuple[NextHop, ...], list[str]] = {}
+            for rcpt, route in zip(todo, routes, strict=True):
+                await self._local_or_error(
+                    s, digest, rcpt, route, by_hops, delivered, temporary, permanent
+                )
+            for hops, rcpts in by_hops.items():
+                result = await relay(
+                    s.message,
+                    s.sender,
+                    rcpts,
+                    hops,
+                    timeout=self.relay_timeout,
+                    local_hostname=self.settings.general.hostname,
+                    env=self.env,
+                )
+                ok = [o.recipient for o in result if o.delivered]
+                if ok:
+                    await self.ledger.record_async(digest, ok)
+                delivered += ok
+                for o in result:
+                    reply = o.reply or Reply(451, "4.4.0", "delivery failed")
+                    if o.temporary:
+                        temporary.append((o.recipient, reply))
+                    elif o.permanent:
+                        permanent.append((o.recipient, reply))
+        return await self._answer(s, delivered, done, temporary, permanent)
+
+    async def _local_or_error(
+        self,
+        s: Submission,
+        digest: str,
+        rcpt: str,
+        route: Route,
+        by_hops: dict[tuple[NextHop, ...], list[str]],
+        delivered: list[str],
+        temporary: list[tuple[str, Reply]],
+        permanent: list[tuple[str, Reply]],
+    ) -> None:
+        if route.kind is RouteKind.SMTP:
+            by_hops.setdefault(route.next_hops, []).append(rcpt)
+            return
+        if route.kind is RouteKind.ERROR:
+            error = route.error or Reply(451, "4.3.0", route.reason)
+            (temporary if error.temporary else permanent).append((rcpt, error))
+            return
+        try:
+            await self.maildir.deliver_async(route.mailbox or rcpt, s.message)
+        except ValueError as e:  # an address that can never be a mailbox name
+            permanent.append((rcpt, Reply(550, "5.1.1", f"<{rcpt}>: {e}")))
+            return
+        except OSError as e:
+            log.error("local delivery to %s failed: %s", rcpt, e)
+            temporary.append((rcpt, Reply(451, "4.3.0", "Error: queue file write error")))
+            return
+        await self.ledger.record_async(digest, [rcpt])
+        delivered.append(rcpt)
+
+    async def _answer(
+        self,
+        s: Submission,
+        delivered: list[str],
+        done: set[str],
+        temporary: list[tuple[str, Reply]],
+        permanent: list[tuple[str, Reply]],
+    ) -> Reply:
+        for rcpt in delivered:
+            log.info("%s: delivered to <%s>", s.queue_id, rcpt)
+        if temporary:
+            rcpt, reply = temporary[0]
+            log.warning("%s: deferred <%s>: %s", s.queue_id, rcpt, reply)
+            return Reply(451, "4.4.0", f"Error: delivery to <{rcpt}> deferred: {reply.text}")
+        if permanent and not delivered and not done:
+            rcpt, reply = permanent[0]
+            log.warning("%s: refused <%s>: %s", s.queue_id, rcpt, reply)
+            code = reply.code if 500 <= reply.code < 600 else 550
+            return Reply(code, reply.enhanced or "5.0.0", f"<{rcpt}>: {reply.text}")
+        if permanent:
+            await self._keep_undeliverable(s, permanent)
+        return Reply(250, "2.0.0", f"Ok: queued as {s.queue_id}")
+
+    async def _keep_undeliverable(self, s: Submission, failures: list[tuple[str, Reply]]) -> None:
+        head = "".join(
+            f"X-Mailpolicy-Undeliverable: <{rcpt}> {reply}\r\n" for rcpt, reply in failures
+        )
+        box = f"undeliverable@{self.settings.general.hostname}"
+        await self.maildir.deliver_async(box, head.encode("utf-8", "replace") + s.message)
+        for rcpt, reply in failures:
+            log.warning("%s: undeliverable to <%s> (%s); kept in %s", s.queue_id, rcpt, reply, box)

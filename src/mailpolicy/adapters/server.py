@@ -1,0 +1,194 @@
+"""Listeners for ``mailpolicy serve``: plain + STARTTLS, submission, implicit TLS.
+
+:class:`MailServer` binds every listener the policy's ``[server]`` table
+names (or one ``--listen`` address), runs a :class:`~.smtp.PolicySMTP` per
+connection, and shuts down gracefully: it stops accepting, tells idle clients
+``421`` and lets sessions that are receiving or delivering a message finish
+(within a grace period), so a message is never cut off between our ``250``
+and the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import attrs
+
+from ..policy import Policy
+from ..settings import Settings
+from .dns import Resolver
+from .smtp import AcceptAllDelivery, CounterStore, Delivery, PolicySMTP, ServerOptions
+
+__all__ = ["Listener", "MailServer", "listeners_from_settings", "parse_hostport", "tls_context"]
+
+log = logging.getLogger("mailpolicy.server")
+
+TlsMode = Literal["starttls", "implicit"]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
+
+@attrs.frozen
+class Listener:
+    """One listening address and how it does TLS."""
+
+    name: str
+    host: str
+    port: int
+    tls: TlsMode = "starttls"
+
+
+def listeners_from_settings(settings: Settings, listen: str | None = None) -> list[Listener]:
+    """The listeners ``[server]`` asks for; ``listen`` replaces them with one
+    plain listener (STARTTLS still offered when a certificate is set)."""
+    if listen is not None:
+        host, port = parse_hostport(listen)
+        return [Listener("smtp", host, port)]
+    out = []
+    srv = settings.server
+    for name, value, mode in (
+        ("smtp", srv.smtp, "starttls"),
+        ("submission", srv.submission, "starttls"),
+        ("smtps", srv.smtps, "implicit"),
+    ):
+        if value:
+            host, port = parse_hostport(value)
+            out.append(Listener(name, host, port, mode))  # type: ignore[arg-type]
+    return out
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server-side TLS context from ``tls_cert``/``tls_key`` (or None)."""
+    srv = settings.server
+    if not srv.tls_cert or not srv.tls_key:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(srv.tls_cert, srv.tls_key)
+    return ctx
+
+
+class MailServer:
+    """Every listener of one policy, with graceful shutdown."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        resolver: Resolver,
+        *,
+        delivery: Delivery | None = None,
+        store: CounterStore | None = None,
+        listeners: list[Listener] | None = None,
+        tls: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 300,
+    ) -> None:
+        self.policy = policy
+        self.listeners = (
+            listeners if listeners is not None else listeners_from_settings(policy.settings)
+        )
+        self.tls = tls if tls is not None else tls_context(policy.settings)
+        self.resolver = resolver
+        self.delivery = delivery if delivery is not None else AcceptAllDelivery()
+        self.store = store
+        self.clock = clock
+        self.timeout = timeout
+        self.sessions: set[PolicySMTP] = set()
+        self._servers: list[asyncio.Server] = []
+        #: (listener, the address actually bound: port 0 becomes a real port)
+        self.bound: list[tuple[Listener, tuple[str, int]]] = []
+
+    def _options(self, listener: Listener) -> ServerOptions:
+        return ServerOptions(
+            resolver=self.resolver,
+            delivery=self.delivery,
+            store=self.store,
+            clock=self.clock,
+            tls_context=self.tls,
+            implicit_tls=listener.tls == "implicit",
+            timeout=self.timeout,
+        )
+
+    def _factory(self, listener: Listener) -> Callable[[], PolicySMTP]:
+        options = self._options(listener)
+
+        def make() -> PolicySMTP:
+            proto = PolicySMTP(self.policy, options)
+            self.sessions.add(proto)
+            proto.on_close = self.sessions.discard
+            return proto
+
+        return make
+
+    async def start(self) -> None:
+        """Bind every listener; ``bound`` then holds the real addresses."""
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            if listener.tls == "implicit" and self.tls is None:
+                raise ValueError(f"{listener.name}: implicit TLS needs server.tls_cert and tls_key")
+            server = await loop.create_server(
+                self._factory(listener),
+                listener.host,
+                listener.port,
+                ssl=self.tls if listener.tls == "implicit" else None,
+                reuse_address=True,
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self.bound.append((listener, (str(addr[0]), int(addr[1]))))
+                log.info(
+                    "listening on %s:%s (%s, %s)",
+                    addr[0],
+                    addr[1],
+                    listener.name,
+                    "implicit TLS"
+                    if listener.tls == "implicit"
+                    else "STARTTLS"
+                    if self.tls
+                    else "plain",
+                )
+
+    def port(self, name: str = "smtp") -> int:
+        """The bound port of the listener called ``name``."""
+        for listener, (_, port) in self.bound:
+            if listener.name == name:
+                return port
+        raise KeyError(name)
+
+    async def stop(self, grace: float = 30) -> None:
+        """Stop accepting; send idle clients 421; let busy sessions finish."""
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            if not session.busy:
+                await session.shut_down()
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(s.busy for s in self.sessions):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning(
+                    "shutdown grace period over; closing %d busy sessions",
+                    sum(1 for s in self.sessions if s.busy),
+                )
+                break
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            await session.shut_down()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()

@@ -1,0 +1,118 @@
+"""``mailpolicy serve``: a real SMTP gateway that enforces the policy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the SMTP gateway: enforce the policy, deliver accepted mail",
+        description="Listen as the policy's [server] table says (or --listen), judge every "
+        "session with the policy, deliver local mail to Maildirs and relay the rest. "
+        "SIGTERM or Ctrl-C stops gracefully: messages in flight are finished.",
+    )
+    p.add_argument("--policy", required=True, metavar="POLICY.toml")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="one plain listener instead of the policy's [server] listeners",
+    )
+    p.add_argument(
+        "--dns",
+        metavar="ZONE.json",
+        help="answer DNS from this static zone (REPLAY.md format) instead of the network",
+    )
+    p.add_argument(
+        "--state",
+        metavar="URL",
+        default=None,
+        help="rate counters: memory:// (default) or redis://HOST:PORT/DB",
+    )
+    p.add_argument(
+        "--maildir", metavar="DIR", help="local delivery root (default: delivery.maildir)"
+    )
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--timeout", type=float, default=300, help="idle client timeout, seconds")
+    p.add_argument(
+        "--grace", type=float, default=30, help="seconds to let busy sessions finish on shutdown"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from ..adapters.dns import LiveResolver, Resolver, StaticZone, ZoneError
+    from ..adapters.gateway import GatewayDelivery
+    from ..adapters.logs import configure_logging
+    from ..adapters.server import MailServer, listeners_from_settings
+    from ..adapters.state import store_from_url
+    from ..config import PolicyError, load_settings
+    from ..policy import compile_policy
+
+    configure_logging(args.log_format, args.log_level)
+    log = logging.getLogger("mailpolicy.serve")
+    try:
+        settings = load_settings(args.policy)
+    except PolicyError as e:
+        print(f"mailpolicy: {e.report()}", file=sys.stderr)
+        return 2
+    resolver: Resolver
+    if args.dns:
+        try:
+            with open(args.dns, "rb") as f:
+                resolver = StaticZone.from_mapping(json.load(f), source=args.dns)
+        except (OSError, ValueError, ZoneError) as e:
+            print(f"mailpolicy: {args.dns}: {e}", file=sys.stderr)
+            return 2
+    else:
+        resolver = LiveResolver.from_settings(settings.dns)
+    try:
+        listeners = listeners_from_settings(settings, args.listen)
+        store = store_from_url(args.state)
+    except ValueError as e:
+        print(f"mailpolicy: {e}", file=sys.stderr)
+        return 2
+    policy = compile_policy(settings)
+    delivery = GatewayDelivery(settings, resolver, maildir_root=args.maildir)
+
+    async def main() -> int:
+        server = MailServer(
+            policy,
+            resolver,
+            delivery=delivery,
+            store=store,
+            listeners=listeners,
+            timeout=args.timeout,
+        )
+        try:
+            await server.start()
+        except (OSError, ValueError) as e:
+            log.error("cannot listen: %s", e)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for listener, (host, port) in server.bound:
+            print(
+                f"mailpolicy: {listener.name} listening on {host}:{port}",
+                file=sys.stderr,
+                flush=True,
+            )
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop(grace=args.grace)
+        await store.close()
+        delivery.ledger.close()
+        return 0
+
+    return asyncio.run(main())
