@@ -25,7 +25,7 @@ import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..model import IPAddress, NextHop, Reply, Route, RouteKind
+from ..model import IPAddress, NextHop, Reply, RouteKind
 from ..settings import Settings
 from .dns import Resolver
 from .ledger import DeliveryLedger, message_digest
@@ -71,71 +71,70 @@ class GatewayDelivery:
     async def deliver(self, submission: Submission) -> Reply:
         s = submission
         digest = message_digest(s.sender, s.content)
-        done = await self.ledger.delivered_async(digest, s.recipients)
-        todo = [r for r in s.recipients if r.lower() not in done]
+        routes = await resolve_routes(
+            self.settings, s.sender, s.recipients, self.resolver, self.rng, self.our_addresses
+        )
+        # A route's target is the address that gets the copy: the recipient,
+        # or what an external postmaster rewrote it to (one recipient may
+        # have several). The ledger counts copies per target.
+        targets = [route.mailbox or route.recipient for route in routes]
+        done = await self.ledger.delivered_async(digest, targets)
         delivered: list[str] = []
         temporary: list[tuple[str, Reply]] = []
         permanent: list[tuple[str, Reply]] = []
-        if todo:
-            routes = await resolve_routes(
-                self.settings, s.sender, todo, self.resolver, self.rng, self.our_addresses
+        by_hops: dict[tuple[NextHop, ...], list[str]] = {}
+        for route, target in zip(routes, targets, strict=True):
+            if target.lower() in done:
+                continue
+            if route.kind is RouteKind.SMTP:
+                by_hops.setdefault(route.next_hops, []).append(target)
+            elif route.kind is RouteKind.ERROR:
+                error = route.error or Reply(451, "4.3.0", route.reason)
+                (temporary if error.temporary else permanent).append((target, error))
+            elif await self._local(s, digest, target, temporary, permanent):
+                delivered.append(target)
+        for hops, rcpts in by_hops.items():
+            result = await relay(
+                s.message,
+                s.sender,
+                rcpts,
+                hops,
+                timeout=self.relay_timeout,
+                local_hostname=self.settings.general.hostname,
+                env=self.env,
             )
-            by_hops: dict[tuple[NextHop, ...], list[str]] = {}
-            for rcpt, route in zip(todo, routes, strict=True):
-                await self._local_or_error(
-                    s, digest, rcpt, route, by_hops, delivered, temporary, permanent
-                )
-            for hops, rcpts in by_hops.items():
-                result = await relay(
-                    s.message,
-                    s.sender,
-                    rcpts,
-                    hops,
-                    timeout=self.relay_timeout,
-                    local_hostname=self.settings.general.hostname,
-                    env=self.env,
-                )
-                ok = [o.recipient for o in result if o.delivered]
-                if ok:
-                    await self.ledger.record_async(digest, ok)
-                delivered += ok
-                for o in result:
-                    reply = o.reply or Reply(451, "4.4.0", "delivery failed")
-                    if o.temporary:
-                        temporary.append((o.recipient, reply))
-                    elif o.permanent:
-                        permanent.append((o.recipient, reply))
+            ok = [o.recipient for o in result if o.delivered]
+            if ok:
+                await self.ledger.record_async(digest, ok)
+            delivered += ok
+            for o in result:
+                reply = o.reply or Reply(451, "4.4.0", "delivery failed")
+                if o.temporary:
+                    temporary.append((o.recipient, reply))
+                elif o.permanent:
+                    permanent.append((o.recipient, reply))
         return await self._answer(s, delivered, done, temporary, permanent)
 
-    async def _local_or_error(
+    async def _local(
         self,
         s: Submission,
         digest: str,
-        rcpt: str,
-        route: Route,
-        by_hops: dict[tuple[NextHop, ...], list[str]],
-        delivered: list[str],
+        target: str,
         temporary: list[tuple[str, Reply]],
         permanent: list[tuple[str, Reply]],
-    ) -> None:
-        if route.kind is RouteKind.SMTP:
-            by_hops.setdefault(route.next_hops, []).append(rcpt)
-            return
-        if route.kind is RouteKind.ERROR:
-            error = route.error or Reply(451, "4.3.0", route.reason)
-            (temporary if error.temporary else permanent).append((rcpt, error))
-            return
+    ) -> bool:
+        """Deliver one local copy; True when it is safe on disk."""
         try:
-            await self.maildir.deliver_async(route.mailbox or rcpt, s.message)
+            await self.maildir.deliver_async(target, s.message)
         except ValueError as e:  # an address that can never be a mailbox name
-            permanent.append((rcpt, Reply(550, "5.1.1", f"<{rcpt}>: {e}")))
-            return
+            permanent.append((target, Reply(550, "5.1.1", f"<{target}>: {e}")))
+            return False
         except OSError as e:
-            log.error("local delivery to %s failed: %s", rcpt, e)
-            temporary.append((rcpt, Reply(451, "4.3.0", "Error: queue file write error")))
-            return
-        await self.ledger.record_async(digest, [rcpt])
-        delivered.append(rcpt)
+            log.error("local delivery to %s failed: %s", target, e)
+            temporary.append((target, Reply(451, "4.3.0", "Error: queue file write error")))
+            return False
+        await self.ledger.record_async(digest, [target])
+        return True
 
     async def _answer(
         self,

@@ -97,6 +97,7 @@ class MailServer:
         tls: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
         timeout: float = 300,
+        proxy_protocol: bool = False,
     ) -> None:
         self.policy = policy
         self.listeners = (
@@ -108,6 +109,7 @@ class MailServer:
         self.store = store
         self.clock = clock
         self.timeout = timeout
+        self.proxy_protocol = proxy_protocol
         self.sessions: set[PolicySMTP] = set()
         self._servers: list[asyncio.Server] = []
         #: (listener, the address actually bound: port 0 becomes a real port)
@@ -122,6 +124,7 @@ class MailServer:
             tls_context=self.tls,
             implicit_tls=listener.tls == "implicit",
             timeout=self.timeout,
+            proxy_protocol=self.proxy_protocol,
         )
 
     def _factory(self, listener: Listener) -> Callable[[], PolicySMTP]:

@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import email.parser
 import email.policy
+import ipaddress
 import itertools
 import logging
 import secrets
@@ -143,6 +144,9 @@ class ServerOptions:
     client_address: str | None = None
     #: called with each reply record (replay collects them)
     on_reply: Callable[[ReplyRecord], None] | None = None
+    #: expect a HAProxy PROXY v1 line first (behind a load balancer, and in
+    #: tests that replay sessions from other addresses over real sockets)
+    proxy_protocol: bool = False
 
 
 _queue_ids = itertools.count(1)
@@ -264,9 +268,30 @@ class PolicySMTP(_AioSMTP):
 
     _counted_connection = False
 
+    async def _read_proxy_header(self) -> str | None:
+        """The client address from a PROXY v1 line, or None if it is bad."""
+        try:
+            line = await asyncio.wait_for(self._reader.readuntil(b"\r\n"), timeout=10)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return None
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) == 6 and parts[0] == "PROXY" and parts[1] in ("TCP4", "TCP6"):
+            try:
+                return str(ipaddress.ip_address(parts[2]))
+            except ValueError:
+                return None
+        return None
+
     async def _connect(self) -> bool:
         """Connect-stage checks. False when the client was sent away."""
-        self.mp = Session(self._client_ip(), tls=self.options.implicit_tls)
+        client = self._client_ip()
+        if self.options.proxy_protocol:
+            proxied = await self._read_proxy_header()
+            if proxied is None:
+                log.warning("bad or missing PROXY header from %s", client)
+                return False
+            client = proxied
+        self.mp = Session(client, tls=self.options.implicit_tls)
         cp = self.policy.settings.security.connection_policy
         store = self.options.store
         if store is not None and (

@@ -37,6 +37,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--maildir", metavar="DIR", help="local delivery root (default: delivery.maildir)"
     )
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="expect a HAProxy PROXY v1 line on every connection (behind a load "
+        "balancer): the client address is taken from it",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="info")
     p.add_argument("--timeout", type=float, default=300, help="idle client timeout, seconds")
