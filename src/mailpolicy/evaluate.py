@@ -9,7 +9,9 @@ Semantics (Postfix's restriction lists with ``smtpd_delay_reject = yes``):
 * ``DISCARD`` ends every chain: accepted, and the message will be dropped;
 * ``DEFER_IF_PERMIT`` is remembered (the first one wins) and evaluation
   goes on; a later refusal wins over it, and if the request would be
-  accepted it is deferred instead.
+  accepted it is deferred instead;
+* a transaction already marked for discarding (``Envelope.discard``) skips
+  every restriction chain, as Postfix does.
 
 :func:`lookups` runs the same walk but collects the DNS questions that rules
 could not answer, going on past them so that independent questions are asked
@@ -48,6 +50,15 @@ def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
     pending: Decision | None = None
     white: Decision | None = None
     for chain in policy.chains[envelope.stage]:
+        if envelope.discard is not None and chain.restriction:
+            # Postfix: once a transaction is marked for discarding, every
+            # restriction is skipped for the rest of it.
+            return Verdict(
+                Action.DISCARD,
+                None,
+                envelope.discard,
+                (Evidence("transaction", "discarding", matched=envelope.discard),),
+            )
         for rule in chain.rules:
             try:
                 d = rule.check(ctx)
@@ -87,6 +98,8 @@ def lookups(policy: Policy, session: Session, envelope: Envelope) -> frozenset[D
     ctx = Context(policy.shared, session, envelope)
     needed: set[DnsQuery] = set()
     for chain in policy.chains[envelope.stage]:
+        if envelope.discard is not None and chain.restriction:
+            break
         for rule in chain.rules:
             try:
                 d = rule.check(ctx)

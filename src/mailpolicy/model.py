@@ -247,6 +247,8 @@ class Envelope:
     brackets (``""`` is the null sender, ``None`` before MAIL). ``recipient``
     is the RCPT TO address being judged (RCPT stage); ``recipients`` are those
     accepted so far. ``declared_size`` is the MAIL FROM ``SIZE=`` value.
+    ``discard`` names the rule that already marked this transaction for
+    discarding: Postfix then skips every restriction for the rest of it.
     """
 
     stage: Stage
@@ -255,6 +257,7 @@ class Envelope:
     recipients: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     declared_size: int | None = None
     message: MessageFacts | None = None
+    discard: str | None = None
 
 
 class Action(enum.Enum):

@@ -249,9 +249,16 @@ def _chains(b: _Build) -> dict[Stage, tuple[Chain, ...]]:
         rules = built if isinstance(built, tuple) else (built,)
         grouped[row.stage].setdefault(row.chain, []).extend(rules)
     return {
-        stage: tuple(Chain(name, tuple(rules)) for name, rules in chains.items())
+        stage: tuple(
+            Chain(name, tuple(rules), restriction=name not in _NOT_RESTRICTIONS)
+            for name, rules in chains.items()
+        )
         for stage, chains in grouped.items()
     }
+
+
+#: chains of checks smtpd makes itself, outside the restriction lists
+_NOT_RESTRICTIONS = frozenset({"limits", "mail", "message"})
 
 
 @attrs.frozen(eq=False)

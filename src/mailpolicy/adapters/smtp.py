@@ -185,6 +185,7 @@ class PolicySMTP(_AioSMTP):
 
     def _reset_transaction(self) -> None:
         self.mail_from: str | None = None
+        self.smtputf8 = False
         self.declared_size: int | None = None
         self.rcpts: list[str] = []
         self.rcpt_attempted = False
@@ -402,7 +403,7 @@ class PolicySMTP(_AioSMTP):
             self.mp = attrs.evolve(self.mp, improper_pipelining=True)
         handler = _COMMANDS.get(verb)
         if handler is None:
-            await self._say(502, "5.5.2", "Error: command not recognized")
+            await self._say(500, "5.5.2", "Error: command not recognized")
             return
         self._reset_timeout()
         await handler(self, arg)
@@ -664,6 +665,7 @@ class PolicySMTP(_AioSMTP):
             return
         self.mail_from = sender
         self.declared_size = size
+        self.smtputf8 = "SMTPUTF8" in params
         await self.reply(OK_MAIL, verdict if verdict.rule else None)
 
     async def cmd_rcpt(self, arg: str) -> None:
@@ -672,7 +674,7 @@ class PolicySMTP(_AioSMTP):
             await self._say(503, "5.5.1", "Error: need MAIL command")
             return
         try:
-            address, _params = parse_rcpt_to(arg)
+            address, _params = parse_rcpt_to(arg, smtputf8=self.smtputf8)
         except AddressError as e:
             await self._say(e.reply_code, e.enhanced, e.text)
             return
@@ -695,6 +697,7 @@ class PolicySMTP(_AioSMTP):
             recipient=rcpt,
             recipients=tuple(self.rcpts),
             declared_size=self.declared_size,
+            discard=self.discard.rule if self.discard else None,
         )
         verdict = await self.judge(envelope)
         self._log_decision(Stage.RCPT, verdict, sender=self.mail_from, recipient=rcpt)
@@ -721,7 +724,12 @@ class PolicySMTP(_AioSMTP):
             else:
                 await self._say(503, "5.5.1", "Error: need RCPT command")
             return
-        envelope = Envelope(Stage.DATA, sender=self.mail_from, recipients=tuple(self.rcpts))
+        envelope = Envelope(
+            Stage.DATA,
+            sender=self.mail_from,
+            recipients=tuple(self.rcpts),
+            discard=self.discard.rule if self.discard else None,
+        )
         verdict = await self.judge(envelope)
         if verdict.action.refuses:
             self._log_decision(Stage.DATA, verdict, sender=self.mail_from)

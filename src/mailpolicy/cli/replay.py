@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
                 for r in replies:
                     print(json.dumps({"case": case.name, **r.to_json()}))
                 continue
-            expected_path = Path(case.source).with_suffix(".expected.jsonl")
+            # A variant is compared with its own recording, NAME.VARIANT.expected.jsonl.
+            source = Path(case.source)
+            variant = case.name.partition("[")[2].rstrip("]")
+            stem = f"{source.stem}.{variant}" if variant else source.stem
+            expected_path = source.with_name(f"{stem}.expected.jsonl")
             if not expected_path.exists():
                 print(f"SKIP {case.name}: no {expected_path.name}")
                 continue

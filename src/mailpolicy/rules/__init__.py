@@ -63,10 +63,17 @@ class Rule(Protocol):
 
 @attrs.frozen
 class Chain:
-    """An ordered restriction list (Postfix's ``smtpd_*_restrictions``)."""
+    """An ordered list of rules.
+
+    ``restriction`` chains are Postfix's ``smtpd_*_restrictions``: a
+    transaction already marked for discarding skips them. The others are the
+    checks Postfix's smtpd makes itself (limits, HELO required), which apply
+    whatever the restrictions said.
+    """
 
     name: str
     rules: tuple[Rule, ...]
+    restriction: bool = True
 
 
 class NeedDns(Exception):

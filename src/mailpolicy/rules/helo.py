@@ -6,11 +6,9 @@ at MAIL, where Postfix says "send HELO/EHLO first".
 
 from __future__ import annotations
 
-import ipaddress
-
 import attrs
 
-from ..addresses import is_fqdn, is_valid_hostname, is_valid_ip_literal
+from ..addresses import is_fqdn, is_valid_helo, is_valid_ip_literal
 from ..model import Evidence
 from . import Decision, Outcome, reply
 from .context import Context
@@ -19,12 +17,13 @@ from .dnscheck import Existence, domain_existence
 __all__ = ["RejectInvalidHelo", "RejectNonFqdnHelo", "RejectUnknownHelo", "RequireHelo"]
 
 
-def _is_bare_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
+def _bad_literal(rule: str, helo: str) -> Decision | None:
+    """Postfix judges a ``[...]`` HELO by the literal alone, in all three
+    HELO checks (``reject_invalid_hostaddr``)."""
+    if is_valid_ip_literal(helo):
+        return None
+    text = f"<{helo}>: Helo command rejected: invalid ip address"
+    return Decision(Outcome.REJECT, rule, reply(501, "5.2", text), (Evidence("helo", helo),))
 
 
 @attrs.frozen
@@ -51,14 +50,10 @@ class RejectInvalidHelo:
         if not helo:
             return None
         if helo.startswith("["):
-            if is_valid_ip_literal(helo):
-                return None
-            why = "invalid ip address"
-        elif _is_bare_ip(helo) or is_valid_hostname(helo):
+            return _bad_literal(self.name, helo)
+        if is_valid_helo(helo):
             return None
-        else:
-            why = "Invalid name"
-        text = f"<{helo}>: Helo command rejected: {why}"
+        text = f"<{helo}>: Helo command rejected: Invalid name"
         return Decision(
             Outcome.REJECT, self.name, reply(501, "5.2", text), (Evidence("helo", helo),)
         )
@@ -70,7 +65,11 @@ class RejectNonFqdnHelo:
 
     def check(self, ctx: Context) -> Decision | None:
         helo = ctx.session.helo
-        if not helo or helo.startswith("[") or is_fqdn(helo):
+        if not helo:
+            return None
+        if helo.startswith("["):
+            return _bad_literal(self.name, helo)
+        if is_fqdn(helo):
             return None
         text = f"<{helo}>: Helo command rejected: need fully-qualified hostname"
         return Decision(
@@ -81,14 +80,16 @@ class RejectNonFqdnHelo:
 @attrs.frozen
 class RejectUnknownHelo:
     """A HELO name with no A, AAAA or MX is refused; DNS trouble defers only
-    if nothing else refuses. Address literals are not looked up."""
+    if nothing else refuses. Address literals are not looked up, only checked."""
 
     name: str = "security.advanced.reject_unknown_helo"
 
     def check(self, ctx: Context) -> Decision | None:
         helo = ctx.session.helo
-        if not helo or helo.startswith("["):
+        if not helo:
             return None
+        if helo.startswith("["):
+            return _bad_literal(self.name, helo)
         found, dns = domain_existence(ctx, helo.lower().rstrip("."))
         if found in (Existence.FOUND, Existence.NULL_MX):
             return None

@@ -58,12 +58,13 @@ class PermitAuthenticated:
 
 
 def real_destination(address: Address, shared: Shared) -> tuple[str, bool]:
-    """The domain the mail would really go to, and whether it was routed.
+    """The domain the mail would really go to, and whether it is still routed.
 
     An unqualified address gets our host name, as Postfix's ``myorigin``.
+    A source route was already stripped by the parser (Postfix judges
+    ``<@a:u@b>`` as ``u@b``).
     """
     local, domain = address.local, address.domain or shared.settings.general.hostname
-    routed = bool(address.route)
     for _ in range(_MAX_UNWRAP):
         if domain not in shared.local_domains:
             break
@@ -75,10 +76,11 @@ def real_destination(address: Address, shared: Shared) -> tuple[str, bool]:
             domain, local = local.split("!", 1)
         else:
             break
-        routed = True
         domain = domain.lower().rstrip(".")
-    if any(op in local for op in _ROUTING_OPERATORS):
-        routed = True
+    # Like trivial-rewrite's RESOLVE_FLAG_ROUTED: what counts is a routing
+    # operator still in the local part once our own domains are peeled off
+    # (r%partner@us is plain mail to partner; r%other@partner is routed).
+    routed = any(op in local for op in _ROUTING_OPERATORS)
     return domain, routed
 
 
