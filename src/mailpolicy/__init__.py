@@ -28,6 +28,10 @@ from __future__ import annotations
 import os
 
 from .config import PolicyError, load_settings, settings_from_mapping
+
+# Imported here, before anything imports the submodule lazily, so that the
+# package attribute ``evaluate`` is the function, not the module.
+from .evaluate import evaluate
 from .model import (
     Action,
     Counters,
@@ -77,19 +81,6 @@ __all__ = [
     "load_settings",
     "settings_from_mapping",
 ]
-
-
-def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
-    """Judge ``envelope`` at its stage for ``session`` under ``policy``.
-
-    Pure and deterministic: no I/O, no clock. The DNS answers the enabled
-    rules need must already be in ``session.dns`` (see :meth:`Policy.lookups`);
-    a missing one gives a temporary failure (``451 4.3.0``) that names the
-    question, never an acceptance. The :class:`Verdict` carries the action,
-    the reply for the client, the deciding rule (its settings key) and the
-    evidence (matched list entry, DNS answers, counters).
-    """
-    return policy.evaluate(session, envelope)
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:

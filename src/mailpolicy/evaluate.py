@@ -43,8 +43,13 @@ def _verdict(action: Action, d: Decision) -> Verdict:
 def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
     """Judge ``envelope`` at its stage for ``session`` under ``policy``.
 
-    Pure: the same facts always give the same verdict. A missing DNS fact is
-    a temporary failure (451 4.3.0) naming the rule and the question.
+    Pure and deterministic: no I/O, no clock; the same facts always give the
+    same verdict. The DNS answers the enabled rules need must already be in
+    ``session.dns`` (ask :meth:`Policy.lookups` first); a missing one gives a
+    temporary failure (``451 4.3.0``) naming the rule and the question, never
+    an acceptance. The :class:`~mailpolicy.model.Verdict` carries the action,
+    the reply for the client, the deciding rule (its settings key) and the
+    evidence (matched list entry, DNS answers, counters).
     """
     ctx = Context(policy.shared, session, envelope)
     pending: Decision | None = None
