@@ -149,7 +149,8 @@ class DnsResult:
         out: list[tuple[int, str]] = []
         for rec in self.records:
             pref, _, host = rec.strip().partition(" ")
-            out.append((int(pref), host.strip().lower().rstrip(".")))
+            if pref.isdigit():  # a malformed record is no MX, never a crash
+                out.append((int(pref), host.strip().lower().rstrip(".")))
         return tuple(out)
 
     @property
@@ -186,9 +187,12 @@ class Counters:
 
 
 def _ip(value: str | IPAddress) -> IPAddress:
-    if isinstance(value, str):
-        return ipaddress.ip_address(value)
-    return value
+    ip = ipaddress.ip_address(value) if isinstance(value, str) else value
+    # Postfix treats an IPv4-mapped IPv6 peer as the IPv4 address "for
+    # logging, hostname verification and access checks" (smtpd_peer.c).
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 @attrs.frozen
@@ -249,6 +253,8 @@ class Envelope:
     accepted so far. ``declared_size`` is the MAIL FROM ``SIZE=`` value.
     ``discard`` names the rule that already marked this transaction for
     discarding: Postfix then skips every restriction for the rest of it.
+    ``smtputf8`` is true when MAIL FROM asked for SMTPUTF8: UTF-8 domains
+    are then judged by their IDNA form.
     """
 
     stage: Stage
@@ -258,6 +264,7 @@ class Envelope:
     declared_size: int | None = None
     message: MessageFacts | None = None
     discard: str | None = None
+    smtputf8: bool = False
 
 
 class Action(enum.Enum):

@@ -698,6 +698,7 @@ class PolicySMTP(_AioSMTP):
             recipients=tuple(self.rcpts),
             declared_size=self.declared_size,
             discard=self.discard.rule if self.discard else None,
+            smtputf8=self.smtputf8,
         )
         verdict = await self.judge(envelope)
         self._log_decision(Stage.RCPT, verdict, sender=self.mail_from, recipient=rcpt)

@@ -23,7 +23,9 @@ def _decide(
     text = f"Client host rejected: cannot find your {what}, [{ctx.client_ip}]"
     ev = (Evidence("client", str(ctx.client_ip), dns=name.evidence),)
     if status is NameStatus.TEMP:
-        return Decision(Outcome.DEFER_IF_PERMIT, rule, reply(450, detail, text), ev)
+        # Not defer_if_permit: Postfix defers at once here ("deferrals must
+        # not be postponed after client hostname lookup failure").
+        return Decision(Outcome.REJECT, rule, reply(450, detail, text), ev)
     code = ctx.settings.replies.unknown_client
     return Decision(Outcome.REJECT, rule, reply(code, detail, text), ev)
 

@@ -14,7 +14,7 @@ from functools import cached_property
 
 import attrs
 
-from ..addresses import Address, AddressError, parse_address
+from ..addresses import Address, AddressError, is_valid_hostname, parse_address
 from ..lookup import DomainTable, NetworkTable
 from ..model import DnsQuery, DnsResult, Envelope, IPAddress, RType, Session
 from ..settings import Settings
@@ -102,6 +102,10 @@ class Context:
         if not ptr.found:
             return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, tuple(ev))
         reverse = ptr.records[0].lower().rstrip(".")
+        if not is_valid_hostname(reverse):
+            # Postfix's sockaddr_to_hostname() refuses a numeric or malformed
+            # PTR name: the client then has no name at all.
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, tuple(ev))
         rtype = RType.A if ip.version == 4 else RType.AAAA
         (fwd,) = self.dns(DnsQuery(reverse, rtype))
         ev.append((f"{reverse}/{rtype.value}", _show(fwd)))

@@ -31,7 +31,10 @@ def dnsbl_query_name(ip: IPAddress, zone: str) -> str:
 @attrs.frozen
 class RejectRblClient:
     zone: DnsblZone
-    name: str = "security.advanced.dnsbl"
+
+    @property
+    def name(self) -> str:
+        return f"security.advanced.dnsbl.{self.zone.zone}"
 
     def check(self, ctx: Context) -> Decision | None:
         query = DnsQuery(dnsbl_query_name(ctx.client_ip, self.zone.zone), RType.A)
@@ -49,6 +52,4 @@ class RejectRblClient:
                 dns=((str(query), ",".join(result.records)),),
             ),
         )
-        return Decision(
-            Outcome.REJECT, f"{self.name}.{self.zone.zone}", Reply(554, "5.7.1", text), ev
-        )
+        return Decision(Outcome.REJECT, self.name, Reply(554, "5.7.1", text), ev)

@@ -9,6 +9,7 @@ from ..model import Evidence
 from . import Decision, Outcome, reply
 from .context import Context
 from .dnscheck import Existence, domain_existence
+from .relay import real_destination
 
 __all__ = ["AcceptBarePostmaster", "RejectNonFqdnRecipient", "RejectUnknownRecipientDomain"]
 
@@ -33,7 +34,7 @@ class RejectNonFqdnRecipient:
 
     def check(self, ctx: Context) -> Decision | None:
         r = ctx.recipient
-        if r is None or r.is_literal or is_fqdn(r.domain):
+        if r is None or r.is_literal or is_fqdn(r.domain, smtputf8=ctx.envelope.smtputf8):
             return None
         text = f"<{r.text}>: Recipient address rejected: need fully-qualified address"
         return Decision(
@@ -49,15 +50,19 @@ class RejectUnknownRecipientDomain:
 
     def check(self, ctx: Context) -> Decision | None:
         r = ctx.recipient
-        if r is None or not r.domain or r.is_literal or ctx.is_local_domain(r.domain):
+        if r is None or not r.domain or r.is_literal:
             return None
-        found, dns = domain_existence(ctx, r.domain)
+        # Judged by where the address really leads, as Postfix resolves it.
+        domain, _ = real_destination(r, ctx.shared)
+        if ctx.is_local_domain(domain) or domain.startswith("["):
+            return None
+        found, dns = domain_existence(ctx, domain)
         ev = (Evidence("recipient", r.text, dns=dns),)
         subject = f"<{r.text}>: Recipient address rejected"
         if found is Existence.FOUND:
             return None
         if found is Existence.NULL_MX:
-            text = f"{subject}: Domain {r.domain} does not accept mail (nullMX)"
+            text = f"{subject}: Domain {domain} does not accept mail (nullMX)"
             return Decision(Outcome.REJECT, self.name, reply(556, "1.10", text), ev)
         if found is Existence.TEMPORARY:
             text = f"{subject}: Domain not found"

@@ -26,8 +26,6 @@ __all__ = [
 ]
 
 _ROUTING_OPERATORS = ("@", "%", "!")
-#: bounded so a crafted ``a%b%c%...`` local part cannot loop for long
-_MAX_UNWRAP = 16
 
 
 @attrs.frozen
@@ -65,9 +63,9 @@ def real_destination(address: Address, shared: Shared) -> tuple[str, bool]:
     ``<@a:u@b>`` as ``u@b``).
     """
     local, domain = address.local, address.domain or shared.settings.general.hostname
-    for _ in range(_MAX_UNWRAP):
-        if domain not in shared.local_domains:
-            break
+    # Every step shortens the local part, so this ends; no cap is needed
+    # (a cap would let a deep enough a%b%...@us through as "ours").
+    while domain in shared.local_domains:
         if "@" in local:
             local, domain = local.rsplit("@", 1)
         elif "%" in local:
@@ -92,20 +90,28 @@ class RejectUnauthDestination:
     name: str = "relay.reject_unauth_destination"
 
     def check(self, ctx: Context) -> Decision | None:
+        raw = ctx.envelope.recipient
+        if raw is None:
+            return None
         rcpt = ctx.recipient
         if rcpt is None:
-            return None
+            # Unparsable: we cannot tell where it goes, so it may not go anywhere.
+            return self._deny(ctx, raw, "unparsable address")
         domain, routed = real_destination(rcpt, self.shared)
-        if not domain.startswith("["):
+        # As Postfix's permit_auth_destination: a routed address is refused
+        # before asking whether the destination is ours.
+        if not routed and not domain.startswith("["):
             if domain in self.shared.local_domains:
                 return None
-            matched = self.shared.inbound_domains.matches(domain)
-            if matched and not routed:
+            if self.shared.inbound_domains.matches(domain):
                 return None
+        return self._deny(ctx, rcpt.text, f"destination {domain}" + (" (routed)" if routed else ""))
+
+    def _deny(self, ctx: Context, shown: str, why: str) -> Decision:
         code = ctx.settings.replies.relay_denied
         return Decision(
             Outcome.REJECT,
             self.name,
-            reply(code, "7.1", f"<{rcpt.text}>: Relay access denied"),
-            (Evidence("recipient", rcpt.text, matched=f"destination {domain}"),),
+            reply(code, "7.1", f"<{shown}>: Relay access denied"),
+            (Evidence("recipient", shown, matched=why),),
         )

@@ -12,6 +12,7 @@ from ..model import Evidence
 from . import Decision, Outcome, reply
 from .context import Context
 from .dnscheck import Existence, domain_existence
+from .relay import real_destination
 
 __all__ = ["RejectNonFqdnSender", "RejectUnknownSenderDomain"]
 
@@ -22,7 +23,12 @@ class RejectNonFqdnSender:
 
     def check(self, ctx: Context) -> Decision | None:
         s = ctx.sender
-        if s is None or s.is_null or s.is_literal or is_fqdn(s.domain):
+        if (
+            s is None
+            or s.is_null
+            or s.is_literal
+            or is_fqdn(s.domain, smtputf8=ctx.envelope.smtputf8)
+        ):
             return None
         return Decision(
             Outcome.REJECT,
@@ -43,15 +49,18 @@ class RejectUnknownSenderDomain:
         s = ctx.sender
         if s is None or s.is_null or not s.domain or s.is_literal:
             return None
-        if ctx.is_local_domain(s.domain):
+        # Judged by where the address really leads (a%b@us is b's), and not
+        # at all when that is one of our own domains (Postfix resolves first).
+        domain, _ = real_destination(s, ctx.shared)
+        if ctx.is_local_domain(domain) or domain.startswith("["):
             return None
-        found, dns = domain_existence(ctx, s.domain)
+        found, dns = domain_existence(ctx, domain)
         ev = (Evidence("sender", s.text, dns=dns),)
         subject = f"<{s.text}>: Sender address rejected"
         if found is Existence.FOUND:
             return None
         if found is Existence.NULL_MX:
-            text = f"{subject}: Domain {s.domain} does not accept mail (nullMX)"
+            text = f"{subject}: Domain {domain} does not accept mail (nullMX)"
             return Decision(Outcome.REJECT, self.name, reply(550, "7.27", text), ev)
         if found is Existence.TEMPORARY:
             text = f"{subject}: Domain not found"
