@@ -16,7 +16,6 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from helpers_core import (
     NODATA,
     NXDOMAIN,

@@ -1998,7 +1998,11 @@ class TestMissingDns:
     @pytest.mark.parametrize(
         ("mapping", "rule", "question"),
         [
-            ({"advanced": {"dnsbl": ["bl.example"]}}, "security.advanced.dnsbl.bl.example", f"{BL_QUERY}/A"),
+            (
+                {"advanced": {"dnsbl": ["bl.example"]}},
+                "security.advanced.dnsbl.bl.example",
+                f"{BL_QUERY}/A",
+            ),
             (
                 {"connection_policy": {"reject_unknown_reverse_client_hostname": True}},
                 REVERSE,
