@@ -31,10 +31,17 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Final, TypeAlias
 
-from .addresses import Address, parent_domains
-from .model import IPAddress, IPNetwork
+from .addresses import Address
+from .model import IPAddress, IPNetwork, Networks
 
-__all__ = ["NULL_SENDER_KEY", "AccessTable", "DomainTable", "NetworkTable"]
+__all__ = [
+    "NULL_SENDER_KEY",
+    "AccessTable",
+    "DomainTable",
+    "NetworkTable",
+    "ip_key",
+    "network_of",
+]
 
 #: The key that matches the null sender (Postfix's ``smtpd_null_access_lookup_key``).
 NULL_SENDER_KEY: Final = "<>"
@@ -65,8 +72,41 @@ def _hits(table: dict[str, _Ordinals], key: str, out: list[tuple[str, int]]) -> 
         out.extend((key, o) for o in found)
 
 
+def _walk(table: dict[str, _Ordinals], name: str, out: list[tuple[str, int]]) -> None:
+    """Probe ``name`` (lower case, no trailing dot) and each parent domain,
+    as :func:`~mailpolicy.addresses.parent_domains` lists them, without
+    building the list: one slice and one probe per label."""
+    if not name:
+        return
+    found = table.get(name)
+    if found is not None:
+        _emit_key(out, name, found)
+    if name[0] == "[":
+        return  # an address literal has no parents
+    dot = name.find(".")
+    while dot >= 0:
+        parent = name[dot + 1 :]
+        found = table.get(parent)
+        if found is not None:
+            _emit_key(out, parent, found)
+        dot = name.find(".", dot + 1)
+
+
+def _emit_key(out: list[tuple[str, int]], key: str, found: _Ordinals) -> None:
+    if type(found) is int:
+        out.append((key, found))
+    else:
+        out.extend((key, o) for o in found)  # type: ignore[union-attr]
+
+
+def _same_if_equal(value: str, original: str) -> str:
+    """``value``, or ``original`` itself when they are equal: a million keys
+    that are already normal then share the caller's strings."""
+    return original if value == original else value
+
+
 def _domain_key(domain: str) -> str:
-    return domain.lower().rstrip(".")
+    return _same_if_equal(domain.lower().rstrip("."), domain)
 
 
 class DomainTable:
@@ -105,8 +145,7 @@ class DomainTable:
         table = self._table
         if not table:
             return out
-        for name in parent_domains(domain):
-            _hits(table, name, out)
+        _walk(table, domain.lower().rstrip("."), out)
         return out
 
 
@@ -116,13 +155,14 @@ def _access_key(key: str) -> str:
     Lower-casing the whole key is enough (Postfix folds case for the whole
     lookup); only a trailing dot on the domain needs dropping.
     """
+    original = key
     key = key.strip().lower()
     if key.endswith("."):
         stripped = key.rstrip(".")
         # "a@." is no domain key: keep it as it is rather than make it "a@".
         if not stripped.endswith("@"):
             key = stripped
-    return key
+    return _same_if_equal(key, original)
 
 
 class AccessTable:
@@ -176,27 +216,45 @@ class AccessTable:
         local = address.local.lower()
         if address.domain:
             _hits(table, f"{local}@{address.domain}", out)
-            for name in parent_domains(address.domain):
-                _hits(table, name, out)
+            _walk(table, address.domain.lower().rstrip("."), out)
         _hits(table, local + "@", out)
         return out
+
+
+def ip_key(ip: IPAddress | str) -> tuple[int, int]:
+    """``ip`` as a :class:`NetworkTable` key: ``(version, address as an int)``.
+
+    An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) is the IPv4 address,
+    as Postfix looks such a client up.
+    """
+    if isinstance(ip, str):
+        ip = ipaddress.ip_address(ip)
+    if ip.version == 6:
+        value = int(ip)
+        if value >> 32 == 0xFFFF:
+            return 4, value & 0xFFFFFFFF
+        return 6, value
+    return 4, int(ip)
 
 
 class NetworkTable:
     """Client networks (IPv4 and IPv6) with per-prefix-length hash probes.
 
-    Built from ``(network, ordinal)`` pairs. For each address family there is
-    one dict per prefix length in use, keyed by the network address as an
-    int; a lookup masks the client address once per prefix length present.
+    Built from ``(network, ordinal)`` pairs (or, faster, from
+    :class:`~mailpolicy.model.Networks` with :meth:`add_networks`). For each
+    address family there is one dict per prefix length in use, keyed by the
+    network address as an int; a lookup masks the client address once per
+    prefix length present, longest first.
     """
 
-    __slots__ = ("_v4", "_v4_lengths", "_v6", "_v6_lengths")
+    __slots__ = ("_probes4", "_probes6", "_tables4", "_tables6")
 
     def __init__(self, entries: Iterable[tuple[IPNetwork, int]] = ()) -> None:
-        self._v4: dict[int, dict[int, _Ordinals]] = {}
-        self._v6: dict[int, dict[int, _Ordinals]] = {}
-        self._v4_lengths: tuple[int, ...] = ()
-        self._v6_lengths: tuple[int, ...] = ()
+        self._tables4: dict[int, dict[int, _Ordinals]] = {}
+        self._tables6: dict[int, dict[int, _Ordinals]] = {}
+        #: (prefix length, mask, table), longest prefix first
+        self._probes4: tuple[tuple[int, int, dict[int, _Ordinals]], ...] = ()
+        self._probes6: tuple[tuple[int, int, dict[int, _Ordinals]], ...] = ()
         v4, v6 = self._v4, self._v6
         for network, ordinal in entries:
             by_length = v4 if network.version == 4 else v6
@@ -207,10 +265,35 @@ class NetworkTable:
             table[address] = _merge(table.get(address), ordinal)
         self._refresh()
 
+    # The tables by prefix length, per family. Replacing one (tests count
+    # probes that way) refreshes the probe order.
+
+    @property
+    def _v4(self) -> dict[int, dict[int, _Ordinals]]:
+        return self._tables4
+
+    @_v4.setter
+    def _v4(self, tables: dict[int, dict[int, _Ordinals]]) -> None:
+        self._tables4 = tables
+        self._refresh()
+
+    @property
+    def _v6(self) -> dict[int, dict[int, _Ordinals]]:
+        return self._tables6
+
+    @_v6.setter
+    def _v6(self, tables: dict[int, dict[int, _Ordinals]]) -> None:
+        self._tables6 = tables
+        self._refresh()
+
     def _refresh(self) -> None:
         # Longest prefix first: the most specific networks come out first.
-        self._v4_lengths = tuple(sorted(self._v4, reverse=True))
-        self._v6_lengths = tuple(sorted(self._v6, reverse=True))
+        self._probes4 = tuple(
+            (n, _V4_MASKS[n], self._v4[n]) for n in sorted(self._v4, reverse=True)
+        )
+        self._probes6 = tuple(
+            (n, _V6_MASKS[n], self._v6[n]) for n in sorted(self._v6, reverse=True)
+        )
 
     def add(self, network: IPNetwork, ordinal: int) -> None:
         """Add one entry."""
@@ -220,12 +303,48 @@ class NetworkTable:
         table[address] = _merge(table.get(address), ordinal)
         self._refresh()
 
+    def add_networks(self, networks: Networks, ordinal: int) -> None:
+        """Add every network of a compact :class:`~mailpolicy.model.Networks`
+        under one ordinal, without making a network object for any."""
+        for version, length, address in networks.entries():
+            by_length = self._v4 if version == 4 else self._v6
+            table = by_length.get(length)
+            if table is None:
+                table = by_length[length] = {}
+            old = table.get(address)
+            table[address] = ordinal if old is None else _merge(old, ordinal)
+        self._refresh()
+
     def __len__(self) -> int:
         """The number of distinct networks."""
         return sum(len(t) for t in self._v4.values()) + sum(len(t) for t in self._v6.values())
 
     def __bool__(self) -> bool:
         return bool(self._v4 or self._v6)
+
+    def hits(self, key: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """Every ``(ordinal, network address, prefix length)`` containing the
+        address ``key`` (see :func:`ip_key`), longest prefix first: the raw
+        form of :meth:`matches`, which makes no network object."""
+        version, value = key
+        out: list[tuple[int, int, int]] = []
+        for length, mask, table in self._probes4 if version == 4 else self._probes6:
+            masked = value & mask
+            found = table.get(masked)
+            if found is not None:
+                if type(found) is int:
+                    out.append((found, masked, length))
+                else:
+                    out.extend((o, masked, length) for o in found)  # type: ignore[union-attr]
+        return out
+
+    def contains_key(self, key: tuple[int, int]) -> bool:
+        """Whether any network contains the address ``key`` (see :func:`ip_key`)."""
+        version, value = key
+        for _, mask, table in self._probes4 if version == 4 else self._probes6:
+            if value & mask in table:
+                return True
+        return False
 
     def matches(self, ip: IPAddress | str) -> list[tuple[IPNetwork, int]]:
         """Every ``(network, ordinal)`` whose network contains ``ip``.
@@ -234,25 +353,15 @@ class NetworkTable:
         IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) is looked up as the
         IPv4 address, as Postfix does with such a client.
         """
-        if isinstance(ip, str):
-            ip = ipaddress.ip_address(ip)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        out: list[tuple[IPNetwork, int]] = []
-        value = int(ip)
-        if ip.version == 4:
-            for length in self._v4_lengths:
-                masked = value & _V4_MASKS[length]
-                found = self._v4[length].get(masked)
-                if found is not None:
-                    _emit(out, ipaddress.IPv4Network((masked, length)), found)
-        else:
-            for length in self._v6_lengths:
-                masked = value & _V6_MASKS[length]
-                found = self._v6[length].get(masked)
-                if found is not None:
-                    _emit(out, ipaddress.IPv6Network((masked, length)), found)
-        return out
+        key = ip_key(ip)
+        return [(network_of(key[0], a, n), o) for o, a, n in self.hits(key)]
+
+
+def network_of(version: int, address: int, length: int) -> IPNetwork:
+    """The network object for a :meth:`NetworkTable.hits` entry."""
+    if version == 4:
+        return ipaddress.IPv4Network((address, length))
+    return ipaddress.IPv6Network((address, length))
 
 
 def _prefix_masks(bits: int) -> tuple[int, ...]:
@@ -262,10 +371,3 @@ def _prefix_masks(bits: int) -> tuple[int, ...]:
 
 _V4_MASKS: Final = _prefix_masks(32)
 _V6_MASKS: Final = _prefix_masks(128)
-
-
-def _emit(out: list[tuple[IPNetwork, int]], network: IPNetwork, found: _Ordinals) -> None:
-    if isinstance(found, int):
-        out.append((network, found))
-    else:
-        out.extend((network, o) for o in found)

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Mapping
+import operator
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final, SupportsIndex, overload
 
 import attrs
 
@@ -47,6 +49,7 @@ __all__ = [
     "IPAddress",
     "IPNetwork",
     "MessageFacts",
+    "Networks",
     "NextHop",
     "RType",
     "Reply",
@@ -56,6 +59,182 @@ __all__ = [
     "Stage",
     "Verdict",
 ]
+
+
+class Networks(tuple[IPNetwork, ...]):
+    """A tuple of networks, stored compactly.
+
+    A list of a million client networks as ``ipaddress`` objects takes some
+    300 MB; here each entry is one int (shared with the lookup table built
+    from it) and one byte, and a network object is made only when an entry is
+    read (``networks[i]``, iteration).
+
+    It is a ``tuple`` (``isinstance`` says so) that behaves like the tuple of
+    its networks: ``len``, indexing, slicing, iteration, ``in``, ``+``,
+    comparisons, hashing, ``repr`` and pickling all go through the methods
+    below. (The tuple's own storage is empty: C code that reads a tuple's
+    items directly instead of iterating would see nothing; the standard
+    library's consumers, ``tuple()``, ``list()``, ``json``, unpacking, all
+    iterate.) :meth:`entries` gives the raw ``(version, prefix length,
+    address)`` triples without making objects.
+
+    Build one with :meth:`of` (network objects, or texts as
+    ``ip_network(text.strip(), strict=False)`` reads them) or
+    :meth:`from_entries` (the policy loader parses texts faster, see
+    ``config.parse_network``).
+    """
+
+    #: a code byte is the prefix length for IPv6, and 129 + the length for IPv4
+    _V4: Final = 129
+
+    _addresses: tuple[int, ...]
+    _codes: bytes
+    _hash: int | None
+
+    def __new__(cls, addresses: Iterable[int] = (), codes: bytes = b"") -> Networks:
+        self = super().__new__(cls)
+        self._addresses = tuple(addresses)
+        self._codes = bytes(codes)
+        self._hash = None
+        if len(self._addresses) != len(self._codes):
+            raise ValueError("one code per address")
+        return self
+
+    @classmethod
+    def of(cls, values: Iterable[str | IPNetwork]) -> Networks:
+        """From network objects or texts (stripped, host bits allowed)."""
+        if isinstance(values, Networks):
+            return values
+        addresses: list[int] = []
+        codes = bytearray()
+        for value in values:
+            if isinstance(value, str):
+                value = ipaddress.ip_network(value.strip(), strict=False)
+            addresses.append(int(value.network_address))
+            codes.append(value.prefixlen + cls._V4 if value.version == 4 else value.prefixlen)
+        return cls(addresses, bytes(codes))
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[tuple[int, int, int]]) -> Networks:
+        """From ``(version, prefix length, network address)`` triples."""
+        addresses: list[int] = []
+        codes = bytearray()
+        for version, length, address in entries:
+            addresses.append(address)
+            codes.append(length + cls._V4 if version == 4 else length)
+        return cls(addresses, bytes(codes))
+
+    def entries(self) -> Iterator[tuple[int, int, int]]:
+        """``(version, prefix length, network address)`` for each network."""
+        v4 = self._V4
+        for code, address in zip(self._codes, self._addresses, strict=True):
+            if code >= v4:
+                yield 4, code - v4, address
+            else:
+                yield 6, code, address
+
+    def _network(self, i: int) -> IPNetwork:
+        code, address = self._codes[i], self._addresses[i]
+        if code >= self._V4:
+            return ipaddress.IPv4Network((address, code - self._V4))
+        return ipaddress.IPv6Network((address, code))
+
+    # -- the tuple protocol, over the compact storage ---------------------------
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    def __bool__(self) -> bool:
+        return bool(self._codes)
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> IPNetwork: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Networks: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> IPNetwork | Networks:
+        if isinstance(index, slice):
+            return Networks(self._addresses[index], self._codes[index])
+        i = operator.index(index)
+        n = len(self._codes)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("tuple index out of range")
+        return self._network(i)
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        for i in range(len(self._codes)):
+            yield self._network(i)
+
+    def __reversed__(self) -> Iterator[IPNetwork]:
+        for i in range(len(self._codes) - 1, -1, -1):
+            yield self._network(i)
+
+    def __contains__(self, value: object) -> bool:
+        return any(value == net for net in self)
+
+    def index(self, value: Any, start: SupportsIndex = 0, stop: SupportsIndex = sys.maxsize) -> int:
+        return tuple(self).index(value, start, stop)
+
+    def count(self, value: Any) -> int:
+        return tuple(self).count(value)
+
+    def __add__(self, other: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not isinstance(other, tuple):
+            return NotImplemented
+        return tuple(self) + tuple(other)
+
+    def __radd__(self, other: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not isinstance(other, tuple):
+            return NotImplemented
+        return tuple(other) + tuple(self)
+
+    def __mul__(self, n: SupportsIndex) -> tuple[IPNetwork, ...]:
+        return tuple(self) * n
+
+    __rmul__ = __mul__
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Networks):
+            return self._codes == other._codes and self._addresses == other._addresses
+        if isinstance(other, tuple):
+            return len(other) == len(self) and tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __lt__(self, other: tuple[Any, ...]) -> bool:
+        return tuple(self) < tuple(other)
+
+    def __le__(self, other: tuple[Any, ...]) -> bool:
+        return tuple(self) <= tuple(other)
+
+    def __gt__(self, other: tuple[Any, ...]) -> bool:
+        return tuple(self) > tuple(other)
+
+    def __ge__(self, other: tuple[Any, ...]) -> bool:
+        return tuple(self) >= tuple(other)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple(self))
+        return self._hash
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Networks, (self._addresses, self._codes))
+
+    def __copy__(self) -> Networks:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Networks:
+        return self
 
 
 class Stage(enum.Enum):

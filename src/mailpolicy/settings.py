@@ -16,7 +16,7 @@ from typing import Literal
 
 import attrs
 
-from .model import IPNetwork
+from .model import IPNetwork, Networks
 
 __all__ = [
     "Account",
@@ -28,6 +28,7 @@ __all__ = [
     "DnsblZone",
     "GeneralSettings",
     "ListRule",
+    "Normalized",
     "RelayHost",
     "RelaySettings",
     "Replies",
@@ -47,12 +48,30 @@ def normalize_domain(name: str) -> str:
     return name.strip().lower().rstrip(".")
 
 
+class Normalized(tuple[str, ...]):
+    """Strings the loader has already normalized exactly as a field's
+    converter would: the converter then only copies the tuple. (A million
+    list entries need not be lower-cased twice.)"""
+
+    __slots__ = ()
+
+
+def _same(value: str, original: str) -> str:
+    # keep the caller's string when normalizing changed nothing: a million
+    # entries then exist once, not twice
+    return original if value == original else value
+
+
 def _domains(values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(normalize_domain(v) for v in values)
+    if type(values) is Normalized:
+        return tuple(values)
+    return tuple(_same(normalize_domain(v), v) for v in values)
 
 
 def _lower(values: Iterable[str]) -> tuple[str, ...]:
-    return tuple(v.strip().lower() for v in values)
+    if type(values) is Normalized:
+        return tuple(values)
+    return tuple(_same(v.strip().lower(), v) for v in values)
 
 
 def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -60,6 +79,10 @@ def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
         v if not isinstance(v, str) else ipaddress.ip_network(v.strip(), strict=False)
         for v in values
     )
+
+
+def _network_list(values: Iterable[str | IPNetwork]) -> Networks:
+    return Networks.of(values)
 
 
 @attrs.frozen
@@ -162,7 +185,9 @@ class ListRule:
     list: Literal["black", "white"] = "black"
     action: Literal["reject", "discard", "allow"] = "reject"
     text: str | None = None
-    client: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    #: a compact tuple (:class:`~mailpolicy.model.Networks`): a million
+    #: entries fit in a few tens of MB
+    client: tuple[IPNetwork, ...] = attrs.field(default=Networks(), converter=_network_list)
     client_hostname: tuple[str, ...] = attrs.field(default=(), converter=_domains)
     helo: tuple[str, ...] = attrs.field(default=(), converter=_domains)
     sender: tuple[str, ...] = attrs.field(default=(), converter=_lower)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from functools import cached_property
+import re
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
 
 import attrs
 
 from ..addresses import Address, AddressError, is_valid_hostname, parse_address
-from ..lookup import DomainTable, NetworkTable
+from ..lookup import DomainTable, NetworkTable, ip_key
 from ..model import DnsQuery, DnsResult, Envelope, IPAddress, RType, Session
 from ..settings import Settings
 from . import NeedDns
@@ -57,8 +59,41 @@ class ClientName:
     evidence: tuple[tuple[str, str], ...]
 
 
+_T = TypeVar("_T")
+
+
+class _cached(Generic[_T]):
+    """``functools.cached_property`` without its lock (a Context belongs to
+    one evaluation, on one thread): the first access computes, later ones
+    read the instance dict. An exception (``NeedDns``) caches nothing."""
+
+    __slots__ = ("func", "name")
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> _cached[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type[Any]) -> _T: ...
+
+    def __get__(self, obj: object | None, owner: type[Any]) -> _cached[_T] | _T:
+        if obj is None:
+            return self
+        value = self.func(obj)
+        obj.__dict__[self.name] = value
+        return value
+
+
 class Context:
-    """The facts of one evaluation, plus what the rules derive from them."""
+    """The facts of one evaluation, plus what the rules derive from them.
+
+    Built once per evaluation; every derived fact (parsed addresses, the
+    client's address as text and as a table key, its verified host name) is
+    computed on first use and kept for the other rules.
+    """
 
     def __init__(self, shared: Shared, session: Session, envelope: Envelope) -> None:
         self.shared = shared
@@ -71,10 +106,17 @@ class Context:
     def dns(self, *queries: DnsQuery) -> tuple[DnsResult, ...]:
         """The answers to ``queries``; raises NeedDns for any not known."""
         known = self.session.dns
-        missing = [q for q in queries if q not in known]
-        if missing:
-            raise NeedDns(missing)
-        return tuple(known[q] for q in queries)
+        try:
+            return tuple([known[q] for q in queries])
+        except KeyError:
+            raise NeedDns([q for q in queries if q not in known]) from None
+
+    def dns1(self, query: DnsQuery) -> DnsResult:
+        """The answer to one query; raises NeedDns if it is not known."""
+        found = self.session.dns.get(query)
+        if found is None:
+            raise NeedDns((query,))
+        return found
 
     # -- the client ------------------------------------------------------------
 
@@ -82,51 +124,72 @@ class Context:
     def client_ip(self) -> IPAddress:
         return self.session.client_ip
 
-    @cached_property
+    @_cached
+    def client_text(self) -> str:
+        """``str(client_ip)``, computed once."""
+        return str(self.session.client_ip)
+
+    @_cached
+    def client_key(self) -> tuple[int, int]:
+        """The client address as a table key: (IP version, address as an int),
+        an IPv4-mapped IPv6 address as its IPv4 address."""
+        return ip_key(self.session.client_ip)
+
+    @_cached
     def in_mynetworks(self) -> bool:
         """Trusted networks, plus local networks when they may skip AUTH."""
-        return bool(self.shared.mynetworks.matches(self.session.client_ip))
+        return self.shared.mynetworks.contains_key(self.client_key)
 
     @property
     def authenticated(self) -> bool:
         return self.session.auth_user is not None
 
-    @cached_property
+    @_cached
+    def reversed_client(self) -> str:
+        """The client address as a DNSBL query prefix (``10.2.0.192``, or
+        nibbles for IPv6), as :func:`~.dnsbl.dnsbl_query_name` makes it."""
+        version, value = self.client_key
+        if version == 4:
+            return ".".join(reversed(_v4_text(value).split(".")))
+        return ".".join(reversed(f"{value:032x}"))
+
+    @_cached
     def client_name(self) -> ClientName:
         """Reverse, then forward-confirmed, client host name (Postfix's rules)."""
         ip = self.session.client_ip
-        (ptr,) = self.dns(DnsQuery(str(ip), RType.PTR))
-        ev: list[tuple[str, str]] = [(f"{ip}/PTR", _show(ptr))]
+        text = self.client_text
+        ptr = self.dns1(DnsQuery(text, RType.PTR))
+        ptr_ev = (f"{text}/PTR", _show(ptr))
         if ptr.outcome.temporary:
-            return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, tuple(ev))
+            return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, (ptr_ev,))
         if not ptr.found:
-            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, tuple(ev))
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
         reverse = ptr.records[0].lower().rstrip(".")
         if not is_valid_hostname(reverse):
             # Postfix's sockaddr_to_hostname() refuses a numeric or malformed
             # PTR name: the client then has no name at all.
-            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, tuple(ev))
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
         rtype = RType.A if ip.version == 4 else RType.AAAA
-        (fwd,) = self.dns(DnsQuery(reverse, rtype))
-        ev.append((f"{reverse}/{rtype.value}", _show(fwd)))
+        fwd = self.dns1(DnsQuery(reverse, rtype))
+        ev = (ptr_ev, (f"{reverse}/{rtype.value}", _show(fwd)))
         if fwd.outcome.temporary:
             status = NameStatus.TEMP
-        elif fwd.found and any(_same_ip(r, ip) for r in fwd.records):
-            return ClientName(reverse, NameStatus.OK, reverse, NameStatus.OK, tuple(ev))
+        elif fwd.found and any(r == text or _same_ip(r, ip) for r in fwd.records):
+            return ClientName(reverse, NameStatus.OK, reverse, NameStatus.OK, ev)
         else:
             status = NameStatus.FAIL
-        return ClientName("unknown", status, reverse, NameStatus.OK, tuple(ev))
+        return ClientName("unknown", status, reverse, NameStatus.OK, ev)
 
     # -- the envelope ----------------------------------------------------------
 
-    @cached_property
+    @_cached
     def sender(self) -> Address | None:
         """The parsed MAIL FROM address (``None`` before MAIL or if unparsable)."""
         if self.envelope.sender is None:
             return None
         return _parse(self.envelope.sender)
 
-    @cached_property
+    @_cached
     def recipient(self) -> Address | None:
         """The parsed RCPT TO address being judged."""
         if self.envelope.recipient is None:
@@ -137,7 +200,35 @@ class Context:
         return domain in self.shared.local_domains
 
 
+def _v4_text(value: int) -> str:
+    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
+
+
+#: The common address shape, ``dot-atom@host.name`` in plain ASCII, which
+#: :func:`~mailpolicy.addresses.parse_address` turns into ``Address(local,
+#: domain.lower())`` whenever the domain is a valid host name: labels of
+#: letters, digits, ``_`` and inner ``-`` (at most 63), not all digits, at most
+#: 255 characters. Anything else takes the full parser.
+_SIMPLE_ADDRESS = re.compile(
+    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@"
+    r"((?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+)
+_NOT_NUMERIC = re.compile(r"[A-Za-z_]")
+
+
 def _parse(text: str) -> Address | None:
+    """``parse_address`` (``None`` if it refuses), with a fast path for the
+    common shape."""
+    m = _SIMPLE_ADDRESS.fullmatch(text)
+    if m is not None and len(text) <= 1000:
+        domain = m.group(2)
+        if len(domain) <= 255 and _NOT_NUMERIC.search(domain):
+            return Address(m.group(1), domain.lower())
+    return _parse_slow(text)
+
+
+def _parse_slow(text: str) -> Address | None:
     try:
         return parse_address(text)
     except AddressError:

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import attrs
 
 from ..addresses import Address
-from ..lookup import AccessTable, DomainTable, NetworkTable
-from ..model import Evidence, Reply
+from ..lookup import AccessTable, DomainTable, NetworkTable, network_of
+from ..model import Evidence, Networks, Reply
 from ..settings import CRITERIA, ListRule
 from . import Decision, Outcome, reply
 from .context import Context
@@ -46,12 +46,19 @@ class ListMatch:
     key: str
 
 
+#: one hit: (ordinal, key); a client hit's key is (address, prefix length),
+#: made into text only for the winning match
+_Hit = tuple[int, object]
+
+
 class ListIndex:
     """Every rule of one list colour, indexed by criterion."""
 
     __slots__ = (
         "_by_name",
+        "_criteria",
         "_name_only",
+        "_plain_kinds",
         "client",
         "client_hostname",
         "helo",
@@ -63,7 +70,10 @@ class ListIndex:
 
     def __init__(self, rules: Iterable[ListRule]) -> None:
         self.rules = tuple(rules)
-        self.client = NetworkTable((net, i) for i, r in enumerate(self.rules) for net in r.client)
+        self.client = NetworkTable()
+        for i, r in enumerate(self.rules):
+            if r.client:
+                self.client.add_networks(Networks.of(r.client), i)
         self.client_hostname = DomainTable(
             (d, i) for i, r in enumerate(self.rules) for d in r.client_hostname
         )
@@ -72,63 +82,91 @@ class ListIndex:
         self.recipient = AccessTable((v, i) for i, r in enumerate(self.rules) for v in r.recipient)
         #: the criteria any rule uses: the others cost nothing, not even DNS
         self.kinds = tuple(k for k in CRITERIA if any(getattr(r, k) for r in self.rules))
+        #: those that need no DNS, in order
+        self._plain_kinds = tuple(k for k in self.kinds if k != "client_hostname")
+        #: each rule's criteria, computed once
+        self._criteria = tuple(r.criteria() for r in self.rules)
         #: rules that name client host names (few: these need DNS to judge)
         self._by_name = frozenset(i for i, r in enumerate(self.rules) if r.client_hostname)
         #: some rule judges by host name alone: the name is always needed
-        self._name_only = any(r.criteria() == ("client_hostname",) for r in self.rules)
+        self._name_only = any(c == ("client_hostname",) for c in self._criteria)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
-    def _hits(self, ctx: Context, kind: str) -> list[tuple[str, int]]:
+    def _hits(self, ctx: Context, kind: str) -> list[_Hit]:
+        """``(ordinal, key)`` for each entry of ``kind`` that matches, in
+        the order that decides (client: by ordinal; names: most specific
+        first)."""
         if kind == "client":
-            found = self.client.matches(ctx.client_ip)
-            return sorted(((str(net), i) for net, i in found), key=lambda h: h[1])
+            found = self.client.hits(ctx.client_key)
+            if len(found) > 1:
+                found.sort(key=_first)  # stable: longest prefix first per rule
+            return [(i, (address, length)) for i, address, length in found]
         if kind == "client_hostname":
-            name = ctx.client_name
-            return self.client_hostname.matches(name.name) if name.name != "unknown" else []
+            name = ctx.client_name.name
+            if name == "unknown":
+                return []
+            return [(i, key) for key, i in self.client_hostname.matches(name)]
         if kind == "helo":
             helo = ctx.session.helo
-            return self.helo.matches(helo) if helo else []
+            return [(i, key) for key, i in self.helo.matches(helo)] if helo else []
         address: Address | None = ctx.sender if kind == "sender" else ctx.recipient
         if address is None:
             return []
         table = self.sender if kind == "sender" else self.recipient
-        return table.matches(address)
+        return [(i, key) for key, i in table.matches(address)]
 
     def match(self, ctx: Context) -> ListMatch | None:
         """The winning rule, or ``None``."""
+        hits: dict[str, list[_Hit]] = {}
+        for kind in self._plain_kinds:
+            found = self._hits(ctx, kind)
+            if found:
+                hits[kind] = found
         # The client's host name costs DNS lookups: ask for it only when a
         # rule could still match through it (every other criterion of the
         # rule already matched), never just because the list mentions it.
-        hits = {k: self._hits(ctx, k) for k in self.kinds if k != "client_hostname"}
-        ordinals = {kind: {i for _, i in found} for kind, found in hits.items()}
-        if "client_hostname" in self.kinds and self._name_could_decide(ordinals):
-            hits["client_hostname"] = self._hits(ctx, "client_hostname")
-            ordinals["client_hostname"] = {i for _, i in hits["client_hostname"]}
+        if self._by_name and (self._name_only or (hits and self._name_could_decide(hits))):
+            found = self._hits(ctx, "client_hostname")
+            if found:
+                hits["client_hostname"] = found
+        if not hits:
+            return None
+        ordinals = {kind: {i for i, _ in found} for kind, found in hits.items()}
         for kind in self.kinds:
-            for key, i in hits.get(kind, ()):
-                rule = self.rules[i]
-                if all(i in ordinals.get(k, ()) for k in rule.criteria() if k != kind):
-                    return ListMatch(rule, kind, _value(ctx, kind), key)
+            for i, key in hits.get(kind, ()):
+                if all(i in ordinals.get(k, ()) for k in self._criteria[i] if k != kind):
+                    return ListMatch(self.rules[i], kind, _value(ctx, kind), _key_text(ctx, key))
         return None
 
-    def _name_could_decide(self, ordinals: dict[str, set[int]]) -> bool:
-        if self._name_only:
-            return True
+    def _name_could_decide(self, hits: dict[str, list[_Hit]]) -> bool:
         # Only rules already hit by another criterion can still match: look
         # at those (a few), never at the whole list.
+        ordinals = {kind: {i for i, _ in found} for kind, found in hits.items()}
         candidates = set().union(*ordinals.values()) & self._by_name
         for i in candidates:
-            others = [k for k in self.rules[i].criteria() if k != "client_hostname"]
-            if all(i in ordinals[k] for k in others):
+            others = [k for k in self._criteria[i] if k != "client_hostname"]
+            if all(i in ordinals.get(k, ()) for k in others):
                 return True
         return False
 
 
+def _first(hit: tuple[int, int, int]) -> int:
+    return hit[0]
+
+
+def _key_text(ctx: Context, key: object) -> str:
+    if isinstance(key, str):
+        return key
+    assert isinstance(key, tuple)
+    address, length = key
+    return str(network_of(ctx.client_key[0], address, length))
+
+
 def _value(ctx: Context, kind: str) -> str:
     if kind == "client":
-        return str(ctx.client_ip)
+        return ctx.client_text
     if kind == "client_hostname":
         return ctx.client_name.name
     if kind == "helo":
