@@ -2,7 +2,7 @@
 
 What the client is told at the end of DATA (one reply for all recipients):
 
-* every recipient delivered (now, or by an earlier attempt of the same
+* every recipient delivered (now, or by an earlier, deferred attempt of the same
   message, see :mod:`.ledger`): ``250``;
 * any recipient failed temporarily (a DNS failure, a next hop down or
   answering 4xx, a disk error): ``451``. The client retries; the recipients
@@ -113,7 +113,11 @@ class GatewayDelivery:
                     temporary.append((o.recipient, reply))
                 elif o.permanent:
                     permanent.append((o.recipient, reply))
-        return await self._answer(s, delivered, done, temporary, permanent)
+        reply = await self._answer(s, delivered, done, temporary, permanent)
+        if not reply.temporary:
+            # Final answer: the ledger only bridges a 451 and its retry.
+            await self.ledger.forget_async(digest)
+        return reply
 
     async def _local(
         self,
@@ -125,7 +129,7 @@ class GatewayDelivery:
     ) -> bool:
         """Deliver one local copy; True when it is safe on disk."""
         try:
-            await self.maildir.deliver_async(target, s.message)
+            await self.maildir.deliver_async(target, _maildir_form(s.message))
         except ValueError as e:  # an address that can never be a mailbox name
             permanent.append((target, Reply(550, "5.1.1", f"<{target}>: {e}")))
             return False
@@ -164,6 +168,13 @@ class GatewayDelivery:
             f"X-Mailpolicy-Undeliverable: <{rcpt}> {reply}\r\n" for rcpt, reply in failures
         )
         box = f"undeliverable@{self.settings.general.hostname}"
-        await self.maildir.deliver_async(box, head.encode("utf-8", "replace") + s.message)
+        await self.maildir.deliver_async(
+            box, _maildir_form(head.encode("utf-8", "replace") + s.message)
+        )
         for rcpt, reply in failures:
             log.warning("%s: undeliverable to <%s> (%s); kept in %s", s.queue_id, rcpt, reply, box)
+
+
+def _maildir_form(message: bytes) -> bytes:
+    """Maildir files hold lines ending in LF, as local delivery agents write them."""
+    return message.replace(b"\r\n", b"\n")

@@ -5,7 +5,9 @@ delivered and another failed temporarily, the right reply is ``451`` (the
 client keeps the message and retries), but the retry carries every recipient
 again. The ledger remembers ``(message digest, recipient)`` for each delivery,
 so the retry skips those already delivered: each recipient gets the message
-once, and nothing is lost.
+once, and nothing is lost. Once a message gets a final answer (``250`` or
+``5xx``) its entries are forgotten, so the same message sent again later (a
+daily report with the same text) is delivered again.
 
 The digest covers the envelope sender and the message as the client sent it
 (not the ``Received:`` header we add, which differs per attempt). Entries
@@ -54,7 +56,10 @@ class DeliveryLedger:
         self.keep_seconds = keep_seconds
         self.clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        # timeout: wait for another process's lock instead of failing at once.
+        self._db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
@@ -90,6 +95,14 @@ class DeliveryLedger:
             if now - self._purged_at > 3600:
                 self._db.execute("DELETE FROM delivered WHERE at < ?", (now - self.keep_seconds,))
                 self._purged_at = now
+
+    def forget(self, digest: str) -> None:
+        """The message got its final answer: a later identical one is new mail."""
+        with self._lock:
+            self._db.execute("DELETE FROM delivered WHERE digest = ?", (digest,))
+
+    async def forget_async(self, digest: str) -> None:
+        await asyncio.to_thread(self.forget, digest)
 
     async def delivered_async(self, digest: str, recipients: Iterable[str]) -> set[str]:
         return await asyncio.to_thread(self.delivered, digest, list(recipients))

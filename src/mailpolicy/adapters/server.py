@@ -22,7 +22,15 @@ import attrs
 from ..policy import Policy
 from ..settings import Settings
 from .dns import Resolver
-from .smtp import AcceptAllDelivery, CounterStore, Delivery, PolicySMTP, ServerOptions
+from .smtp import (
+    AcceptAllDelivery,
+    CounterStore,
+    Delivery,
+    PolicySMTP,
+    ServerOptions,
+    SessionObserver,
+)
+from .state import MemoryStore
 
 __all__ = ["Listener", "MailServer", "listeners_from_settings", "parse_hostport", "tls_context"]
 
@@ -98,6 +106,7 @@ class MailServer:
         clock: Callable[[], float] = time.time,
         timeout: float = 300,
         proxy_protocol: bool = False,
+        observer: Callable[[], SessionObserver] | None = None,
     ) -> None:
         self.policy = policy
         self.listeners = (
@@ -106,10 +115,14 @@ class MailServer:
         self.tls = tls if tls is not None else tls_context(policy.settings)
         self.resolver = resolver
         self.delivery = delivery if delivery is not None else AcceptAllDelivery()
-        self.store = store
+        # Counted in memory unless told otherwise: a server without a store
+        # would silently drop every connection, rate and AUTH limit.
+        self.store: CounterStore = store if store is not None else MemoryStore()
         self.clock = clock
         self.timeout = timeout
         self.proxy_protocol = proxy_protocol
+        #: makes a per-connection observer (``serve --capture``), or None
+        self.observer = observer
         self.sessions: set[PolicySMTP] = set()
         self._servers: list[asyncio.Server] = []
         #: (listener, the address actually bound: port 0 becomes a real port)
@@ -123,8 +136,12 @@ class MailServer:
             clock=self.clock,
             tls_context=self.tls,
             implicit_tls=listener.tls == "implicit",
+            # Behind a proxy the PROXY line comes in clear, before the TLS
+            # handshake: the connection is wrapped after reading it.
+            tls_after_proxy=listener.tls == "implicit" and self.proxy_protocol,
             timeout=self.timeout,
             proxy_protocol=self.proxy_protocol,
+            observer=self.observer,
         )
 
     def _factory(self, listener: Listener) -> Callable[[], PolicySMTP]:
@@ -148,7 +165,7 @@ class MailServer:
                 self._factory(listener),
                 listener.host,
                 listener.port,
-                ssl=self.tls if listener.tls == "implicit" else None,
+                ssl=self.tls if listener.tls == "implicit" and not self.proxy_protocol else None,
                 reuse_address=True,
             )
             self._servers.append(server)

@@ -52,6 +52,7 @@ __all__ = [
     "PolicySMTP",
     "ReplyRecord",
     "ServerOptions",
+    "SessionObserver",
     "Submission",
 ]
 
@@ -119,6 +120,8 @@ class CounterStore(Protocol):
 
     async def hit(self, kind: Any, client: str, now: float, window: int) -> int: ...
 
+    async def peek(self, kind: Any, client: str, now: float, window: int) -> int: ...
+
 
 @attrs.frozen
 class ReplyRecord:
@@ -126,6 +129,40 @@ class ReplyRecord:
 
     reply: Reply
     verdict: Verdict | None
+
+
+class SessionObserver(Protocol):
+    """Sees one connection as it happens (:mod:`.capture` records sessions).
+
+    It is told each command line as received (``pending``: more input had
+    already arrived, i.e. the client pipelined), each reply, the AUTH user and
+    outcome, the message and the session's end. A password never reaches it:
+    an AUTH command line is passed with every argument after the mechanism
+    replaced by ``<redacted>``, and SASL responses are not passed at all.
+    """
+
+    def connected(self, session: Session, now: float) -> None: ...
+
+    def command(self, line: str, pending: bool) -> None: ...
+
+    def reply(self, record: ReplyRecord) -> None: ...
+
+    def authenticated(self, user: str, ok: bool) -> None: ...
+
+    def message(self, content: bytes, size: int) -> None: ...
+
+    def tls_started(self) -> None: ...
+
+    def closed(self, session: Session | None) -> None: ...
+
+
+def _observed_line(line: bytes) -> str:
+    """A command line as an observer may see it: AUTH arguments redacted."""
+    text = line.decode("utf-8", errors="surrogateescape")
+    words = text.split()
+    if words and words[0].upper() == "AUTH":
+        return " ".join(words[:2] + ["<redacted>"] * len(words[2:]))
+    return text
 
 
 @attrs.define
@@ -147,6 +184,10 @@ class ServerOptions:
     #: expect a HAProxy PROXY v1 line first (behind a load balancer, and in
     #: tests that replay sessions from other addresses over real sockets)
     proxy_protocol: bool = False
+    #: implicit TLS that starts after the PROXY line (smtps behind a proxy)
+    tls_after_proxy: bool = False
+    #: makes an observer for each connection (``serve --capture``)
+    observer: Callable[[], SessionObserver] | None = None
 
 
 _queue_ids = itertools.count(1)
@@ -173,10 +214,13 @@ class PolicySMTP(_AioSMTP):
         )
         self.policy = policy
         self.options = options
+        self.observer = options.observer() if options.observer is not None else None
         self.mp: Session | None = None
         self._errors = 0
         #: receiving or delivering a message: a graceful shutdown waits for it
         self.busy = False
+        #: reading the message: the client is the one who must keep talking
+        self._in_data = False
         #: called with this protocol once the connection is gone
         self.on_close: Callable[[PolicySMTP], None] | None = None
         self._reset_transaction()
@@ -198,6 +242,8 @@ class PolicySMTP(_AioSMTP):
             self._errors += 1
         if self.options.on_reply is not None:
             self.options.on_reply(ReplyRecord(r, verdict))
+        if self.observer is not None:
+            self.observer.reply(ReplyRecord(r, verdict))
         lines = r.text.split("\n")
         prefix = f"{r.enhanced} " if r.enhanced else ""
         out = [f"{r.code}-{prefix}{ln}" for ln in lines[:-1]]
@@ -259,6 +305,9 @@ class PolicySMTP(_AioSMTP):
         return "127.0.0.1"
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.observer is not None:
+            self.observer.closed(self.mp)
+            self.observer = None
         if self.on_close is not None:
             self.on_close(self)
         store = self.options.store
@@ -292,7 +341,11 @@ class PolicySMTP(_AioSMTP):
                 log.warning("bad or missing PROXY header from %s", client)
                 return False
             client = proxied
+            if self.options.tls_after_proxy and not await self._start_tls(carry_over=True):
+                return False
         self.mp = Session(client, tls=self.options.implicit_tls)
+        if self.observer is not None:
+            self.observer.connected(self.mp, self.options.clock())
         cp = self.policy.settings.security.connection_policy
         store = self.options.store
         if store is not None and (
@@ -325,13 +378,16 @@ class PolicySMTP(_AioSMTP):
             return
         while self.transport is not None:
             try:
-                line = await self._read_command_line()
-                if line is None:
-                    continue
                 if self._errors >= HARD_ERROR_LIMIT:
+                    # As Postfix's smtpd: checked before reading another command.
                     await self._say(421, "4.7.0", f"{self.hostname} Error: too many errors")
                     self._close()
                     return
+                line = await self._read_command_line()
+                if line is None:
+                    continue
+                if self.observer is not None:
+                    self.observer.command(_observed_line(line), self._more_input_pending())
                 await self._dispatch(line)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
@@ -352,6 +408,10 @@ class PolicySMTP(_AioSMTP):
             self._close()
 
     def _timeout_cb(self) -> None:
+        if self.busy and not self._in_data:
+            # We are the slow one (delivering): the client is waiting for us.
+            self._reset_timeout()
+            return
         # Postfix says why it hangs up on an idle client; aiosmtpd just closes.
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
@@ -473,6 +533,24 @@ class PolicySMTP(_AioSMTP):
             await self._say(502, "5.5.1", "Error: command not implemented")
             return
         await self._say(220, "2.0.0", "Ready to start TLS")
+        if not await self._start_tls():
+            return
+        # RFC 3207 4.2: forget everything the client said before TLS.
+        self._reset_transaction()
+        self.mp = attrs.evolve(self.mp, tls=True, helo=None, esmtp=False, auth_user=None)
+
+    async def _start_tls(self, *, carry_over: bool = False) -> bool:
+        """Wrap the connection in TLS (server side). False if the handshake failed.
+
+        ``carry_over``: bytes already read past the last line are the start of
+        the handshake (implicit TLS after a PROXY line) and go to TLS. Without
+        it they are dropped, as RFC 3207 requires after STARTTLS (plaintext
+        sent ahead must never run as if it came under TLS).
+        """
+        assert self.tls_context is not None
+        buffer: bytearray = getattr(self._reader, "_buffer", bytearray())
+        leftover = bytes(buffer) if carry_over else b""
+        buffer.clear()
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(
             self.loop, self, self.tls_context, waiter, server_side=True
@@ -483,15 +561,17 @@ class PolicySMTP(_AioSMTP):
         original.set_protocol(self._tls_protocol)
         self.transport = self._tls_protocol._app_transport
         self._tls_protocol.connection_made(original)
+        if leftover:
+            _feed(self._tls_protocol, leftover)
         try:
             await waiter
         except Exception:
-            log.info("TLS handshake failed with %s", self.mp.client_ip)
+            log.info("TLS handshake failed with %s", self._client_ip())
             self._close()
-            return
-        # RFC 3207 4.2: forget everything the client said before TLS.
-        self._reset_transaction()
-        self.mp = attrs.evolve(self.mp, tls=True, helo=None, esmtp=False, auth_user=None)
+            return False
+        return True
+        if self.observer is not None:
+            self.observer.tls_started()
 
     async def cmd_auth(self, arg: str) -> None:
         assert self.mp is not None
@@ -522,7 +602,11 @@ class PolicySMTP(_AioSMTP):
         if creds is None:
             return
         user, password = creds
+        if await self._auth_locked_out():
+            return
         ok = await asyncio.to_thread(self.policy.check_password, user, password)
+        if self.observer is not None:
+            self.observer.authenticated(user, ok)
         if not ok:
             if await self._too_many_auth_failures():
                 return
@@ -544,6 +628,28 @@ class PolicySMTP(_AioSMTP):
             return
         self.mp = attrs.evolve(self.mp, auth_user=user)
         await self._say(235, "2.7.0", "Authentication successful")
+
+    async def _auth_locked_out(self) -> bool:
+        """Past the failure limit no password is even checked (no more guesses),
+        for the rest of the rate window, on any connection of this client."""
+        assert self.mp is not None
+        limit = self.policy.settings.server.max_auth_failures_per_client
+        store = self.options.store
+        if store is None or limit <= 0:
+            return False
+        window = self.policy.settings.security.connection_policy.rate_window_seconds
+        try:
+            failures = await store.peek(
+                "auth_failure", str(self.mp.client_ip), self.options.clock(), window
+            )
+        except Exception:
+            log.exception("state store failed reading AUTH failures")
+            failures = limit  # fail closed
+        if failures < limit:
+            return False
+        await self._say(421, "4.7.0", f"{self.hostname} Error: too many failed authentications")
+        self._close()
+        return True
 
     async def _too_many_auth_failures(self) -> bool:
         """Count a failed AUTH; past the limit, 421 and hang up (password guessing)."""
@@ -738,14 +844,17 @@ class PolicySMTP(_AioSMTP):
             await self.reply(verdict.reply, verdict)
             return
         await self._say(354, None, "End data with <CR><LF>.<CR><LF>")
-        self.busy = True
+        self.busy = self._in_data = True
         try:
             content, size = await self._read_data()
+            self._in_data = False
             if content is None:
                 return
+            if self.observer is not None:
+                self.observer.message(content, size)
             await self._end_of_data(content, size)
         finally:
-            self.busy = False
+            self.busy = self._in_data = False
 
     async def _read_data(self) -> tuple[bytes | None, int]:
         """Read the message up to the lone dot. Past the size limit the rest is
@@ -862,7 +971,7 @@ class PolicySMTP(_AioSMTP):
         assert self.mp is not None
         from email.utils import formatdate
 
-        helo = self.mp.helo or "unknown"
+        helo = _header_safe(self.mp.helo or "unknown")
         proto = "ESMTP" if self.mp.esmtp else "SMTP"
         if self.mp.tls:
             proto += "S"
@@ -876,6 +985,30 @@ class PolicySMTP(_AioSMTP):
             f" {date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
+
+
+#: what Postfix's smtpd neuters in a HELO name before it reaches a header
+_NEUTER = str.maketrans(dict.fromkeys('<>()\\";:@', "?"))
+
+
+def _header_safe(text: str) -> str:
+    """A client-supplied name fit for our Received: header: printable ASCII
+    only (no CR/LF header injection, no NUL), Postfix's specials neutered."""
+    cleaned = "".join(c if " " < c < "\x7f" else "?" for c in text[:255])
+    return cleaned.translate(_NEUTER)
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand bytes already read to a protocol, buffered or not."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        while data:
+            buf = memoryview(protocol.get_buffer(len(data))).cast("B")
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            protocol.buffer_updated(n)
+            data = data[n:]
+    elif isinstance(protocol, asyncio.Protocol):
+        protocol.data_received(data)
 
 
 def _b64(data: bytes) -> bytes:

@@ -49,6 +49,31 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--grace", type=float, default=30, help="seconds to let busy sessions finish on shutdown"
     )
+    p.add_argument(
+        "--capture",
+        metavar="DIR",
+        help="write every session to DIR as a replay case (docs/capture.md): commands, "
+        "replies, the DNS answers used, AUTH as user and outcome (never the password)",
+    )
+    p.add_argument(
+        "--capture-headers-only",
+        action="store_true",
+        help="capture only each message's headers and size, not its body",
+    )
+    p.add_argument(
+        "--capture-max-files",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="keep at most N captured sessions, the oldest dropped first (default 1000)",
+    )
+    p.add_argument(
+        "--capture-max-bytes",
+        type=int,
+        default=100 * 1024 * 1024,
+        metavar="N",
+        help="keep at most N bytes of captures, the oldest dropped first (default 100 MiB)",
+    )
     p.set_defaults(func=run)
 
 
@@ -88,6 +113,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"mailpolicy: {e}", file=sys.stderr)
         return 2
     policy = compile_policy(settings)
+    capture = None
+    if args.capture:
+        from ..adapters.capture import CaptureStore
+
+        try:
+            capture = CaptureStore(
+                args.capture,
+                settings,
+                headers_only=args.capture_headers_only,
+                max_files=args.capture_max_files,
+                max_bytes=args.capture_max_bytes,
+            )
+        except (OSError, ValueError) as e:
+            print(f"mailpolicy: --capture {args.capture}: {e}", file=sys.stderr)
+            return 2
     delivery = GatewayDelivery(settings, resolver, maildir_root=args.maildir)
 
     async def main() -> int:
@@ -98,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
             store=store,
             listeners=listeners,
             timeout=args.timeout,
+            proxy_protocol=args.proxy_protocol,
+            observer=capture.observer if capture is not None else None,
         )
         try:
             await server.start()
@@ -109,16 +151,15 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         for listener, (host, port) in server.bound:
-            print(
-                f"mailpolicy: {listener.name} listening on {host}:{port}",
-                file=sys.stderr,
-                flush=True,
-            )
+            # A log record, not a print: --log-format json stays one object a line.
+            log.info("%s listening on %s:%s", listener.name, host, port)
         await stop.wait()
         log.info("shutting down")
         await server.stop(grace=args.grace)
         await store.close()
         delivery.ledger.close()
+        if capture is not None:
+            capture.close()
         return 0
 
     return asyncio.run(main())
