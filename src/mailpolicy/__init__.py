@@ -68,6 +68,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "RType",
+    "Replies",
     "Reply",
     "Route",
     "RouteKind",
@@ -79,8 +80,23 @@ __all__ = [
     "evaluate",
     "load_policy",
     "load_settings",
+    "replay_case",
     "settings_from_mapping",
 ]
+
+#: names served by adapters, imported on first use so that ``import
+#: mailpolicy`` (the pure core) never loads aiosmtpd
+_LAZY = {"replay_case": "mailpolicy.adapters.diff", "Replies": "mailpolicy.adapters.diff"}
+
+
+def __getattr__(name: str) -> object:
+    """``mailpolicy.replay_case`` and ``mailpolicy.Replies``: replay a captured
+    session in a test (see docs/replay.md), imported lazily."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mailpolicy' has no attribute {name!r}")
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:

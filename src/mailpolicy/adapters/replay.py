@@ -262,8 +262,11 @@ def build_message(step: Mapping[str, Any]) -> bytes:
 
 
 class _Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+    ) -> None:
         self.reader, self.writer = reader, writer
+        self.timeout = timeout
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -272,7 +275,7 @@ class _Client:
     async def reply(self) -> Reply | None:
         lines: list[str] = []
         while True:
-            raw = await self.reader.readline()
+            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
             if not raw:
                 return None
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -297,7 +300,15 @@ def _is_enhanced(token: str) -> bool:
     return len(parts) == 3 and parts[0] in ("2", "4", "5") and all(p.isdigit() for p in parts)
 
 
-async def run_case(case: Case, *, policy: Policy | None = None) -> list[ReplayReply]:
+#: seconds to wait for one reply; a case whose server waits for more input (a
+#: pipelined DATA that got 354 reads the next commands as message text) ends
+#: with a ``<timeout>`` row instead of hanging
+REPLY_TIMEOUT = 10.0
+
+
+async def run_case(
+    case: Case, *, policy: Policy | None = None, timeout: float = REPLY_TIMEOUT
+) -> list[ReplayReply]:
     """Play ``case`` against the real SMTP server code and return every reply."""
     policy = policy if policy is not None else build_policy(case)
     zone = build_zone(case)
@@ -320,7 +331,7 @@ async def run_case(case: Case, *, policy: Policy | None = None) -> list[ReplayRe
     out: list[ReplayReply] = []
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        c = _Client(reader, writer)
+        c = _Client(reader, writer, timeout)
         try:
             await _play(c, case.steps, client, clock, step_seconds, out)
         finally:
@@ -351,7 +362,11 @@ async def _play(
         return s.replace("{helo}", str(client.get("helo", ""))).replace("{ip}", str(client["ip"]))
 
     async def rec(cmd: str) -> Reply | None:
-        r = await c.reply()
+        try:
+            r = await c.reply()
+        except TimeoutError:
+            out.append(ReplayReply("<timeout>", None, None, f"no reply within {c.timeout:g} s"))
+            return None
         if r is None:
             out.append(ReplayReply("<eof>", None, None, "connection closed by server"))
             return None

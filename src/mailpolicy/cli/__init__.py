@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMANDS: tuple[str, ...] = ("serve", "replay", "route", "hash_password")
+COMMANDS: tuple[str, ...] = ("serve", "replay", "diff", "check", "route", "hash_password")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
         "the real SMTP server code with the case's DNS zone and no network; print one "
         "JSON object per server reply.",
     )
-    p.add_argument("paths", nargs="+", metavar="CASE.json|DIR")
+    p.add_argument("paths", nargs="*", metavar="CASE.json|DIR")
     p.add_argument(
         "--policy",
         metavar="POLICY.toml",
@@ -29,6 +29,24 @@ def register(sub: Any) -> None:
         action="store_true",
         help="compare with NAME.expected.jsonl beside each case (codes and "
         "enhanced codes, as REPLAY.md says); print PASS/FAIL and a summary",
+    )
+    p.add_argument(
+        "--mbox",
+        metavar="FILE",
+        help="instead of cases, judge each message of this mbox file (with --policy) from "
+        "its trace fields; print one JSON line per message (docs/replay.md)",
+    )
+    p.add_argument(
+        "--receiver",
+        metavar="NAME",
+        help="with --mbox: our host name, as in the Received: headers we add "
+        "(default: the host of the topmost Received: header)",
+    )
+    p.add_argument(
+        "--dns",
+        metavar="ZONE.json",
+        help="with --mbox: answer the DNS questions the trace does not from this zone "
+        "(without it they stay unanswered and are listed as missing_dns)",
     )
     p.set_defaults(func=run)
 
@@ -44,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         except PolicyError as e:
             print(f"mailpolicy: {e.report()}", file=sys.stderr)
             return 2
+    if args.mbox or not args.paths:
+        return run_mbox(args, base)
     cases, errors = load_cases(args.paths)
     for err in errors:
         print(f"mailpolicy: {err}", file=sys.stderr)
@@ -87,3 +107,36 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{passed} passed, {failed} failed")
     return 1 if errors or failed else 0
+
+
+def run_mbox(args: argparse.Namespace, base: Any) -> int:
+    """``replay --mbox``: one JSON line per message, a summary on stderr."""
+    from ..adapters.mbox import MboxError, judge_mbox, open_mbox, zone_from_file
+    from ..policy import compile_policy
+
+    if not args.mbox or base is None or args.check:
+        print(
+            "mailpolicy replay: give CASE.json|DIR, or --mbox FILE --policy POLICY.toml "
+            "(--check applies to cases only)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        zone = zone_from_file(args.dns) if args.dns else None
+        box = open_mbox(args.mbox)
+    except MboxError as e:
+        print(f"mailpolicy: {e}", file=sys.stderr)
+        return 2
+    judged = unreadable = 0
+    for verdict in judge_mbox(box, compile_policy(base), zone=zone, receiver=args.receiver):
+        print(json.dumps(verdict.to_json()))
+        if verdict.reason is None:
+            judged += 1
+        else:
+            unreadable += 1
+    print(
+        f"mailpolicy: {judged + unreadable} messages: {judged} judged, "
+        f"{unreadable} without a usable trace",
+        file=sys.stderr,
+    )
+    return 0
