@@ -39,6 +39,7 @@ parser digs the address out of them; we refuse them) and comments.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Iterable
 from typing import Final
@@ -97,6 +98,7 @@ def _truncate_dot(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=8192)
 def _valid_hostname(name: str) -> bool:
     """valid_hostname(), exactly: no trailing dot is allowed here."""
     if not name:

@@ -26,6 +26,7 @@ share, usable as a dictionary key, and equal when the facts are equal.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import operator
 import sys
@@ -252,6 +253,10 @@ class Stage(enum.Enum):
 class RType(enum.Enum):
     """DNS record types the core asks about."""
 
+    # Members are singletons: identity hashing equals Enum's name hashing in
+    # effect, without a Python-level call in every DnsQuery hash.
+    __hash__ = object.__hash__
+
     A = "A"
     AAAA = "AAAA"
     MX = "MX"
@@ -287,7 +292,7 @@ def _lower_name(name: str) -> str:
     return name.lower().rstrip(".")
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class DnsQuery:
     """One DNS question.
 
@@ -301,6 +306,13 @@ class DnsQuery:
 
     def __str__(self) -> str:
         return f"{self.name}/{self.rtype.value}"
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16384)
+    def of(name: str, rtype: RType) -> DnsQuery:
+        """A shared instance: rules ask the same questions at every RCPT, and
+        a shared query is normalised and hashed once (the hash is cached)."""
+        return DnsQuery(name, rtype)
 
 
 @attrs.frozen

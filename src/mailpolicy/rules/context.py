@@ -158,7 +158,7 @@ class Context:
         """Reverse, then forward-confirmed, client host name (Postfix's rules)."""
         ip = self.session.client_ip
         text = self.client_text
-        ptr = self.dns1(DnsQuery(text, RType.PTR))
+        ptr = self.dns1(DnsQuery.of(text, RType.PTR))
         ptr_ev = (f"{text}/PTR", _show(ptr))
         if ptr.outcome.temporary:
             return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, (ptr_ev,))
@@ -170,7 +170,7 @@ class Context:
             # PTR name: the client then has no name at all.
             return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
         rtype = RType.A if ip.version == 4 else RType.AAAA
-        fwd = self.dns1(DnsQuery(reverse, rtype))
+        fwd = self.dns1(DnsQuery.of(reverse, rtype))
         ev = (ptr_ev, (f"{reverse}/{rtype.value}", _show(fwd)))
         if fwd.outcome.temporary:
             status = NameStatus.TEMP

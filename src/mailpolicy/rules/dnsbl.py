@@ -37,7 +37,8 @@ class RejectRblClient:
         return f"security.advanced.dnsbl.{self.zone.zone}"
 
     def check(self, ctx: Context) -> Decision | None:
-        query = DnsQuery(dnsbl_query_name(ctx.client_ip, self.zone.zone), RType.A)
+        # ctx.reversed_client is dnsbl_query_name()'s prefix, computed once per evaluation
+        query = DnsQuery.of(f"{ctx.reversed_client}.{self.zone.zone}", RType.A)
         (result,) = ctx.dns(query)
         if not result.found:
             return None

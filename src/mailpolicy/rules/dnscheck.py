@@ -26,19 +26,19 @@ class Existence(enum.Enum):
 def domain_existence(
     ctx: Context, domain: str, types: tuple[RType, ...] = (RType.MX, RType.A, RType.AAAA)
 ) -> tuple[Existence, tuple[tuple[str, str], ...]]:
-    """Whether ``domain`` has any of ``types``, with the answers relied on."""
-    queries = tuple(DnsQuery(domain, t) for t in types)
+    """Whether ``domain`` has any of ``types``, with the answers relied on
+    (none for ``FOUND``: nothing refuses then, so no evidence is built)."""
+    queries = tuple(DnsQuery.of(domain, t) for t in types)
     results = ctx.dns(*queries)
-    evidence = tuple((str(q), _show(r)) for q, r in zip(queries, results, strict=True))
-    by_type = dict(zip(types, results, strict=True))
-    mx = by_type.get(RType.MX)
-    if mx is not None and mx.null_mx:
-        return Existence.NULL_MX, evidence
-    if any(r.found for r in results):
-        return Existence.FOUND, evidence
-    if any(r.outcome.temporary for r in results):
-        return Existence.TEMPORARY, evidence
-    return Existence.NOT_FOUND, evidence
+    if RType.MX in types and results[types.index(RType.MX)].null_mx:
+        found = Existence.NULL_MX
+    elif any(r.found for r in results):
+        return Existence.FOUND, ()
+    elif any(r.outcome.temporary for r in results):
+        found = Existence.TEMPORARY
+    else:
+        found = Existence.NOT_FOUND
+    return found, tuple((str(q), _show(r)) for q, r in zip(queries, results, strict=True))
 
 
 def _show(result: DnsResult) -> str:
