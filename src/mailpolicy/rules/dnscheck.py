@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import enum
 
-from ..model import DnsQuery, DnsResult, RType
+from ..addresses import Address
+from ..model import DnsQuery, DnsResult, Evidence, RType
+from . import Decision, Outcome, reply
 from .context import Context
+from .relay import real_destination
 
-__all__ = ["Existence", "domain_existence"]
+__all__ = ["Existence", "domain_existence", "reject_unknown_address"]
 
 
 class Existence(enum.Enum):
@@ -39,6 +42,41 @@ def domain_existence(
     else:
         found = Existence.NOT_FOUND
     return found, tuple((str(q), _show(r)) for q, r in zip(queries, results, strict=True))
+
+
+def reject_unknown_address(
+    ctx: Context,
+    rule: str,
+    address: Address | None,
+    kind: str,
+    detail: str,
+    null_mx: tuple[int, str],
+) -> Decision | None:
+    """Postfix's ``reject_unknown_address`` for a sender or a recipient.
+
+    No MX and no A/AAAA: refused with ``replies.unknown_address``; a null MX:
+    refused with ``null_mx``; DNS trouble: deferred unless something else
+    refuses. The address is judged by where it really leads (``a%b@us`` is
+    ``b``'s) and not at all when that is one of our own domains.
+    """
+    if address is None or address.is_null or not address.domain or address.is_literal:
+        return None
+    domain, _ = real_destination(address, ctx.shared)
+    if ctx.is_local_domain(domain) or domain.startswith("["):
+        return None
+    found, dns = domain_existence(ctx, domain)
+    if found is Existence.FOUND:
+        return None
+    ev = (Evidence(kind, address.text, dns=dns),)
+    subject = f"<{address.text}>: {kind.capitalize()} address rejected"
+    if found is Existence.NULL_MX:
+        text = f"{subject}: Domain {domain} does not accept mail (nullMX)"
+        return Decision(Outcome.REJECT, rule, reply(null_mx[0], null_mx[1], text), ev)
+    text = f"{subject}: Domain not found"
+    if found is Existence.TEMPORARY:
+        return Decision(Outcome.DEFER_IF_PERMIT, rule, reply(450, detail, text), ev)
+    code = ctx.settings.replies.unknown_address
+    return Decision(Outcome.REJECT, rule, reply(code, detail, text), ev)
 
 
 def _show(result: DnsResult) -> str:

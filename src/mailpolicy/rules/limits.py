@@ -8,6 +8,8 @@ Trusted and local networks are exempt from the per-client limits.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 
 from ..lookup import NetworkTable
@@ -116,86 +118,54 @@ class MaxHops:
 
 @attrs.frozen
 class _PerClient:
+    """A per-client count over its limit: one check, the subclasses are data
+    (which counter, which reply). Trusted and local networks are exempt."""
+
     limit: int
     exempt: NetworkTable
+    name: str = ""
+    #: the field of Session.counters judged
+    counter: ClassVar[str]
+    code: ClassVar[int]
+    enhanced: ClassVar[str]
+    #: reply text; {host} is our host name, {client} the client address
+    text: ClassVar[str]
 
-    def exempted(self, ctx: Context) -> bool:
-        return bool(self.exempt.matches(ctx.client_ip))
+    def check(self, ctx: Context) -> Decision | None:
+        n: int = getattr(ctx.session.counters, self.counter)
+        if n <= self.limit or self.exempt.contains_key(ctx.client_key):
+            return None
+        text = self.text.format(host=ctx.settings.general.hostname, client=ctx.client_text)
+        return _limit(self.name, self.code, self.enhanced, text, self.counter, n, self.limit)
 
 
 @attrs.frozen
 class MaxConnections(_PerClient):
     name: str = "security.connection_policy.max_connections_per_client"
-
-    def check(self, ctx: Context) -> Decision | None:
-        n = ctx.session.counters.connections
-        if n <= self.limit or self.exempted(ctx):
-            return None
-        host = ctx.settings.general.hostname
-        return _limit(
-            self.name,
-            421,
-            "4.7.0",
-            f"{host} Error: too many connections from {ctx.client_ip}",
-            "connections",
-            n,
-            self.limit,
-        )
+    counter = "connections"
+    code, enhanced = 421, "4.7.0"
+    text = "{host} Error: too many connections from {client}"
 
 
 @attrs.frozen
 class MaxConnectionRate(_PerClient):
     name: str = "security.connection_policy.max_connection_rate_per_client"
-
-    def check(self, ctx: Context) -> Decision | None:
-        n = ctx.session.counters.connection_rate
-        if n <= self.limit or self.exempted(ctx):
-            return None
-        host = ctx.settings.general.hostname
-        return _limit(
-            self.name,
-            421,
-            "4.7.0",
-            f"{host} Error: too many connections from {ctx.client_ip}",
-            "connection_rate",
-            n,
-            self.limit,
-        )
+    counter = "connection_rate"
+    code, enhanced = 421, "4.7.0"
+    text = "{host} Error: too many connections from {client}"
 
 
 @attrs.frozen
 class MaxMessageRate(_PerClient):
     name: str = "security.connection_policy.max_message_rate_per_client"
-
-    def check(self, ctx: Context) -> Decision | None:
-        n = ctx.session.counters.message_rate
-        if n <= self.limit or self.exempted(ctx):
-            return None
-        return _limit(
-            self.name,
-            450,
-            "4.7.1",
-            f"Error: too much mail from {ctx.client_ip}",
-            "message_rate",
-            n,
-            self.limit,
-        )
+    counter = "message_rate"
+    code, enhanced = 450, "4.7.1"
+    text = "Error: too much mail from {client}"
 
 
 @attrs.frozen
 class MaxRecipientRate(_PerClient):
     name: str = "security.connection_policy.max_recipient_rate_per_client"
-
-    def check(self, ctx: Context) -> Decision | None:
-        n = ctx.session.counters.recipient_rate
-        if n <= self.limit or self.exempted(ctx):
-            return None
-        return _limit(
-            self.name,
-            450,
-            "4.7.1",
-            f"Error: too many recipients from {ctx.client_ip}",
-            "recipient_rate",
-            n,
-            self.limit,
-        )
+    counter = "recipient_rate"
+    code, enhanced = 450, "4.7.1"
+    text = "Error: too many recipients from {client}"

@@ -8,8 +8,7 @@ from ..addresses import is_fqdn
 from ..model import Evidence
 from . import Decision, Outcome, reply
 from .context import Context
-from .dnscheck import Existence, domain_existence
-from .relay import real_destination
+from .dnscheck import reject_unknown_address
 
 __all__ = ["AcceptBarePostmaster", "RejectNonFqdnRecipient", "RejectUnknownRecipientDomain"]
 
@@ -49,25 +48,6 @@ class RejectUnknownRecipientDomain:
     name: str = "security.advanced.reject_unknown_recipient_domain"
 
     def check(self, ctx: Context) -> Decision | None:
-        r = ctx.recipient
-        if r is None or not r.domain or r.is_literal:
-            return None
-        # Judged by where the address really leads, as Postfix resolves it.
-        domain, _ = real_destination(r, ctx.shared)
-        if ctx.is_local_domain(domain) or domain.startswith("["):
-            return None
-        found, dns = domain_existence(ctx, domain)
-        ev = (Evidence("recipient", r.text, dns=dns),)
-        subject = f"<{r.text}>: Recipient address rejected"
-        if found is Existence.FOUND:
-            return None
-        if found is Existence.NULL_MX:
-            text = f"{subject}: Domain {domain} does not accept mail (nullMX)"
-            return Decision(Outcome.REJECT, self.name, reply(556, "1.10", text), ev)
-        if found is Existence.TEMPORARY:
-            text = f"{subject}: Domain not found"
-            return Decision(Outcome.DEFER_IF_PERMIT, self.name, reply(450, "1.2", text), ev)
-        code = ctx.settings.replies.unknown_address
-        return Decision(
-            Outcome.REJECT, self.name, reply(code, "1.2", f"{subject}: Domain not found"), ev
+        return reject_unknown_address(
+            ctx, self.name, ctx.recipient, "recipient", "1.2", (556, "1.10")
         )
