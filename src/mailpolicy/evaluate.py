@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .model import ACCEPT, Action, DnsQuery, Envelope, Evidence, Reply, Session, Verdict
-from .rules import Decision, NeedDns, Outcome
+from .rules import SESSION, Decision, NeedDns, Outcome, Rule
 from .rules.context import Context
 
 if TYPE_CHECKING:
@@ -32,6 +32,37 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "lookups"]
 
 _FINAL = {Outcome.REJECT: Action.REJECT, Outcome.DISCARD: Action.DISCARD}
+
+
+_UNSEEN = object()
+#: entries a session's memo may hold (rules x distinct senders in a session)
+_MEMO_LIMIT = 1024
+
+
+def _check(rule: Rule, ctx: Context) -> Decision | None:
+    """``rule.check(ctx)``, reusing a session- or sender-scoped decision made
+    earlier in this session (the facts it read are the same: the session's
+    memo is dropped whenever they change). A rule still waiting for DNS
+    raises NeedDns and nothing is remembered."""
+    scope = getattr(rule, "scope", None)
+    if scope is None:
+        return rule.check(ctx)
+    env = ctx.envelope
+    key: tuple[object, ...] = (
+        (id(rule),) if scope == SESSION else (id(rule), env.sender, env.smtputf8)
+    )
+    memo = ctx.session.memo
+    seen = memo.get(key, _UNSEEN)
+    # the rule object rides along: an id is only unique while its object lives
+    if isinstance(seen, tuple) and seen[0] is rule:
+        decision: Decision | None = seen[1]
+        return decision
+    decision = rule.check(ctx)
+    if len(memo) >= _MEMO_LIMIT:
+        # a session with thousands of transactions: start over, stay bounded
+        memo.clear()
+    memo[key] = (rule, decision)
+    return decision
 
 
 def _verdict(action: Action, d: Decision) -> Verdict:
@@ -66,7 +97,7 @@ def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
             )
         for rule in chain.rules:
             try:
-                d = rule.check(ctx)
+                d = _check(rule, ctx)
             except NeedDns as need:
                 return Verdict(
                     Action.DEFER,
@@ -107,7 +138,7 @@ def lookups(policy: Policy, session: Session, envelope: Envelope) -> frozenset[D
             break
         for rule in chain.rules:
             try:
-                d = rule.check(ctx)
+                d = _check(rule, ctx)
             except NeedDns as need:
                 # Go on: later rules' questions are asked in the same round.
                 needed.update(need.queries)

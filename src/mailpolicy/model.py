@@ -407,14 +407,30 @@ class Session:
     dns: Mapping[DnsQuery, DnsResult] = attrs.field(
         default=None, converter=_freeze_dns, eq=False, hash=False, repr=False
     )
+    #: derived facts and session-level decisions, memoised by the core (see
+    #: evaluate.py); never compared, hashed or shown, and empty in a copy
+    #: whose facts differ
+    memo: dict[object, object] = attrs.field(
+        factory=dict, init=False, eq=False, hash=False, repr=False
+    )
 
     def with_dns(
         self, answers: Mapping[DnsQuery, DnsResult] | Iterable[tuple[DnsQuery, DnsResult]]
     ) -> Session:
-        """A copy that also knows ``answers``."""
+        """A copy that also knows ``answers``.
+
+        What was derived from the facts so far stays valid when answers are
+        only added, so the copy keeps the memo; an answer that replaces a
+        different one starts afresh.
+        """
         merged = dict(self.dns)
-        merged.update(answers)
-        return attrs.evolve(self, dns=merged)
+        added = dict(answers)
+        keep = all(merged.get(q, r) == r for q, r in added.items())
+        merged.update(added)
+        copy = attrs.evolve(self, dns=merged)
+        if keep:
+            copy.memo.update(self.memo)
+        return copy
 
 
 @attrs.frozen

@@ -52,6 +52,16 @@ class Decision:
     evidence: tuple[Evidence, ...] = ()
 
 
+#: What a rule's decision depends on besides the policy, as a class
+#: attribute ``scope`` (default ``"envelope"``): ``"session"`` rules read only
+#: the session (client, HELO, TLS and AUTH state, DNS facts), ``"sender"``
+#: rules also the MAIL FROM address and SMTPUTF8. The engine reuses their
+#: decisions across the RCPTs of a session (Postfix re-judges them at every
+#: RCPT with smtpd_delay_reject; the answer cannot change).
+SESSION = "session"
+SENDER = "sender"
+
+
 class Rule(Protocol):
     """A check. ``name`` is the settings key path that enables it."""
 

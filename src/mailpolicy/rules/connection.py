@@ -6,10 +6,12 @@ The rate and count limits of the same settings table live in
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 
 from ..model import Evidence
-from . import Decision, Outcome, reply
+from . import SESSION, Decision, Outcome, reply
 from .context import ClientName, Context, NameStatus
 
 __all__ = ["RejectUnknownClientHostname", "RejectUnknownReverseClientHostname"]
@@ -34,6 +36,7 @@ def _decide(
 class RejectUnknownReverseClientHostname:
     """The client address has no PTR record."""
 
+    scope: ClassVar[str] = SESSION
     name: str = "security.connection_policy.reject_unknown_reverse_client_hostname"
 
     def check(self, ctx: Context) -> Decision | None:
@@ -45,6 +48,7 @@ class RejectUnknownReverseClientHostname:
 class RejectUnknownClientHostname:
     """No PTR, or its name does not lead back to the client address."""
 
+    scope: ClassVar[str] = SESSION
     name: str = "security.connection_policy.reject_unknown_client_hostname"
 
     def check(self, ctx: Context) -> Decision | None:

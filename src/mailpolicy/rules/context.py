@@ -35,6 +35,10 @@ class Shared:
     inbound_domains: DomainTable
 
 
+#: the session memo's key for the verified client name
+_CLIENT_NAME = ("client_name",)
+
+
 class NameStatus(enum.Enum):
     OK = "ok"
     #: the lookup answered: there is no such name (or it does not match)
@@ -155,7 +159,19 @@ class Context:
 
     @_cached
     def client_name(self) -> ClientName:
-        """Reverse, then forward-confirmed, client host name (Postfix's rules)."""
+        """Reverse, then forward-confirmed, client host name (Postfix's rules).
+
+        Kept in the session's memo: it depends on the session's facts only.
+        """
+        memo = self.session.memo
+        found = memo.get(_CLIENT_NAME)
+        if isinstance(found, ClientName):
+            return found
+        name = self._client_name()
+        memo[_CLIENT_NAME] = name
+        return name
+
+    def _client_name(self) -> ClientName:
         ip = self.session.client_ip
         text = self.client_text
         ptr = self.dns1(DnsQuery.of(text, RType.PTR))

@@ -7,12 +7,13 @@ blocklist must not stop mail.
 from __future__ import annotations
 
 import ipaddress
+from typing import ClassVar
 
 import attrs
 
 from ..model import DnsQuery, Evidence, IPAddress, Reply, RType
 from ..settings import DnsblZone
-from . import Decision, Outcome
+from . import SESSION, Decision, Outcome
 from .context import Context
 
 __all__ = ["RejectRblClient", "dnsbl_query_name"]
@@ -30,6 +31,7 @@ def dnsbl_query_name(ip: IPAddress, zone: str) -> str:
 
 @attrs.frozen
 class RejectRblClient:
+    scope: ClassVar[str] = SESSION
     zone: DnsblZone
 
     @property

@@ -6,11 +6,13 @@ at MAIL, where Postfix says "send HELO/EHLO first".
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 
 from ..addresses import is_fqdn, is_valid_helo, is_valid_ip_literal
 from ..model import Evidence
-from . import Decision, Outcome, reply
+from . import SESSION, Decision, Outcome, reply
 from .context import Context
 from .dnscheck import Existence, domain_existence
 
@@ -43,6 +45,7 @@ class RequireHelo:
 
 @attrs.frozen
 class RejectInvalidHelo:
+    scope: ClassVar[str] = SESSION
     name: str = "security.advanced.reject_invalid_helo"
 
     def check(self, ctx: Context) -> Decision | None:
@@ -61,6 +64,7 @@ class RejectInvalidHelo:
 
 @attrs.frozen
 class RejectNonFqdnHelo:
+    scope: ClassVar[str] = SESSION
     name: str = "security.advanced.reject_non_fqdn_helo"
 
     def check(self, ctx: Context) -> Decision | None:
@@ -82,6 +86,7 @@ class RejectUnknownHelo:
     """A HELO name with no A, AAAA or MX is refused; DNS trouble defers only
     if nothing else refuses. Address literals are not looked up, only checked."""
 
+    scope: ClassVar[str] = SESSION
     name: str = "security.advanced.reject_unknown_helo"
 
     def check(self, ctx: Context) -> Decision | None:

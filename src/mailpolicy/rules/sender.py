@@ -5,11 +5,13 @@ Skipped for the null sender ``<>``, as in Postfix.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 
 from ..addresses import is_fqdn
 from ..model import Evidence
-from . import Decision, Outcome, reply
+from . import SENDER, Decision, Outcome, reply
 from .context import Context
 from .dnscheck import reject_unknown_address
 
@@ -18,6 +20,7 @@ __all__ = ["RejectNonFqdnSender", "RejectUnknownSenderDomain"]
 
 @attrs.frozen
 class RejectNonFqdnSender:
+    scope: ClassVar[str] = SENDER
     name: str = "security.sender_policy.reject_non_fqdn_sender"
 
     def check(self, ctx: Context) -> Decision | None:
@@ -42,6 +45,7 @@ class RejectUnknownSenderDomain:
     """No MX and no A/AAAA: refused; null MX: refused; DNS trouble: deferred
     unless something else refuses. Our own domains are never looked up."""
 
+    scope: ClassVar[str] = SENDER
     name: str = "security.sender_policy.reject_unknown_sender_domain"
 
     def check(self, ctx: Context) -> Decision | None:
