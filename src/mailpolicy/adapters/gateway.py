@@ -6,8 +6,11 @@ What the client is told at the end of DATA (one reply for all recipients):
   message, see :mod:`.ledger`): ``250``;
 * any recipient failed temporarily (a DNS failure, a next hop down or
   answering 4xx, a disk error): ``451``. The client retries; the recipients
-  delivered this time are in the ledger and are skipped then, so nobody gets
-  the message twice;
+  delivered this time are written to the ledger before that answer and are
+  skipped then, so nobody gets the message twice. (Only a crash between a
+  delivery and that answer can make a copy too many: never a lost one.)
+  The ledger is written only for such answers, so the usual message costs
+  no ledger write at all;
 * the rest failed permanently (null MX, no such domain, a next hop's 5xx):
   when nothing was delivered, the first permanent reply, and the client
   bounces the message; when some recipients got it, ``250`` (a refusal would
@@ -91,7 +94,7 @@ class GatewayDelivery:
             elif route.kind is RouteKind.ERROR:
                 error = route.error or Reply(451, "4.3.0", route.reason)
                 (temporary if error.temporary else permanent).append((target, error))
-            elif await self._local(s, digest, target, temporary, permanent):
+            elif await self._local(s, target, temporary, permanent):
                 delivered.append(target)
         for hops, rcpts in by_hops.items():
             result = await relay(
@@ -103,26 +106,30 @@ class GatewayDelivery:
                 local_hostname=self.settings.general.hostname,
                 env=self.env,
             )
-            ok = [o.recipient for o in result if o.delivered]
-            if ok:
-                await self.ledger.record_async(digest, ok)
-            delivered += ok
+            delivered += [o.recipient for o in result if o.delivered]
             for o in result:
                 reply = o.reply or Reply(451, "4.4.0", "delivery failed")
                 if o.temporary:
                     temporary.append((o.recipient, reply))
                 elif o.permanent:
                     permanent.append((o.recipient, reply))
-        reply = await self._answer(s, delivered, done, temporary, permanent)
-        if not reply.temporary:
-            # Final answer: the ledger only bridges a 451 and its retry.
+        try:
+            reply = await self._answer(s, delivered, done, temporary, permanent)
+        except BaseException:
+            # The client will hear a 4xx and retry: remember who has it.
+            await self.ledger.record_async(digest, delivered)
+            raise
+        # The ledger only bridges a 451 and its retry, so it is written only
+        # then: a message that gets its final answer at once costs no write.
+        if reply.temporary:
+            await self.ledger.record_async(digest, delivered)
+        elif done:
             await self.ledger.forget_async(digest)
         return reply
 
     async def _local(
         self,
         s: Submission,
-        digest: str,
         target: str,
         temporary: list[tuple[str, Reply]],
         permanent: list[tuple[str, Reply]],
@@ -137,7 +144,6 @@ class GatewayDelivery:
             log.error("local delivery to %s failed: %s", target, e)
             temporary.append((target, Reply(451, "4.3.0", "Error: queue file write error")))
             return False
-        await self.ledger.record_async(digest, [target])
         return True
 
     async def _answer(

@@ -88,6 +88,8 @@ class DeliveryLedger:
         """Remember that these recipients have the message (committed on return)."""
         now = self.clock()
         rows = [(digest, r.lower(), now) for r in recipients]
+        if not rows:
+            return
         with self._lock:
             self._db.executemany(
                 "INSERT OR REPLACE INTO delivered (digest, recipient, at) VALUES (?, ?, ?)", rows
