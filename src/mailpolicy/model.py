@@ -437,10 +437,11 @@ class Session:
 class MessageFacts:
     """Facts about a received message, known at the end of DATA.
 
-    ``size`` is the message as received (after dot-unstuffing, before the
-    header we add). ``received_headers`` counts ``Received:`` fields already in
-    it. ``largest_attachment`` is the decoded size of the largest MIME part
-    that is an attachment. ``auto_forwarded`` is true for
+    ``size`` is the message as it will be stored: after dot-unstuffing, with
+    the ``Received:`` header we add (Postfix's ``message_size_limit`` counts
+    its queue file, its own header included). ``received_headers`` counts
+    ``Received:`` fields already in it. ``largest_attachment`` is the decoded
+    size of the largest MIME part that is an attachment. ``auto_forwarded`` is true for
     ``Auto-Submitted: auto-forwarded`` or any ``Resent-From``/``Resent-Sender``.
     """
 

@@ -424,8 +424,9 @@ class _Builder:
         user, ok = ex.auth if ex.auth is not None else ("unknown", False)
         r = answer.reply if answer is not None else None
         if r is not None and r.code == 501:
-            # "*" aborts (501 5.7.0); "!" is not base64 (501 5.5.2)
-            return "*" if r.enhanced == "5.7.0" else "!"
+            return "*"  # an aborted exchange (501 5.7.0)
+        if r is not None and r.code == 535 and "Invalid base64" in r.text:
+            return "!"  # data that is not base64
         if kind == "login_user":
             return _b64(user)
         if kind == "login_password":

@@ -68,6 +68,10 @@ _LAST_IN_GROUP = frozenset(
     {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP", "AUTH", "STARTTLS"}
 )
 
+#: Postfix's words for undecodable SASL data (recorded: 535 5.7.8)
+_BAD_INITIAL = "Invalid base64 data in initial response"
+_BAD_CONTINUED = "Invalid base64 data in continued response"
+
 OK_MAIL = Reply(250, "2.1.0", "Ok")
 OK_RCPT = Reply(250, "2.1.5", "Ok")
 TEMP_FAILURE = Reply(451, "4.3.0", "Error: temporary failure, please try again later")
@@ -693,7 +697,7 @@ class PolicySMTP(_AioSMTP):
         try:
             return b64decode(line, validate=True)
         except (binascii.Error, ValueError):
-            await self._say(501, "5.5.2", "Error: cannot decode response")
+            await self._say(535, "5.7.8", "Error: authentication failed: " + _BAD_CONTINUED)
             return None
 
     async def _auth_plain(self, initial: str | None) -> tuple[str, str] | None:
@@ -703,7 +707,7 @@ class PolicySMTP(_AioSMTP):
             try:
                 blob = b64decode(initial, validate=True)
             except (binascii.Error, ValueError):
-                await self._say(501, "5.5.2", "Error: cannot decode response")
+                await self._say(535, "5.7.8", "Error: authentication failed: " + _BAD_INITIAL)
                 return None
         if blob is None:
             return None
@@ -720,7 +724,7 @@ class PolicySMTP(_AioSMTP):
             try:
                 user = b64decode(initial, validate=True)
             except (binascii.Error, ValueError):
-                await self._say(501, "5.5.2", "Error: cannot decode response")
+                await self._say(535, "5.7.8", "Error: authentication failed: " + _BAD_INITIAL)
                 return None
         if user is None:
             return None
@@ -885,12 +889,15 @@ class PolicySMTP(_AioSMTP):
 
     async def _end_of_data(self, content: bytes, size: int) -> None:
         assert self.mp is not None and self.mail_from is not None
-        facts = self._message_facts(content, size)
+        queue_id = _queue_id()
+        received = self._received_header(tuple(self.rcpts), queue_id)
+        # The size judged is the message as we store it, our Received: header
+        # included: Postfix's message_size_limit counts its queue file too.
+        facts = self._message_facts(content, size + len(received))
         envelope = Envelope(
             Stage.END_OF_DATA, sender=self.mail_from, recipients=tuple(self.rcpts), message=facts
         )
         verdict = await self.judge(envelope)
-        queue_id = _queue_id()
         sender, rcpts, discard = self.mail_from, tuple(self.rcpts), self.discard
         self._reset_transaction()
         if verdict.action.refuses:
@@ -910,7 +917,7 @@ class PolicySMTP(_AioSMTP):
             )
             await self.reply(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), discard)
             return
-        message = self._received_header(rcpts, queue_id) + content
+        message = received + content
         try:
             submission = Submission(sender, rcpts, message, content, queue_id, self.mp)
             result = await self.options.delivery.deliver(submission)
