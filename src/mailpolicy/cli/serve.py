@@ -150,9 +150,8 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        for listener, (host, port) in server.bound:
-            # A log record, not a print: --log-format json stays one object a line.
-            log.info("%s listening on %s:%s", listener.name, host, port)
+        # MailServer.start has logged each listener (a log record, so that
+        # --log-format json stays one object a line).
         await stop.wait()
         log.info("shutting down")
         await server.stop(grace=args.grace)
