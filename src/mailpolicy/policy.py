@@ -310,6 +310,10 @@ class Policy:
             return False
         return session.tls or not auth.no_plaintext_without_tls
 
+    def has_account(self, user: str) -> bool:
+        """Whether ``[accounts.USER]`` exists."""
+        return user in self._passwords
+
     def check_password(self, user: str, password: str) -> bool:
         """Verify a login. Deliberately slow (scrypt): call it off the event loop."""
         stored = self._passwords.get(user)

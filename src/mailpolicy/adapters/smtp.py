@@ -257,6 +257,11 @@ class PolicySMTP(_AioSMTP):
     async def _say(self, code: int, enhanced: str | None, text: str) -> None:
         await self.reply(Reply(code, enhanced, text))
 
+    async def _refuse(self, r: Reply, rule: str) -> None:
+        """A refusal the adapter decides from a setting: named like the core's."""
+        action = Action.DEFER if r.temporary else Action.REJECT
+        await self.reply(r, Verdict(action, r, rule))
+
     def _log_decision(self, stage: Stage, verdict: Verdict, **facts: object) -> None:
         assert self.mp is not None
         fields: dict[str, object] = {
@@ -580,7 +585,13 @@ class PolicySMTP(_AioSMTP):
     async def cmd_auth(self, arg: str) -> None:
         assert self.mp is not None
         if not self.policy.auth_offered(self.mp):
-            await self._say(503, "5.5.1", "Error: authentication not enabled")
+            auth = self.policy.settings.general.smtp_auth
+            why = (
+                "general.smtp_auth.no_plaintext_without_tls"
+                if auth.enabled and self.policy.settings.accounts and not self.mp.tls
+                else "general.smtp_auth.enabled"
+            )
+            await self._refuse(Reply(503, "5.5.1", "Error: authentication not enabled"), why)
             return
         if self.mp.auth_user is not None:
             await self._say(503, "5.5.1", "Error: already authenticated")
@@ -628,7 +639,10 @@ class PolicySMTP(_AioSMTP):
                     }
                 },
             )
-            await self._say(535, "5.7.8", "Error: authentication failed: authentication failure")
+            await self._refuse(
+                Reply(535, "5.7.8", "Error: authentication failed: authentication failure"),
+                f"accounts.{user}" if self.policy.has_account(user) else "accounts",
+            )
             return
         self.mp = attrs.evolve(self.mp, auth_user=user)
         await self._say(235, "2.7.0", "Authentication successful")
@@ -651,7 +665,10 @@ class PolicySMTP(_AioSMTP):
             failures = limit  # fail closed
         if failures < limit:
             return False
-        await self._say(421, "4.7.0", f"{self.hostname} Error: too many failed authentications")
+        await self._refuse(
+            Reply(421, "4.7.0", f"{self.hostname} Error: too many failed authentications"),
+            "server.max_auth_failures_per_client",
+        )
         self._close()
         return True
 
@@ -683,7 +700,10 @@ class PolicySMTP(_AioSMTP):
                 }
             },
         )
-        await self._say(421, "4.7.0", f"{self.hostname} Error: too many failed authentications")
+        await self._refuse(
+            Reply(421, "4.7.0", f"{self.hostname} Error: too many failed authentications"),
+            "server.max_auth_failures_per_client",
+        )
         self._close()
         return True
 
