@@ -327,6 +327,10 @@ class DnsResult:
     outcome: DnsOutcome
     records: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
+    def __str__(self) -> str:
+        """The records, or the outcome when there are none (for evidence and logs)."""
+        return ",".join(self.records) if self.records else self.outcome.value
+
     @classmethod
     def answer(cls, *records: str) -> DnsResult:
         return cls(DnsOutcome.ANSWER, records)

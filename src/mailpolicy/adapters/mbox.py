@@ -509,12 +509,8 @@ class MessageVerdict:
         }
         out["derived"] = {k: f.to_json() for k, f in t.facts.items()}
         if t.dns:
-            out["dns_from_trace"] = {str(q): _show(r) for q, r in t.dns.items()}
+            out["dns_from_trace"] = {str(q): str(r) for q, r in t.dns.items()}
         return out
-
-
-def _show(result: DnsResult) -> str:
-    return ",".join(result.records) if result.records else result.outcome.value
 
 
 def _judge(

@@ -150,8 +150,9 @@ class Context:
 
     @_cached
     def reversed_client(self) -> str:
-        """The client address as a DNSBL query prefix (``10.2.0.192``, or
-        nibbles for IPv6), as :func:`~.dnsbl.dnsbl_query_name` makes it."""
+        """The client address as a DNSBL query prefix (RFC 5782): ``10.2.0.192``
+        for 192.0.2.10, nibbles in reverse for IPv6; an IPv4-mapped client is
+        its IPv4 address."""
         version, value = self.client_key
         if version == 4:
             return ".".join(reversed(_v4_text(value).split(".")))
@@ -175,7 +176,7 @@ class Context:
         ip = self.session.client_ip
         text = self.client_text
         ptr = self.dns1(DnsQuery.of(text, RType.PTR))
-        ptr_ev = (f"{text}/PTR", _show(ptr))
+        ptr_ev = (f"{text}/PTR", str(ptr))
         if ptr.outcome.temporary:
             return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, (ptr_ev,))
         if not ptr.found:
@@ -187,7 +188,7 @@ class Context:
             return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
         rtype = RType.A if ip.version == 4 else RType.AAAA
         fwd = self.dns1(DnsQuery.of(reverse, rtype))
-        ev = (ptr_ev, (f"{reverse}/{rtype.value}", _show(fwd)))
+        ev = (ptr_ev, (f"{reverse}/{rtype.value}", str(fwd)))
         if fwd.outcome.temporary:
             status = NameStatus.TEMP
         elif fwd.found and any(r == text or _same_ip(r, ip) for r in fwd.records):
@@ -256,9 +257,3 @@ def _same_ip(text: str, ip: IPAddress) -> bool:
         return ipaddress.ip_address(text) == ip
     except ValueError:
         return False
-
-
-def _show(result: DnsResult) -> str:
-    if result.records:
-        return ",".join(result.records)
-    return result.outcome.value

@@ -6,27 +6,16 @@ blocklist must not stop mail.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import ClassVar
 
 import attrs
 
-from ..model import DnsQuery, Evidence, IPAddress, Reply, RType
+from ..model import DnsQuery, Evidence, Reply, RType
 from ..settings import DnsblZone
 from . import SESSION, Decision, Outcome
 from .context import Context
 
-__all__ = ["RejectRblClient", "dnsbl_query_name"]
-
-
-def dnsbl_query_name(ip: IPAddress, zone: str) -> str:
-    """``192.0.2.10`` in ``bl.example`` is ``10.2.0.192.bl.example``; IPv6
-    addresses are reversed nibble by nibble (RFC 5782)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    rev = ip.reverse_pointer
-    suffix = ".in-addr.arpa" if ip.version == 4 else ".ip6.arpa"
-    return f"{rev.removesuffix(suffix)}.{zone}"
+__all__ = ["RejectRblClient"]
 
 
 @attrs.frozen
@@ -39,7 +28,8 @@ class RejectRblClient:
         return f"security.advanced.dnsbl.{self.zone.zone}"
 
     def check(self, ctx: Context) -> Decision | None:
-        # ctx.reversed_client is dnsbl_query_name()'s prefix, computed once per evaluation
+        # 192.0.2.10 in bl.example is 10.2.0.192.bl.example; IPv6 nibble by
+        # nibble (RFC 5782). The reversed address is computed once per evaluation.
         query = DnsQuery.of(f"{ctx.reversed_client}.{self.zone.zone}", RType.A)
         (result,) = ctx.dns(query)
         if not result.found:
@@ -52,7 +42,7 @@ class RejectRblClient:
                 "client",
                 str(ctx.client_ip),
                 matched=str(self.zone),
-                dns=((str(query), ",".join(result.records)),),
+                dns=((str(query), str(result)),),
             ),
         )
         return Decision(Outcome.REJECT, self.name, Reply(554, "5.7.1", text), ev)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 
 from ..addresses import Address
-from ..model import DnsQuery, DnsResult, Evidence, RType
+from ..model import DnsQuery, Evidence, RType
 from . import Decision, Outcome, reply
 from .context import Context
 from .relay import real_destination
@@ -41,7 +41,7 @@ def domain_existence(
         found = Existence.TEMPORARY
     else:
         found = Existence.NOT_FOUND
-    return found, tuple((str(q), _show(r)) for q, r in zip(queries, results, strict=True))
+    return found, tuple((str(q), str(r)) for q, r in zip(queries, results, strict=True))
 
 
 def reject_unknown_address(
@@ -77,7 +77,3 @@ def reject_unknown_address(
         return Decision(Outcome.DEFER_IF_PERMIT, rule, reply(450, detail, text), ev)
     code = ctx.settings.replies.unknown_address
     return Decision(Outcome.REJECT, rule, reply(code, detail, text), ev)
-
-
-def _show(result: DnsResult) -> str:
-    return ",".join(result.records) if result.records else result.outcome.value
