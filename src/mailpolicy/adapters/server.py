@@ -24,13 +24,12 @@ from ..settings import Settings
 from .dns import Resolver
 from .smtp import (
     AcceptAllDelivery,
-    CounterStore,
     Delivery,
     PolicySMTP,
     ServerOptions,
     SessionObserver,
 )
-from .state import MemoryStore
+from .state import MemoryStore, StateStore
 
 __all__ = ["Listener", "MailServer", "listeners_from_settings", "parse_hostport", "tls_context"]
 
@@ -100,7 +99,7 @@ class MailServer:
         resolver: Resolver,
         *,
         delivery: Delivery | None = None,
-        store: CounterStore | None = None,
+        store: StateStore | None = None,
         listeners: list[Listener] | None = None,
         tls: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
@@ -117,7 +116,7 @@ class MailServer:
         self.delivery = delivery if delivery is not None else AcceptAllDelivery()
         # Counted in memory unless told otherwise: a server without a store
         # would silently drop every connection, rate and AUTH limit.
-        self.store: CounterStore = store if store is not None else MemoryStore()
+        self.store: StateStore = store if store is not None else MemoryStore()
         self.clock = clock
         self.timeout = timeout
         self.proxy_protocol = proxy_protocol

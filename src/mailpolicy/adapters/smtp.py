@@ -45,6 +45,7 @@ from ..model import (
 )
 from ..policy import Policy
 from .dns import Resolver
+from .state import HitKind, StateStore
 
 __all__ = [
     "AcceptAllDelivery",
@@ -115,18 +116,6 @@ class AcceptAllDelivery:
         return Reply(250, "2.0.0", f"Ok: queued as {submission.queue_id}")
 
 
-class CounterStore(Protocol):
-    """The part of a state store the server uses (see adapters.state)."""
-
-    async def connection_opened(self, client: str, now: float, window: int) -> tuple[int, int]: ...
-
-    async def connection_closed(self, client: str) -> None: ...
-
-    async def hit(self, kind: Any, client: str, now: float, window: int) -> int: ...
-
-    async def peek(self, kind: Any, client: str, now: float, window: int) -> int: ...
-
-
 @attrs.frozen
 class ReplyRecord:
     """A reply as sent, and the verdict behind it (for replay and logs)."""
@@ -175,7 +164,7 @@ class ServerOptions:
 
     resolver: Resolver
     delivery: Delivery = attrs.field(factory=AcceptAllDelivery)
-    store: CounterStore | None = None
+    store: StateStore | None = None
     clock: Callable[[], float] = time.time
     tls_context: ssl.SSLContext | None = None
     #: the listener is implicit TLS (port 465): AUTH may be offered at once
@@ -294,7 +283,7 @@ class PolicySMTP(_AioSMTP):
             log.exception("policy evaluation failed at %s", envelope.stage.value)
             return Verdict(Action.DEFER, TEMP_FAILURE, "internal.error")
 
-    async def _count(self, kind: str, limit: int) -> int:
+    async def _count(self, kind: HitKind, limit: int) -> int:
         """Count this event in the state store when its limit is enabled."""
         store = self.options.store
         if store is None or limit <= 0:
@@ -617,13 +606,13 @@ class PolicySMTP(_AioSMTP):
         if creds is None:
             return
         user, password = creds
-        if await self._auth_locked_out():
+        if await self._auth_lockout(failed=False):
             return
         ok = await asyncio.to_thread(self.policy.check_password, user, password)
         if self.observer is not None:
             self.observer.authenticated(user, ok)
         if not ok:
-            if await self._too_many_auth_failures():
+            if await self._auth_lockout(failed=True):
                 return
             # The password never reaches a log: only the user name does.
             decisions.info(
@@ -647,53 +636,37 @@ class PolicySMTP(_AioSMTP):
         self.mp = attrs.evolve(self.mp, auth_user=user)
         await self._say(235, "2.7.0", "Authentication successful")
 
-    async def _auth_locked_out(self) -> bool:
-        """Past the failure limit no password is even checked (no more guesses),
-        for the rest of the rate window, on any connection of this client."""
+    async def _auth_lockout(self, *, failed: bool) -> bool:
+        """The AUTH failure limit, per client and rate window, on any connection.
+
+        Before a password is checked (``failed=False``) the failures so far
+        are only looked at: once ``limit`` of them are counted, no password
+        is checked any more (no more guesses). After a failure it is counted
+        first. Past the limit: 421 and hang up. A store outage fails closed.
+        """
         assert self.mp is not None
         limit = self.policy.settings.server.max_auth_failures_per_client
         store = self.options.store
         if store is None or limit <= 0:
             return False
         window = self.policy.settings.security.connection_policy.rate_window_seconds
+        client, now = str(self.mp.client_ip), self.options.clock()
         try:
-            failures = await store.peek(
-                "auth_failure", str(self.mp.client_ip), self.options.clock(), window
-            )
+            if failed:
+                over = await store.hit("auth_failure", client, now, window) > limit
+            else:
+                over = await store.peek("auth_failure", client, now, window) >= limit
         except Exception:
-            log.exception("state store failed reading AUTH failures")
-            failures = limit  # fail closed
-        if failures < limit:
-            return False
-        await self._refuse(
-            Reply(421, "4.7.0", f"{self.hostname} Error: too many failed authentications"),
-            "server.max_auth_failures_per_client",
-        )
-        self._close()
-        return True
-
-    async def _too_many_auth_failures(self) -> bool:
-        """Count a failed AUTH; past the limit, 421 and hang up (password guessing)."""
-        assert self.mp is not None
-        limit = self.policy.settings.server.max_auth_failures_per_client
-        if self.options.store is None or limit <= 0:
-            return False
-        window = self.policy.settings.security.connection_policy.rate_window_seconds
-        try:
-            n = await self.options.store.hit(
-                "auth_failure", str(self.mp.client_ip), self.options.clock(), window
-            )
-        except Exception:
-            log.exception("state store failed counting AUTH failures")
-            n = limit + 1  # fail closed: a store outage must not open guessing
-        if n <= limit:
+            log.exception("state store failed with AUTH failures")
+            over = True  # fail closed: a store outage must not open guessing
+        if not over:
             return False
         decisions.warning(
             "too many AUTH failures from %s",
-            self.mp.client_ip,
+            client,
             extra={
                 "decision": {
-                    "client": str(self.mp.client_ip),
+                    "client": client,
                     "stage": "auth",
                     "action": "defer",
                     "rule": "server.max_auth_failures_per_client",
