@@ -203,7 +203,7 @@ import asyncio, json, signal, sys
 from mailpolicy import load_policy
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.server import Listener, MailServer
-from mailpolicy.adapters.smtp import AcceptAllDelivery
+from mailpolicy.adapters.driver import AcceptAllDelivery
 
 class Drop(AcceptAllDelivery):
     async def deliver(self, submission):

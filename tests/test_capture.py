@@ -30,8 +30,8 @@ from mailpolicy.adapters.dns import LiveResolver, StaticZone
 from mailpolicy.adapters.dnsserver import ZoneServer
 from mailpolicy.adapters.replay import load_case, run_case
 from mailpolicy.adapters.server import Listener, MailServer
-from mailpolicy.adapters.smtp import ReplyRecord
 from mailpolicy.config import load_settings, settings_from_mapping
+from mailpolicy.dialogue import ReplyRecord
 from mailpolicy.model import Reply, Session
 from mailpolicy.passwords import hash_password
 from mailpolicy.policy import compile_policy

@@ -35,6 +35,7 @@ from aiosmtpd.controller import Controller
 
 from mailpolicy.adapters.dns import LiveResolver, Resolver, StaticZone
 from mailpolicy.adapters.dnsserver import ZoneServer
+from mailpolicy.adapters.driver import AcceptAllDelivery
 from mailpolicy.adapters.gateway import GatewayDelivery
 from mailpolicy.adapters.replay import (
     DEFAULT_NOW,
@@ -47,7 +48,6 @@ from mailpolicy.adapters.replay import (
     load_cases,
 )
 from mailpolicy.adapters.server import Listener, MailServer
-from mailpolicy.adapters.smtp import AcceptAllDelivery
 from mailpolicy.adapters.state import MemoryStore
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.passwords import hash_password

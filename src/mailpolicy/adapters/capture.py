@@ -62,6 +62,7 @@ from typing import Any
 
 import attrs
 
+from ..dialogue import ReplyRecord
 from ..model import DnsQuery, DnsResult, Reply, RType, Session
 from ..settings import (
     DeliveryException,
@@ -70,8 +71,8 @@ from ..settings import (
     Settings,
 )
 from .dns import StaticZone, ZoneError
+from .driver import SessionObserver
 from .replay import build_message
-from .smtp import ReplyRecord, SessionObserver
 
 __all__ = [
     "CaptureStore",

@@ -28,6 +28,7 @@ import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from ..dialogue import Submission
 from ..model import IPAddress, NextHop, Reply, RouteKind
 from ..settings import Settings
 from .dns import Resolver
@@ -35,7 +36,6 @@ from .ledger import DeliveryLedger, message_digest
 from .maildir import MaildirDelivery
 from .relay import relay
 from .routing import resolve_routes
-from .smtp import Submission
 
 __all__ = ["GatewayDelivery"]
 

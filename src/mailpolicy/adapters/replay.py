@@ -2,10 +2,13 @@
 
 A case is one session, the world it happens in (a static DNS zone, the
 client's address and HELO name, a clock) and the policy that judges it.
-:func:`run_case` starts the real :class:`~.smtp.PolicySMTP` server on a
-loopback port, plays the case's steps with a small SMTP client, and returns
-every reply in order, each with the rule that decided it. No network is
-used: DNS answers come from the case's zone.
+:func:`run_case` runs the server's own dialogue
+(:class:`~mailpolicy.dialogue.Connection`, driven by the same
+:func:`~.driver.run_connection` loop as ``mailpolicy serve``) over an
+in-memory pipe, plays the case's steps with a small SMTP client, and returns
+every reply in order, each with the rule that decided it. No socket and no
+network are used: DNS answers come from the case's zone, so a replay runs
+even where no network interface is up.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from typing import Any
 import attrs
 
 from ..config import PolicyError, settings_from_mapping
+from ..dialogue import Connection, ReplyRecord
 from ..model import Reply
 from ..passwords import hash_password
 from ..policy import Policy, compile_policy
 from ..settings import Account, Settings
 from .dns import StaticZone, ZoneError
-from .smtp import AcceptAllDelivery, PolicySMTP, ReplyRecord, ServerOptions
+from .driver import AcceptAllDelivery, Services, _Shutdown, run_connection
 from .state import MemoryStore
 
 __all__ = [
@@ -261,27 +265,105 @@ def build_message(step: Mapping[str, Any]) -> bytes:
     return (stuffed + "\r\n.\r\n").encode("utf-8")
 
 
+class _Pipe:
+    """Both ends of an in-memory SMTP connection, on one event loop."""
+
+    def __init__(self) -> None:
+        self.to_server = bytearray()
+        self.to_client = bytearray()
+        self.client_closed = False
+        self.server_closed = False
+        #: the server is waiting for input
+        self.server_waiting = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def notify(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await asyncio.wait_for(waiter, timeout)
+
+
+class _ServerEnd:
+    """The server's side of the pipe (a :class:`~.driver.Channel`)."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+
+    async def read(self, timeout: float | None) -> bytes | _Shutdown | None:
+        pipe = self.pipe
+        while not pipe.to_server and not pipe.client_closed:
+            pipe.server_waiting = True
+            pipe.notify()
+            try:
+                await pipe.wait()
+            finally:
+                pipe.server_waiting = False
+        data = bytes(pipe.to_server)
+        pipe.to_server.clear()
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.pipe.to_client += data
+        self.pipe.notify()
+
+    async def start_tls(self) -> bool:
+        return False  # replay has no TLS: a case says "tls": true instead
+
+    def close(self) -> None:
+        self.pipe.server_closed = True
+        self.pipe.notify()
+
+
 class _Client:
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
-    ) -> None:
-        self.reader, self.writer = reader, writer
+    """The client's side: sends bytes, reads whole replies."""
+
+    def __init__(self, pipe: _Pipe, timeout: float) -> None:
+        self.pipe = pipe
         self.timeout = timeout
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        self.pipe.to_server += data
+        self.pipe.notify()
+
+    def close(self) -> None:
+        self.pipe.client_closed = True
+        self.pipe.notify()
+
+    def _take_reply(self) -> list[str] | None:
+        buf = self.pipe.to_client
+        lines: list[str] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                return None
+            line = buf[start:end].decode("utf-8", "replace").rstrip("\r")
+            lines.append(line)
+            start = end + 1
+            if len(line) < 4 or line[3] != "-":
+                del buf[:start]
+                return lines
 
     async def reply(self) -> Reply | None:
-        lines: list[str] = []
+        """The next reply; None when the server closed; TimeoutError when
+        the server waits for input instead of answering (a DATA that got 354
+        reads the following commands as message text)."""
+        pipe = self.pipe
         while True:
-            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            if not raw:
-                return None
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            lines.append(line)
-            if len(line) < 4 or line[3] != "-":
+            lines = self._take_reply()
+            if lines is not None:
                 break
+            if pipe.server_closed:
+                return None
+            if pipe.server_waiting and not pipe.to_server:
+                raise TimeoutError("the server waits for more input")
+            await pipe.wait(self.timeout)
         code = int(lines[0][:3]) if lines[0][:3].isdigit() else 0
         enhanced: str | None = None
         texts = []
@@ -309,38 +391,34 @@ REPLY_TIMEOUT = 10.0
 async def run_case(
     case: Case, *, policy: Policy | None = None, timeout: float = REPLY_TIMEOUT
 ) -> list[ReplayReply]:
-    """Play ``case`` against the real SMTP server code and return every reply."""
+    """Play ``case`` through the server's dialogue and return every reply."""
     policy = policy if policy is not None else build_policy(case)
     zone = build_zone(case)
     client = case.client
     clock = _Clock(float(case.data.get("now", DEFAULT_NOW)))
     step_seconds = float(case.data.get("step_seconds", 0))
     records: list[ReplyRecord] = []
-    options = ServerOptions(
+    services = Services(
         resolver=zone,
         delivery=AcceptAllDelivery(),
         store=MemoryStore(),
         clock=clock,
-        implicit_tls=bool(client.get("tls")),
-        client_address=str(client["ip"]),
         on_reply=records.append,
     )
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: PolicySMTP(policy, options), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    conn = Connection(policy, str(client["ip"]), tls=bool(client.get("tls")))
+    pipe = _Pipe()
+    server = asyncio.get_running_loop().create_task(
+        run_connection(conn, _ServerEnd(pipe), services)
+    )
     out: list[ReplayReply] = []
+    c = _Client(pipe, timeout)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        c = _Client(reader, writer, timeout)
-        try:
-            await _play(c, case.steps, client, clock, step_seconds, out)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
+        await _play(c, case.steps, client, clock, step_seconds, out)
     finally:
-        server.close()
-        await server.wait_closed()
+        c.close()
+        # on a timeout wait_for cancels it: a server stuck on a service
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server, timeout)
     # Pair the replies the client saw with the verdicts the server recorded.
     return [attrs.evolve(r, rule=_rule_of(records, i)) for i, r in enumerate(out)]
 

@@ -1,8 +1,9 @@
 """Listeners for ``mailpolicy serve``: plain + STARTTLS, submission, implicit TLS.
 
 :class:`MailServer` binds every listener the policy's ``[server]`` table
-names (or one ``--listen`` address), runs a :class:`~.smtp.PolicySMTP` per
-connection, and shuts down gracefully: it stops accepting, tells idle clients
+names (or one ``--listen`` address), runs a pure
+:class:`~mailpolicy.dialogue.Connection` per connection through
+:class:`~.transport.SmtpProtocol`, and shuts down gracefully: it stops accepting, tells idle clients
 ``421`` and lets sessions that are receiving or delivering a message finish
 (within a grace period), so a message is never cut off between our ``250``
 and the disk.
@@ -22,14 +23,9 @@ import attrs
 from ..policy import Policy
 from ..settings import Settings
 from .dns import Resolver
-from .smtp import (
-    AcceptAllDelivery,
-    Delivery,
-    PolicySMTP,
-    ServerOptions,
-    SessionObserver,
-)
+from .driver import AcceptAllDelivery, Delivery, Services, SessionObserver
 from .state import MemoryStore, StateStore
+from .transport import SmtpProtocol
 
 __all__ = ["Listener", "MailServer", "listeners_from_settings", "parse_hostport", "tls_context"]
 
@@ -112,44 +108,45 @@ class MailServer:
             listeners if listeners is not None else listeners_from_settings(policy.settings)
         )
         self.tls = tls if tls is not None else tls_context(policy.settings)
-        self.resolver = resolver
-        self.delivery = delivery if delivery is not None else AcceptAllDelivery()
         # Counted in memory unless told otherwise: a server without a store
         # would silently drop every connection, rate and AUTH limit.
-        self.store: StateStore = store if store is not None else MemoryStore()
-        self.clock = clock
-        self.timeout = timeout
+        self.services = Services(
+            resolver=resolver,
+            delivery=delivery if delivery is not None else AcceptAllDelivery(),
+            store=store if store is not None else MemoryStore(),
+            clock=clock,
+            timeout=timeout,
+        )
         self.proxy_protocol = proxy_protocol
         #: makes a per-connection observer (``serve --capture``), or None
         self.observer = observer
-        self.sessions: set[PolicySMTP] = set()
+        self.sessions: set[SmtpProtocol] = set()
         self._servers: list[asyncio.Server] = []
         #: (listener, the address actually bound: port 0 becomes a real port)
         self.bound: list[tuple[Listener, tuple[str, int]]] = []
 
-    def _options(self, listener: Listener) -> ServerOptions:
-        return ServerOptions(
-            resolver=self.resolver,
-            delivery=self.delivery,
-            store=self.store,
-            clock=self.clock,
-            tls_context=self.tls,
-            implicit_tls=listener.tls == "implicit",
-            # Behind a proxy the PROXY line comes in clear, before the TLS
-            # handshake: the connection is wrapped after reading it.
-            tls_after_proxy=listener.tls == "implicit" and self.proxy_protocol,
-            timeout=self.timeout,
-            proxy_protocol=self.proxy_protocol,
-            observer=self.observer,
-        )
+    @property
+    def store(self) -> StateStore:
+        return self.services.store
 
-    def _factory(self, listener: Listener) -> Callable[[], PolicySMTP]:
-        options = self._options(listener)
+    @property
+    def delivery(self) -> Delivery:
+        return self.services.delivery
 
-        def make() -> PolicySMTP:
-            proto = PolicySMTP(self.policy, options)
+    def _factory(self, listener: Listener) -> Callable[[], SmtpProtocol]:
+        implicit = listener.tls == "implicit"
+
+        def make() -> SmtpProtocol:
+            proto = SmtpProtocol(
+                lambda: self.policy,
+                self.services,
+                tls_context=self.tls,
+                implicit_tls=implicit,
+                proxy_protocol=self.proxy_protocol,
+                observer=self.observer,
+                on_close=self.sessions.discard,
+            )
             self.sessions.add(proto)
-            proto.on_close = self.sessions.discard
             return proto
 
         return make
@@ -161,11 +158,7 @@ class MailServer:
             if listener.tls == "implicit" and self.tls is None:
                 raise ValueError(f"{listener.name}: implicit TLS needs server.tls_cert and tls_key")
             server = await loop.create_server(
-                self._factory(listener),
-                listener.host,
-                listener.port,
-                ssl=self.tls if listener.tls == "implicit" and not self.proxy_protocol else None,
-                reuse_address=True,
+                self._factory(listener), listener.host, listener.port, reuse_address=True
             )
             self._servers.append(server)
             for sock in server.sockets:
@@ -196,10 +189,11 @@ class MailServer:
             server.close()
         for session in list(self.sessions):
             if not session.busy:
-                await session.shut_down()
-        deadline = asyncio.get_running_loop().time() + grace
+                session.request_stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         while any(s.busy for s in self.sessions):
-            if asyncio.get_running_loop().time() > deadline:
+            if loop.time() > deadline:
                 log.warning(
                     "shutdown grace period over; closing %d busy sessions",
                     sum(1 for s in self.sessions if s.busy),
@@ -207,7 +201,15 @@ class MailServer:
                 break
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
-            await session.shut_down()
+            session.request_stop()
+        # a session stuck in delivery or DNS gets a moment, then is cut off
+        waits = [asyncio.ensure_future(s.wait_closed()) for s in list(self.sessions)]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=1.0)
+            for session in list(self.sessions):
+                session.abort()
+            for w in pending:
+                w.cancel()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

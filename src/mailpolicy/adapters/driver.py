@@ -1,0 +1,289 @@
+"""The host loop: drives a pure :class:`~mailpolicy.dialogue.Connection` with
+real services (a resolver, a counter store, password checks, delivery).
+
+One loop serves every way in: ``mailpolicy serve`` runs it over a socket
+(:mod:`.transport`), replay over an in-memory pipe (:mod:`.replay`), so what
+replay prints is what a client of the server would see. The loop answers each
+need of the dialogue, writes each reply, logs each decision and tells an
+optional :class:`SessionObserver` (``serve --capture``) what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+from ..dialogue import (
+    NEED_DATA,
+    Authenticated,
+    CheckPassword,
+    Close,
+    CommandReceived,
+    Connection,
+    Decided,
+    Deliver,
+    MessageReceived,
+    NeedCount,
+    NeedDns,
+    NeedStamp,
+    ReplyRecord,
+    Send,
+    Stamp,
+    StartTls,
+    Submission,
+    TlsStarted,
+)
+from ..model import Action, Reply, Session, Stage
+from .dns import Resolver
+from .state import MemoryStore, StateStore
+
+__all__ = [
+    "SHUTDOWN",
+    "AcceptAllDelivery",
+    "Channel",
+    "Delivery",
+    "ReplyRecord",
+    "Services",
+    "SessionObserver",
+    "Submission",
+    "new_queue_id",
+    "run_connection",
+]
+
+log = logging.getLogger("mailpolicy.smtp")
+decisions = logging.getLogger("mailpolicy.decisions")
+
+
+class Delivery(Protocol):
+    """Where accepted messages go. Return the reply for the end of DATA:
+    250 only once the message is safe; 4xx makes the client retry."""
+
+    async def deliver(self, submission: Submission) -> Reply: ...
+
+
+class AcceptAllDelivery:
+    """Accept and drop (Postfix's ``discard`` transport): for replay and tests.
+
+    Keeps what it was given in ``messages`` so tests can look at it.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[Submission] = []
+
+    async def deliver(self, submission: Submission) -> Reply:
+        self.messages.append(submission)
+        return Reply(250, "2.0.0", f"Ok: queued as {submission.queue_id}")
+
+
+class SessionObserver(Protocol):
+    """Sees one connection as it happens (:mod:`.capture` records sessions).
+
+    It is told each command line as received (``pending``: more input had
+    already arrived, i.e. the client pipelined), each reply, the AUTH user and
+    outcome, the message, STARTTLS and the session's end. A password never
+    reaches it: AUTH arguments are redacted and SASL responses not passed.
+    """
+
+    def connected(self, session: Session, now: float) -> None: ...
+
+    def command(self, line: str, pending: bool) -> None: ...
+
+    def reply(self, record: ReplyRecord) -> None: ...
+
+    def authenticated(self, user: str, ok: bool) -> None: ...
+
+    def message(self, content: bytes, size: int) -> None: ...
+
+    def tls_started(self) -> None: ...
+
+    def closed(self, session: Session | None) -> None: ...
+
+
+class _Shutdown:
+    def __repr__(self) -> str:
+        return "SHUTDOWN"
+
+
+#: what :meth:`Channel.read` returns when the server asks the session to end
+SHUTDOWN = _Shutdown()
+
+
+class Channel(Protocol):
+    """The byte stream to the client, as the loop needs it."""
+
+    async def read(self, timeout: float | None) -> bytes | _Shutdown | None:
+        """Bytes from the client, ``b""`` at its end of input, ``None`` when
+        ``timeout`` seconds passed without any, :data:`SHUTDOWN` when the
+        server is stopping."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the client (never blocks)."""
+        ...
+
+    async def start_tls(self) -> bool:
+        """The server side of a TLS handshake; False when it failed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+_queue_ids = itertools.count(1)
+
+
+def new_queue_id() -> str:
+    """A queue id: random, unique in this process."""
+    return f"{secrets.token_hex(4).upper()}{next(_queue_ids):X}"
+
+
+@attrs.define
+class Services:
+    """What the loop answers a connection's needs with."""
+
+    resolver: Resolver
+    delivery: Delivery = attrs.field(factory=AcceptAllDelivery)
+    store: StateStore = attrs.field(factory=MemoryStore)
+    clock: Callable[[], float] = time.time
+    queue_id: Callable[[], str] = new_queue_id
+    #: seconds a client may stay silent (Postfix's smtpd_timeout)
+    timeout: float = 300
+    #: called with each reply record (tests)
+    on_reply: Callable[[ReplyRecord], None] | None = None
+
+
+async def run_connection(
+    conn: Connection,
+    channel: Channel,
+    services: Services,
+    observer: SessionObserver | None = None,
+) -> None:
+    """Run ``conn`` to its end over ``channel``. Never raises for the
+    client's or a service's faults; gives back a counted connection slot."""
+    policy = conn.policy
+    client = str(conn.session.client_ip)
+    if observer is not None:
+        observer.connected(conn.session, services.clock())
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Send):
+                channel.write(event.data)
+                if services.on_reply is not None:
+                    services.on_reply(event.record)
+                if observer is not None:
+                    observer.reply(event.record)
+            elif event is NEED_DATA:
+                data = await channel.read(services.timeout)
+                if data is None:
+                    conn.timed_out()
+                elif isinstance(data, _Shutdown):
+                    conn.shut_down()
+                else:
+                    conn.receive_data(data)
+            elif isinstance(event, NeedDns):
+                try:
+                    conn.dns_answers(await services.resolver.resolve_all(event.queries))
+                except Exception as e:
+                    log.exception("resolver failed")
+                    conn.failed(f"{type(e).__name__}: {e}")
+            elif isinstance(event, NeedCount):
+                await _count(conn, event, services)
+            elif isinstance(event, CheckPassword):
+                try:
+                    ok = await asyncio.to_thread(policy.check_password, event.user, event.password)
+                except Exception as e:
+                    log.exception("password check failed")
+                    conn.failed(str(e))
+                else:
+                    conn.password_checked(ok)
+            elif isinstance(event, StartTls):
+                conn.tls_started(await channel.start_tls())
+            elif isinstance(event, NeedStamp):
+                conn.stamped(Stamp(services.clock(), services.queue_id()))
+            elif isinstance(event, Deliver):
+                try:
+                    conn.delivered(await services.delivery.deliver(event.submission))
+                except Exception as e:
+                    log.exception("delivery failed for queue id %s", event.submission.queue_id)
+                    conn.failed(f"{type(e).__name__}: {e}")
+            elif isinstance(event, Decided):
+                log_decision(conn.session, event)
+            elif isinstance(event, CommandReceived):
+                if observer is not None:
+                    observer.command(event.line, event.pending)
+            elif isinstance(event, Authenticated):
+                if observer is not None:
+                    observer.authenticated(event.user, event.ok)
+            elif isinstance(event, MessageReceived):
+                if observer is not None:
+                    observer.message(event.content, event.size)
+            elif isinstance(event, TlsStarted):
+                if observer is not None:
+                    observer.tls_started()
+            elif isinstance(event, Close):
+                break
+    finally:
+        channel.close()
+        if observer is not None:
+            observer.closed(conn.session)
+        if conn.connection_counted:
+            try:
+                await services.store.connection_closed(client)
+            except Exception as e:
+                log.error("state store update failed: %s", e)
+
+
+async def _count(conn: Connection, need: NeedCount, services: Services) -> None:
+    store, now = services.store, services.clock()
+    try:
+        if need.kind == "connection":
+            count, rate = await store.connection_opened(need.client, now, need.window)
+            conn.counted((count, rate))
+        elif need.peek:
+            conn.counted(await store.peek(need.kind, need.client, now, need.window))
+        else:
+            conn.counted(await store.hit(need.kind, need.client, now, need.window))
+    except Exception as e:
+        log.error("state store failed counting %s for %s: %s", need.kind, need.client, e)
+        conn.failed(f"state store: {e}")
+
+
+def log_decision(session: Session, event: Decided) -> None:
+    """One log line per decision, with its facts as structured fields."""
+    verdict = event.verdict
+    stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
+    fields: dict[str, object] = {"client": str(session.client_ip), "stage": stage}
+    if stage == "delivery":
+        reply = str(verdict.reply)
+        fields.update(event.facts)
+        fields["reply"] = reply
+        message = "message {} from <{}> to {}: {}".format(
+            event.facts.get("queue_id"),
+            event.facts.get("sender"),
+            ",".join(str(r) for r in event.facts.get("recipients", ()) or ()),  # type: ignore[attr-defined]
+            reply,
+        )
+        level = logging.INFO if verdict.action is Action.ACCEPT else logging.WARNING
+        decisions.log(level, "%s", message, extra={"decision": fields})
+        return
+    fields.update(
+        {
+            "helo": session.helo,
+            "action": verdict.action.value,
+            "rule": verdict.rule,
+            "reply": str(verdict.reply) if verdict.reply else None,
+            "evidence": [str(e) for e in verdict.evidence],
+        }
+    )
+    fields.update(event.facts)
+    level = logging.INFO if verdict.action is not Action.ACCEPT else logging.DEBUG
+    if verdict.rule == "internal.error":
+        level = logging.ERROR
+    decisions.log(level, "%s", verdict.explain(), extra={"decision": fields})

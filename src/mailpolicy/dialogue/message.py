@@ -1,0 +1,137 @@
+"""The message at the end of DATA: reading it, our ``Received:`` header, and
+the facts the policy judges (pure functions of bytes)."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from email.utils import formatdate
+
+import attrs
+
+from ..model import MessageFacts, Session
+from ..settings import GeneralSettings
+
+__all__ = ["DataReader", "header_safe", "message_facts", "received_header"]
+
+_END = b"\r\n.\r\n"
+
+
+@attrs.define
+class DataReader:
+    """Reads a message up to the lone dot, in bulk (not line by line),
+    dot-unstuffed (RFC 5321 4.5.2). Past ``limit`` bytes (0: none) the rest
+    is counted but not kept, so a huge message cannot exhaust memory."""
+
+    limit: int
+    kept: list[bytes] = attrs.field(factory=list)
+    kept_size: int = 0
+    size: int = 0
+    #: the next byte starts a line
+    line_start: bool = True
+
+    def feed(self, buf: bytearray) -> bool:
+        """Consume what ``buf`` holds of the message; True once the end was seen."""
+        while True:
+            if self.line_start:
+                if buf[:3] == b".\r\n":
+                    del buf[:3]
+                    return True
+                if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
+                    return False  # maybe the end: wait for more
+            found = buf.find(_END)
+            if found >= 0:
+                self._take(bytes(buf[: found + 2]))
+                del buf[: found + len(_END)]
+                return True
+            # Keep a tail that might begin the end marker; cut after a line
+            # end when there is one, so "\r\n" and a following "." are never
+            # split across two pieces.
+            cut = len(buf) - 4
+            if cut <= 0:
+                return False
+            nl = buf.rfind(b"\n", 0, cut)
+            if nl >= 0:
+                cut = nl + 1
+            elif buf[cut - 1] == 0x0D:
+                cut -= 1
+            if cut <= 0:
+                return False
+            self._take(bytes(buf[:cut]))
+            del buf[:cut]
+
+    def _take(self, raw: bytes) -> None:
+        piece = raw[1:] if self.line_start and raw[:1] == b"." else raw
+        piece = piece.replace(b"\r\n.", b"\r\n")
+        self.line_start = raw.endswith(b"\r\n")
+        self.size += len(piece)
+        if not self.limit or self.kept_size < self.limit:
+            room = len(piece) if not self.limit else self.limit - self.kept_size
+            part = piece[:room]
+            self.kept.append(part)
+            self.kept_size += len(part)
+
+    def content(self) -> bytes:
+        return b"".join(self.kept)
+
+
+#: what Postfix's smtpd neuters in a HELO name before it reaches a header
+_NEUTER = str.maketrans(dict.fromkeys('<>()\\";:@', "?"))
+
+
+def header_safe(text: str) -> str:
+    """A client-supplied name fit for our Received: header: printable ASCII
+    only (no CR/LF header injection, no NUL), Postfix's specials neutered."""
+    cleaned = "".join(c if " " < c < "\x7f" else "?" for c in text[:255])
+    return cleaned.translate(_NEUTER)
+
+
+def received_header(
+    session: Session, hostname: str, rcpts: tuple[str, ...], queue_id: str, now: float
+) -> bytes:
+    """Our ``Received:`` header, as Postfix words it."""
+    helo = header_safe(session.helo or "unknown")
+    proto = "ESMTP" if session.esmtp else "SMTP"
+    if session.tls:
+        proto += "S"
+    if session.auth_user is not None:
+        proto += "A"
+    date = formatdate(now, localtime=False)
+    for_part = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+    text = (
+        f"Received: from {helo} ([{session.client_ip}])\r\n"
+        f"\tby {hostname} (mailpolicy) with {proto} id {queue_id}{for_part};"
+        f" {date}\r\n"
+    )
+    return text.encode("utf-8", "surrogateescape")
+
+
+def message_facts(content: bytes, size: int, general: GeneralSettings) -> MessageFacts:
+    """The facts the end-of-DATA rules judge. The MIME parse is made only
+    when a rule needs it (attachment size, auto-forwarding)."""
+    header_end = content.find(b"\r\n\r\n")
+    head = content if header_end < 0 else content[: header_end + 2]
+    received = sum(1 for ln in head.split(b"\r\n") if ln[:9].lower() == b"received:")
+    largest = 0
+    forwarded = False
+    if general.max_attachment_size > 0 or general.disable_auto_forwarding:
+        msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(content)
+        if general.max_attachment_size > 0:
+            for part in msg.walk():
+                if part.is_multipart():
+                    continue
+                if part.get_content_disposition() == "attachment" or part.get_filename():
+                    payload = part.get_payload(decode=True)
+                    if isinstance(payload, bytes):
+                        largest = max(largest, len(payload))
+        if general.disable_auto_forwarding:
+            auto = str(msg.get("Auto-Submitted", "")).strip().lower()
+            forwarded = (
+                auto.startswith("auto-forwarded") or "Resent-From" in msg or "Resent-Sender" in msg
+            )
+    return MessageFacts(
+        size=size,
+        received_headers=received,
+        largest_attachment=largest,
+        auto_forwarded=forwarded,
+    )
