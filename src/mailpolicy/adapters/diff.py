@@ -275,10 +275,13 @@ DEFAULT_TIMEOUT = 10.0
 
 
 async def _replay(case: Case, policy: Policy, timeout: float) -> list[ReplayReply] | None:
+    """The replies, or None when the session stalls (replay reports a server
+    that waits for input the case does not send as a ``<timeout>`` row)."""
     try:
-        return await asyncio.wait_for(_run_case(case, policy=policy), timeout)
+        replies = await asyncio.wait_for(_run_case(case, policy=policy), timeout)
     except TimeoutError:
         return None
+    return None if any(r.cmd == "<timeout>" for r in replies) else replies
 
 
 async def diff_cases(
@@ -308,7 +311,8 @@ async def diff_cases(
                 result = CaseResult(
                     case.name,
                     error=f"{case.source}: the session stalls under the {sides} "
-                    f"polic{'ies' if ' and ' in sides else 'y'} (no reply within {timeout:g} s)",
+                    f"polic{'ies' if ' and ' in sides else 'y'} (the server waits for input "
+                    "the case does not send)",
                 )
             else:
                 result = CaseResult(case.name, tuple(diff_replies(case.name, before, after)))
