@@ -37,6 +37,7 @@ from mailpolicy.passwords import hash_password
 from mailpolicy.policy import Policy, compile_policy
 
 HOST = "mx.example.com"
+TRANSACTION = b"EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\n"
 
 
 def make_policy(extra: Mapping[str, Any] | None = None, *, accounts: bool = False) -> Policy:
@@ -248,9 +249,7 @@ def test_half_close_after_the_dot_and_quit_still_gets_every_reply() -> None:
 
 def test_client_vanishing_mid_data_delivers_nothing() -> None:
     host = connect()
-    host.run(
-        b"EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n"
-    )
+    host.run(TRANSACTION + b"DATA\r\n")
     assert host.codes(b"Subject: x\r\n\r\nunfinished\r\n", eof=True) == []
     assert host.delivered == []
     assert isinstance(host.events[-1], Close)
@@ -480,9 +479,7 @@ def test_answering_out_of_turn_is_an_error() -> None:
 def test_message_facts_count_our_received_header() -> None:
     # max_hops 3: two Received: in the message plus ours reach the limit
     host = connect(make_policy({"general": {"max_hops": 3}}))
-    host.run(
-        b"EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n"
-    )
+    host.run(TRANSACTION + b"DATA\r\n")
     msg = b"Received: from a\r\nReceived: from b\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
     [reply] = host.run(msg)
     assert (reply.reply.code, reply.reply.enhanced) == (554, "5.4.0")

@@ -100,7 +100,7 @@ class ZoneServer:
         self._lock = threading.Lock()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._client_streams: set[asyncio.StreamWriter] = set()
 
     # -- what was asked --------------------------------------------------------
 
@@ -212,7 +212,7 @@ class ZoneServer:
             self._udp = None
         if self._tcp is not None:
             self._tcp.close()
-            for writer in list(self._writers):
+            for writer in list(self._client_streams):
                 writer.close()
             await self._tcp.wait_closed()
             self._tcp = None
@@ -230,7 +230,7 @@ class ZoneServer:
         await self.stop()
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        self._client_streams.add(writer)
         try:
             while True:
                 header = await reader.readexactly(2)
@@ -244,7 +244,7 @@ class ZoneServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            self._writers.discard(writer)
+            self._client_streams.discard(writer)
             writer.close()
 
     # -- running from synchronous code ------------------------------------------
