@@ -1,0 +1,317 @@
+"""PolicyHandler in a plain aiosmtpd Controller, driven with smtplib.
+
+Every server here is aiosmtpd's own ``Controller`` on a free port of
+127.0.0.1 (its own thread and loop), with the policy plugged in through
+handler hooks only; DNS comes from a :class:`StaticZone`. 127.0.0.1 is not in
+the policy's local networks, so the test client is judged as an outsider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import smtplib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from mailpolicy.adapters.aiosmtpd import PolicyHandler
+from mailpolicy.adapters.dns import StaticZone
+from mailpolicy.adapters.state import MemoryStore
+from mailpolicy.config import settings_from_mapping
+from mailpolicy.policy import Policy, compile_policy
+
+MESSAGE = (
+    b"From: <friend@friend.example>\r\n"
+    b"To: <alice@example.com>\r\n"
+    b"Subject: through the hooks\r\n"
+    b"\r\n"
+    b"Hello.\r\n"
+    b".A line that starts with a dot.\r\n"
+)
+
+ZONE = StaticZone.from_mapping(
+    {
+        "friend.example": {"MX": ["10 mx.friend.example"]},
+        "mx.friend.example": {"A": ["192.0.2.10"]},
+        "bad.example": {"A": ["192.0.2.1"]},
+        "junk.example": {"A": ["192.0.2.2"]},
+        "gone.example": {"nxdomain": True},
+        "broken.example": {"servfail": True},
+    }
+)
+
+
+def make_policy(**security: Any) -> Policy:
+    """example.com is ours; 127.0.0.1 is an outsider (no local, no trusted networks)."""
+    return compile_policy(
+        settings_from_mapping(
+            {
+                "general": {
+                    "hostname": "mx.example.com",
+                    "local_domains": ["example.com"],
+                    "smtp_auth": {"local_networks": []},
+                },
+                "security": {
+                    "lists": [
+                        {"name": "spammers", "sender": ["spammer@bad.example"]},
+                        {"name": "junk", "sender": ["junk.example"], "action": "discard"},
+                    ],
+                    "sender_policy": {"reject_unknown_sender_domain": True},
+                    **security,
+                },
+            },
+            source="<test policy>",
+        )
+    )
+
+
+class Recorder:
+    """The application's own handler: keeps what reaches it, refuses one user."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address == "nobody@example.com":
+            return "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.messages.append(
+                (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+            )
+        return "250 2.0.0 Ok: stored"
+
+    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        return "250 2.0.0 recorder noop"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+Start = Callable[..., Controller]
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    """``start(policy, handler, **PolicyHandler kwargs)``: a running Controller."""
+    started: list[Controller] = []
+
+    def run(policy: Policy, handler: object | None, **kwargs: Any) -> Controller:
+        kwargs.setdefault("resolver", ZONE)
+        controller = Controller(
+            PolicyHandler(policy, handler=handler, **kwargs),
+            hostname="127.0.0.1",
+            port=_free_port(),
+        )
+        controller.start()
+        started.append(controller)
+        return controller
+
+    try:
+        yield run
+    finally:
+        for controller in started:
+            with contextlib.suppress(Exception):
+                controller.stop()
+
+
+@contextlib.contextmanager
+def client(controller: Controller) -> Iterator[smtplib.SMTP]:
+    with smtplib.SMTP(
+        controller.hostname, controller.port, local_hostname="client.example", timeout=10
+    ) as smtp:
+        yield smtp
+
+
+def test_black_listed_sender_is_refused_at_rcpt_with_the_policy_reply(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailpolicy.decisions")
+    recorder = Recorder()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        assert smtp.ehlo()[0] == 250
+        assert smtp.mail("spammer@bad.example")[0] == 250  # refused later, as Postfix
+        assert smtp.rcpt("alice@example.com") == (
+            554,
+            b"5.7.1 <spammer@bad.example>: Sender address rejected: Access denied",
+        )
+        smtp.rset()
+        with pytest.raises(smtplib.SMTPRecipientsRefused, match="Access denied") as info:
+            smtp.sendmail("spammer@bad.example", ["alice@example.com"], MESSAGE)
+    assert info.value.recipients == {
+        "alice@example.com": (
+            554,
+            b"5.7.1 <spammer@bad.example>: Sender address rejected: Access denied",
+        )
+    }
+    assert recorder.messages == []
+    rules = [getattr(r, "decision", {}).get("rule") for r in caplog.records]
+    assert rules.count("security.lists.spammers") == 2
+
+
+def test_relay_is_denied_for_a_foreign_recipient(start: Start) -> None:
+    recorder = Recorder()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        smtp.ehlo()
+        smtp.mail("friend@friend.example")
+        assert smtp.rcpt("bob@remote.example") == (
+            554,
+            b"5.7.1 <bob@remote.example>: Relay access denied",
+        )
+        # the refused recipient is not in the envelope: DATA has none
+        assert smtp.docmd("DATA")[0] == 503
+    assert recorder.messages == []
+
+
+def test_accepted_mail_reaches_the_user_handler(start: Start) -> None:
+    recorder = Recorder()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        refused = smtp.sendmail(
+            "friend@friend.example", ["alice@example.com", "bob@example.com"], MESSAGE
+        )
+        # a hook of the wrapped handler the policy does not judge still runs
+        assert smtp.noop() == (250, b"2.0.0 recorder noop")
+    assert refused == {}
+    assert recorder.messages == [
+        ("friend@friend.example", ["alice@example.com", "bob@example.com"], MESSAGE)
+    ]
+
+
+def test_null_sender_and_no_user_handler_get_aiosmtpd_defaults(start: Start) -> None:
+    controller = start(make_policy(), None)
+    with client(controller) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("<>") == (250, b"OK")
+        assert smtp.rcpt("alice@example.com") == (250, b"OK")
+        assert smtp.data(MESSAGE) == (250, b"OK")
+
+
+def test_vrfy_is_judged_then_left_to_aiosmtpd(start: Start) -> None:
+    disabled = start(make_policy(), None)
+    with client(disabled) as smtp:
+        assert smtp.docmd("VRFY", "<alice@example.com>") == (
+            502,
+            b"5.5.1 VRFY command is disabled",
+        )
+    allowed = start(make_policy(advanced={"disable_vrfy": False}), None)
+    with client(allowed) as smtp:
+        assert smtp.docmd("VRFY", "<alice@example.com>") == (
+            252,
+            b"Cannot VRFY user, but will accept message and attempt delivery",
+        )
+
+
+def test_the_user_handlers_own_rcpt_refusal_still_works(start: Start) -> None:
+    recorder = Recorder()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        refused = smtp.sendmail(
+            "friend@friend.example", ["nobody@example.com", "alice@example.com"], MESSAGE
+        )
+    assert refused == {
+        "nobody@example.com": (
+            550,
+            b"5.1.1 <nobody@example.com>: Recipient address rejected: User unknown",
+        )
+    }
+    assert recorder.messages == [("friend@friend.example", ["alice@example.com"], MESSAGE)]
+
+
+def test_unknown_sender_domain_is_deferred_and_servfail_never_accepts(start: Start) -> None:
+    recorder = Recorder()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        smtp.ehlo()
+        smtp.mail("someone@gone.example")
+        assert smtp.rcpt("alice@example.com") == (
+            450,
+            b"4.1.8 <someone@gone.example>: Sender address rejected: Domain not found",
+        )
+        smtp.rset()
+        smtp.mail("someone@broken.example")
+        code, text = smtp.rcpt("alice@example.com")
+    assert 400 <= code < 500, (code, text)
+    assert b"someone@broken.example" in text
+    assert recorder.messages == []
+
+
+def test_a_resolver_that_fails_defers(start: Start) -> None:
+    class Broken:
+        async def resolve(self, query: Any) -> Any:
+            raise OSError("resolver down")
+
+        async def resolve_all(self, queries: Any) -> Any:
+            raise OSError("resolver down")
+
+    controller = start(make_policy(), Recorder(), resolver=Broken())
+    with client(controller) as smtp:
+        smtp.ehlo()
+        smtp.mail("friend@friend.example")
+        assert smtp.rcpt("alice@example.com") == (
+            451,
+            b"4.3.0 Error: temporary failure, please try again later",
+        )
+
+
+def test_a_discarded_message_is_accepted_and_never_passed_on(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailpolicy.decisions")
+    recorder = Recorder()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        assert smtp.sendmail("bulk@junk.example", ["alice@example.com"], MESSAGE) == {}
+        # the discard ends with its transaction: the next message is delivered
+        smtp.sendmail("friend@friend.example", ["bob@example.com"], MESSAGE)
+    assert recorder.messages == [("friend@friend.example", ["bob@example.com"], MESSAGE)]
+    discarded = [r for r in caplog.records if getattr(r, "decision", {}).get("discarded") is True]
+    assert len(discarded) == 1
+    assert discarded[0].decision["rule"] == "security.lists.junk"  # type: ignore[attr-defined]
+
+
+def test_message_rate_is_counted_per_client_in_the_store(start: Start) -> None:
+    policy = make_policy(connection_policy={"max_message_rate_per_client": 2})
+    controller = start(policy, Recorder(), store=MemoryStore(), clock=lambda: 1_000_000.0)
+    with client(controller) as smtp:
+        smtp.ehlo()
+        for _ in range(2):
+            assert smtp.mail("friend@friend.example")[0] == 250
+            smtp.rset()
+        assert smtp.mail("friend@friend.example") == (
+            450,
+            b"4.7.1 Error: too much mail from 127.0.0.1",
+        )
+
+
+def test_connection_limit_counts_open_connections_until_quit(start: Start) -> None:
+    policy = make_policy(connection_policy={"max_connections_per_client": 1})
+    controller = start(policy, Recorder(), store=MemoryStore())
+    refusal = (421, b"4.7.0 mx.example.com Error: too many connections from 127.0.0.1")
+    with client(controller) as first:
+        assert first.ehlo()[0] == 250
+        with client(controller) as second:
+            assert second.ehlo() == refusal
+            # aiosmtpd gives hooks no way to hang up: the refusal repeats
+            assert second.docmd("HELO", "client.example") == refusal
+        assert first.noop()[0] == 250
+    # the first said QUIT: a new connection is welcome again
+    with client(controller) as third:
+        assert third.ehlo()[0] == 250
