@@ -9,21 +9,29 @@ the policy's local networks, so the test client is judged as an outsider.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import smtplib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailpolicy.adapters.aiosmtpd import PolicyHandler
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.state import MemoryStore
 from mailpolicy.config import settings_from_mapping
+from mailpolicy.passwords import hash_password
 from mailpolicy.policy import Policy, compile_policy
+
+PASSWORD = "wonderland"
+#: cheap to verify: the handler never checks it (aiosmtpd's authenticator does)
+ALICE_HASH = hash_password(PASSWORD, ln=4)
 
 MESSAGE = (
     b"From: <friend@friend.example>\r\n"
@@ -46,7 +54,7 @@ ZONE = StaticZone.from_mapping(
 )
 
 
-def make_policy(**security: Any) -> Policy:
+def make_policy(*, smtp_auth: dict[str, Any] | None = None, **security: Any) -> Policy:
     """example.com is ours; 127.0.0.1 is an outsider (no local, no trusted networks)."""
     return compile_policy(
         settings_from_mapping(
@@ -54,7 +62,10 @@ def make_policy(**security: Any) -> Policy:
                 "general": {
                     "hostname": "mx.example.com",
                     "local_domains": ["example.com"],
-                    "smtp_auth": {"local_networks": []},
+                    "smtp_auth": {"local_networks": [], **(smtp_auth or {})},
+                },
+                "accounts": {
+                    "alice": {"password_hash": ALICE_HASH, "addresses": ["alice@example.com"]}
                 },
                 "security": {
                     "lists": [
@@ -108,15 +119,19 @@ Start = Callable[..., Controller]
 
 @pytest.fixture
 def start() -> Iterator[Start]:
-    """``start(policy, handler, **PolicyHandler kwargs)``: a running Controller."""
+    """``start(policy, handler, smtp={SMTP kwargs}, **PolicyHandler kwargs)``:
+    a running Controller."""
     started: list[Controller] = []
 
-    def run(policy: Policy, handler: object | None, **kwargs: Any) -> Controller:
+    def run(
+        policy: Policy, handler: object | None, *, smtp: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Controller:
         kwargs.setdefault("resolver", ZONE)
         controller = Controller(
             PolicyHandler(policy, handler=handler, **kwargs),
             hostname="127.0.0.1",
             port=_free_port(),
+            **(smtp or {}),
         )
         controller.start()
         started.append(controller)
@@ -309,9 +324,86 @@ def test_connection_limit_counts_open_connections_until_quit(start: Start) -> No
         assert first.ehlo()[0] == 250
         with client(controller) as second:
             assert second.ehlo() == refusal
-            # aiosmtpd gives hooks no way to hang up: the refusal repeats
-            assert second.docmd("HELO", "client.example") == refusal
+            # then it hangs up, as Postfix does at connect
+            with pytest.raises(smtplib.SMTPServerDisconnected, match="closed"):
+                second.noop()
+        with client(controller) as third:
+            # HELO is no different; a hook cannot hang up there: the refusal repeats
+            assert third.helo() == refusal
+            assert third.docmd("MAIL FROM:<friend@friend.example>")[0] == 503
+            assert third.helo() == refusal
         assert first.noop()[0] == 250
     # the first said QUIT: a new connection is welcome again
-    with client(controller) as third:
-        assert third.ehlo()[0] == 250
+    with client(controller) as fourth:
+        assert fourth.ehlo()[0] == 250
+
+
+def test_a_connection_that_drops_without_quit_is_counted_out(start: Start) -> None:
+    policy = make_policy(connection_policy={"max_connections_per_client": 1})
+    controller = start(policy, Recorder(), store=MemoryStore())
+    dropped = smtplib.SMTP(controller.hostname, controller.port, timeout=10)
+    assert dropped.ehlo()[0] == 250
+    codes = []
+    # Not left to the garbage collector (aiosmtpd's objects are in cycles):
+    # the handler notices the closed transport.
+    gc.disable()
+    try:
+        dropped.close()  # no QUIT: aiosmtpd calls no hook for this
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with client(controller) as smtp:
+                codes.append(smtp.ehlo()[0])
+            if codes[-1] == 250:
+                break
+            time.sleep(0.2)
+    finally:
+        gc.enable()
+    assert codes[-1] == 250, codes
+
+
+def _authenticator(
+    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+) -> AuthResult:
+    """The application's own AUTH check (aiosmtpd's authenticator API)."""
+    ok = isinstance(auth_data, LoginPassword) and auth_data == (b"alice", PASSWORD.encode())
+    # auth_data tells the policy who logged in (session.auth_data.login)
+    return AuthResult(success=ok, auth_data=auth_data if ok else None)
+
+
+def test_an_authenticated_client_may_relay_and_is_judged_by_its_login(start: Start) -> None:
+    recorder = Recorder()
+    policy = make_policy(smtp_auth={"sender_must_match_login": True})
+    smtp_options = {"authenticator": _authenticator, "auth_require_tls": False}
+    controller = start(policy, recorder, smtp=smtp_options)
+    with client(controller) as smtp:
+        smtp.ehlo()
+        smtp.mail("alice@example.com")
+        assert smtp.rcpt("bob@remote.example")[0] == 554  # not yet logged in
+        smtp.rset()
+        smtp.login("alice", PASSWORD)
+        assert smtp.sendmail("alice@example.com", ["bob@remote.example"], MESSAGE) == {}
+        smtp.mail("bob@example.com")
+        assert smtp.rcpt("carol@remote.example") == (
+            553,
+            b"5.7.1 <bob@example.com>: Sender address rejected: not owned by user alice",
+        )
+    assert recorder.messages == [("alice@example.com", ["bob@remote.example"], MESSAGE)]
+
+
+class OldStyleEhlo(Recorder):
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        session.host_name = hostname
+        return "250 OLD STYLE"
+
+
+def test_a_wrapped_four_argument_ehlo_hook_still_works(start: Start) -> None:
+    recorder = OldStyleEhlo()
+    controller = start(make_policy(), recorder)
+    with client(controller) as smtp:
+        code, text = smtp.ehlo()
+        assert code == 250
+        lines = text.splitlines()
+        assert b"8BITMIME" in lines  # aiosmtpd's own keywords, then the hook's last line
+        assert lines[-1] == b"OLD STYLE"
+        smtp.sendmail("friend@friend.example", ["alice@example.com"], MESSAGE)
+    assert len(recorder.messages) == 1

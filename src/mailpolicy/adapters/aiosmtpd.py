@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import email.parser
 import email.policy
+import inspect
 import logging
 import time
 import weakref
@@ -252,9 +253,10 @@ class PolicyHandler:
                 conn.refusal = Verdict(Action.DEFER, reply, "internal.error")
                 return conn
             conn.counters = Counters(connections=count, connection_rate=rate)
-            conn.release = weakref.finalize(
-                server, _release, asyncio.get_running_loop(), self._closed, conn.client
-            )
+            loop = asyncio.get_running_loop()
+            release = weakref.finalize(server, _release, loop, self._closed, conn.client)
+            conn.release = release
+            self._keep(loop.create_task(_watch(weakref.ref(server), release)))
         verdict, _ = await _judge(
             self.policy,
             Session(conn.client, tls=self.implicit_tls, counters=conn.counters),
@@ -271,8 +273,10 @@ class PolicyHandler:
         store = self.store
         if store is None:
             return
-        task = asyncio.get_running_loop().create_task(store.connection_closed(client))
-        self._tasks.add(task)
+        self._keep(asyncio.get_running_loop().create_task(store.connection_closed(client)))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -341,11 +345,23 @@ class PolicyHandler:
     ) -> list[str]:
         conn = await self._connection(server, session)
         if conn.refusal is not None:
-            return [self._refused_connection(conn)]
+            # EHLO is nearly always the first command: send the refusal and
+            # hang up, as Postfix does at connect (an empty list: aiosmtpd
+            # sends nothing more). Other first commands see it repeated.
+            await server.push(self._refused_connection(conn))
+            if server.transport is not None:
+                server.transport.close()
+            if conn.release is not None:
+                conn.release()  # gone now, not at the next check
+            return []
         hook = self._hook("handle_EHLO")
         if hook is None:
             session.host_name = hostname
             return responses
+        if len(inspect.signature(hook).parameters) == 4:
+            # aiosmtpd's deprecated form: it gives the last line only
+            last = await hook(server, session, envelope, hostname)
+            return [*responses[:-1], str(last)]
         result: list[str] = await hook(server, session, envelope, hostname, responses)
         return result
 
@@ -522,8 +538,24 @@ class PolicyHandler:
         return str(await hook(server, session, envelope))
 
 
+#: how often a counted connection is checked for having gone away
+WATCH_INTERVAL = 1.0
+
+
+async def _watch(server: weakref.ref[SMTP], release: weakref.finalize[Any, Any]) -> None:
+    """Count a connection out soon after it is gone: aiosmtpd has no hook for
+    that, but its documented ``transport`` attribute turns ``None`` then."""
+    while release.alive:
+        smtp = server()
+        if smtp is None or smtp.transport is None:
+            release()
+            return
+        del smtp
+        await asyncio.sleep(WATCH_INTERVAL)
+
+
 def _release(loop: asyncio.AbstractEventLoop, closed: Callable[[str], None], client: str) -> None:
-    """Called once per counted connection: at QUIT, or when aiosmtpd drops the
-    connection's SMTP instance (garbage collection: it has no hook for that)."""
+    """Called once per counted connection: at QUIT, by :func:`_watch`, or
+    when the connection's SMTP instance is garbage (the last resort)."""
     with contextlib.suppress(RuntimeError):  # a closed loop: nothing left to count
         loop.call_soon_threadsafe(closed, client)
