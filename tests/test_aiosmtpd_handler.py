@@ -54,7 +54,12 @@ ZONE = StaticZone.from_mapping(
 )
 
 
-def make_policy(*, smtp_auth: dict[str, Any] | None = None, **security: Any) -> Policy:
+def make_policy(
+    *,
+    smtp_auth: dict[str, Any] | None = None,
+    general: dict[str, Any] | None = None,
+    **security: Any,
+) -> Policy:
     """example.com is ours; 127.0.0.1 is an outsider (no local, no trusted networks)."""
     return compile_policy(
         settings_from_mapping(
@@ -63,6 +68,7 @@ def make_policy(*, smtp_auth: dict[str, Any] | None = None, **security: Any) -> 
                     "hostname": "mx.example.com",
                     "local_domains": ["example.com"],
                     "smtp_auth": {"local_networks": [], **(smtp_auth or {})},
+                    **(general or {}),
                 },
                 "accounts": {
                     "alice": {"password_hash": ALICE_HASH, "addresses": ["alice@example.com"]}
@@ -300,6 +306,26 @@ def test_a_discarded_message_is_accepted_and_never_passed_on(
     discarded = [r for r in caplog.records if getattr(r, "decision", {}).get("discarded") is True]
     assert len(discarded) == 1
     assert discarded[0].decision["rule"] == "security.lists.junk"  # type: ignore[attr-defined]
+
+
+def test_message_checks_run_at_the_end_of_data(start: Start) -> None:
+    recorder = Recorder()
+    controller = start(make_policy(general={"max_message_size_mb": 1, "max_hops": 2}), recorder)
+    big = MESSAGE + (b"x" * 998 + b"\r\n") * 1100
+    hops = b"Received: from a\r\nReceived: from b\r\nReceived: from c\r\n" + MESSAGE
+    too_big = (552, b"5.3.4 Message size exceeds fixed limit")
+    with client(controller) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("friend@friend.example", [f"SIZE={len(big)}"]) == too_big
+        for content, reply in (
+            (big, (552, b"5.3.4 Error: message file too big")),
+            (hops, (554, b"5.4.0 Error: too many hops")),
+        ):
+            smtp.mail("friend@friend.example")  # no SIZE: judged on what arrives
+            smtp.rcpt("alice@example.com")
+            assert smtp.data(content) == reply
+        smtp.sendmail("friend@friend.example", ["alice@example.com"], MESSAGE)
+    assert recorder.messages == [("friend@friend.example", ["alice@example.com"], MESSAGE)]
 
 
 def test_message_rate_is_counted_per_client_in_the_store(start: Start) -> None:
