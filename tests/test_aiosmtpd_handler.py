@@ -13,9 +13,12 @@ import gc
 import logging
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -433,3 +436,21 @@ def test_a_wrapped_four_argument_ehlo_hook_still_works(start: Start) -> None:
         assert lines[-1] == b"OLD STYLE"
         smtp.sendmail("friend@friend.example", ["alice@example.com"], MESSAGE)
     assert len(recorder.messages) == 1
+
+
+def test_the_example_runs_and_shows_each_outcome() -> None:
+    example = Path(__file__).parent.parent / "examples" / "aiosmtpd_handler.py"
+    done = subprocess.run(
+        [sys.executable, str(example), str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    out = done.stdout
+    assert "handler got a message from <friend@example.org> to ['alice@example.com']" in out
+    assert "(550, b'5.1.1 No such user here')" in out
+    assert "5.7.1 <someone@elsewhere.example>: Relay access denied" in out
+    assert "Mail from you is not welcome here" in out
+    assert "discard rule=security.lists.spamtrap" in out
+    assert out.count("handler got a message") == 1  # the trapped one never reaches it
