@@ -438,6 +438,32 @@ def test_a_wrapped_four_argument_ehlo_hook_still_works(start: Start) -> None:
     assert len(recorder.messages) == 1
 
 
+class ProxiedRecorder(Recorder):
+    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, data: Any) -> bool:
+        return True  # aiosmtpd's contract: the application accepts the PROXY header
+
+
+def _talk(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    reply = b""
+    while not reply.endswith(b"\r\n") or reply.splitlines()[-1][3:4] == b"-":
+        reply += sock.recv(4096)
+    return reply
+
+
+def test_behind_a_proxy_the_client_is_the_proxy_headers_source(start: Start) -> None:
+    policy = make_policy(lists=[{"name": "bad-net", "client": ["203.0.113.0/24"]}])
+    controller = start(policy, ProxiedRecorder(), smtp={"proxy_protocol_timeout": 5})
+    with socket.create_connection((controller.hostname, controller.port), timeout=10) as sock:
+        header = b"PROXY TCP4 203.0.113.9 192.0.2.25 40000 25"
+        assert _talk(sock, header).startswith(b"220 ")
+        assert _talk(sock, b"EHLO client.example").startswith(b"250-")
+        assert _talk(sock, b"MAIL FROM:<friend@friend.example>") == b"250 OK\r\n"
+        assert _talk(sock, b"RCPT TO:<alice@example.com>") == (
+            b"554 5.7.1 <unknown[203.0.113.9]>: Client host rejected: Access denied\r\n"
+        )
+
+
 def test_the_example_runs_and_shows_each_outcome() -> None:
     example = Path(__file__).parent.parent / "examples" / "aiosmtpd_handler.py"
     done = subprocess.run(
