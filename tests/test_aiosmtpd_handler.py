@@ -295,6 +295,34 @@ def test_a_resolver_that_fails_defers(start: Start) -> None:
         )
 
 
+class CountingZone:
+    """The test zone, counting each question it is asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def resolve(self, query: Any) -> Any:
+        self.asked.append(str(query))
+        return await ZONE.resolve(query)
+
+    async def resolve_all(self, queries: Any) -> Any:
+        queries = list(queries)
+        self.asked.extend(str(q) for q in queries)
+        return await ZONE.resolve_all(queries)
+
+
+def test_dns_answers_are_kept_for_the_connection(start: Start) -> None:
+    zone = CountingZone()
+    recorder = Recorder()
+    controller = start(make_policy(), recorder, resolver=zone)
+    with client(controller) as smtp:
+        recipients = ["alice@example.com", "bob@example.com", "carol@example.com"]
+        assert smtp.sendmail("friend@friend.example", recipients, MESSAGE) == {}
+        smtp.sendmail("friend@friend.example", ["alice@example.com"], MESSAGE)
+    assert len(recorder.messages) == 2
+    assert zone.asked.count("friend.example/MX") == 1
+
+
 def test_a_discarded_message_is_accepted_and_never_passed_on(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
