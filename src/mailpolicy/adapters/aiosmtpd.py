@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.parser
-import email.policy
 import inspect
 import logging
 import time
@@ -40,19 +38,20 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 
+from ..dialogue import Decided
+from ..dialogue.message import message_facts
 from ..model import (
     Action,
     Counters,
     Envelope,
-    MessageFacts,
     Reply,
     Session,
     Stage,
     Verdict,
 )
 from ..policy import Policy
-from ..settings import GeneralSettings
 from .dns import Resolver
+from .driver import log_decision
 from .state import HitKind, StateStore
 
 __all__ = ["PolicyHandler"]
@@ -89,36 +88,6 @@ async def _judge(
     except Exception:
         log.exception("policy evaluation failed at %s", envelope.stage.value)
         return Verdict(Action.DEFER, TEMP_FAILURE, "internal.error"), session
-
-
-def _message_facts(general: GeneralSettings, content: bytes) -> MessageFacts:
-    """What the end-of-DATA rules judge; the MIME parse only when a rule needs it."""
-    header_end = content.find(b"\r\n\r\n")
-    head = content if header_end < 0 else content[: header_end + 2]
-    received = sum(1 for ln in head.split(b"\r\n") if ln[:9].lower() == b"received:")
-    largest = 0
-    forwarded = False
-    if general.max_attachment_size > 0 or general.disable_auto_forwarding:
-        msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(content)
-        if general.max_attachment_size > 0:
-            for part in msg.walk():
-                if part.is_multipart():
-                    continue
-                if part.get_content_disposition() == "attachment" or part.get_filename():
-                    payload = part.get_payload(decode=True)
-                    if isinstance(payload, bytes):
-                        largest = max(largest, len(payload))
-        if general.disable_auto_forwarding:
-            auto = str(msg.get("Auto-Submitted", "")).strip().lower()
-            forwarded = (
-                auto.startswith("auto-forwarded") or "Resent-From" in msg or "Resent-Sender" in msg
-            )
-    return MessageFacts(
-        size=len(content),
-        received_headers=received,
-        largest_attachment=largest,
-        auto_forwarded=forwarded,
-    )
 
 
 @attrs.define
@@ -257,15 +226,11 @@ class PolicyHandler:
             release = weakref.finalize(server, _release, loop, self._closed, conn.client)
             conn.release = release
             self._keep(loop.create_task(_watch(weakref.ref(server), release)))
-        verdict, _ = await _judge(
-            self.policy,
-            Session(conn.client, tls=self.implicit_tls, counters=conn.counters),
-            Envelope(Stage.CONNECT),
-            self.resolver,
-        )
+        core = Session(conn.client, tls=self.implicit_tls, counters=conn.counters)
+        verdict, _ = await _judge(self.policy, core, Envelope(Stage.CONNECT), self.resolver)
         if verdict.action.refuses:
             conn.refusal = verdict
-            self._log(Stage.CONNECT, conn.client, None, verdict)
+            self._log(Stage.CONNECT, core, verdict)
         return conn
 
     def _closed(self, client: str) -> None:
@@ -312,24 +277,11 @@ class PolicyHandler:
         self._sessions[session] = core
         return verdict
 
-    def _log(
-        self, stage: Stage, client: str, helo: str | None, verdict: Verdict, **facts: object
-    ) -> None:
-        fields: dict[str, object] = {
-            "client": client,
-            "helo": helo,
-            "stage": stage.value,
-            "action": verdict.action.value,
-            "rule": verdict.rule,
-            "reply": str(verdict.reply) if verdict.reply else None,
-            "evidence": [str(e) for e in verdict.evidence],
-        }
-        fields.update(facts)
-        level = logging.INFO if verdict.action is not Action.ACCEPT else logging.DEBUG
-        decisions.log(level, "%s", verdict.explain(), extra={"decision": fields})
+    def _log(self, stage: Stage, core: Session, verdict: Verdict, **facts: object) -> None:
+        log_decision(core, Decided(stage, verdict, facts))
 
     def _refusal(self, stage: Stage, core: Session, verdict: Verdict, **facts: object) -> str:
-        self._log(stage, str(core.client_ip), core.helo, verdict, **facts)
+        self._log(stage, core, verdict, **facts)
         reply = verdict.reply or TEMP_FAILURE
         return str(reply)
 
@@ -448,9 +400,7 @@ class PolicyHandler:
             smtputf8=bool(envelope.smtp_utf8),
         )
         verdict = await self._decide(session, core, stage)
-        self._log(
-            Stage.RCPT, str(core.client_ip), core.helo, verdict, sender=sender, recipient=address
-        )
+        self._log(Stage.RCPT, core, verdict, sender=sender, recipient=address)
         if verdict.action.refuses:
             return str(verdict.reply or TEMP_FAILURE)
         hook = self._hook("handle_RCPT")
@@ -487,7 +437,7 @@ class PolicyHandler:
         if verdict.action.refuses:
             return self._refusal(Stage.DATA, core, verdict, sender=sender)
         content = envelope.original_content or b""
-        facts = _message_facts(self.policy.settings.general, content)
+        facts = message_facts(content, len(content), self.policy.settings.general)
         verdict = await self._decide(
             session,
             core,
@@ -498,8 +448,7 @@ class PolicyHandler:
         if discard is not None:
             self._log(
                 Stage.END_OF_DATA,
-                str(core.client_ip),
-                core.helo,
+                core,
                 discard,
                 sender=sender,
                 size=facts.size,
