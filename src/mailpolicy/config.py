@@ -1100,6 +1100,7 @@ _SERVER: Final = _table(
         "smtps": _scalar(_listener),
         "tls_cert": _scalar(_word),
         "tls_key": _scalar(_word),
+        "proxy_networks": _list(_scalar(_network)),
     },
     check=_check_server,
 )

@@ -287,6 +287,30 @@ class ServerSettings:
     tls_key: str | None = None
     #: failed AUTH attempts per client and rate window before 421 and hang-up
     max_auth_failures_per_client: int = 5
+    #: concurrent sessions, all clients together; at the limit new
+    #: connections wait in the listen queue (0: no limit)
+    max_connections: int = 1000
+    #: the kernel's queue of connections not yet accepted (capped by
+    #: net.core.somaxconn)
+    listen_backlog: int = 4096
+    #: seconds a client may stay silent (Postfix's smtpd_timeout)
+    timeout_seconds: int = 300
+    #: seconds one session may last in all (0: no limit)
+    max_session_seconds: int = 3600
+    #: bytes per second a client must keep up while sending a message, past
+    #: one timeout's worth of time (Postfix's smtpd_min_data_rate; 0: off)
+    min_data_rate: int = 500
+    #: a message is kept in memory up to this many KiB, the rest is spooled
+    #: to a temporary file until the end of DATA
+    max_message_memory_kb: int = 1024
+    #: refuse a bare LF (a line end without CR) in commands and message text
+    #: with 521 and hang up (Postfix's smtpd_forbid_bare_newline = yes)
+    reject_bare_newline: bool = False
+    #: peers whose PROXY protocol line is believed (with --proxy-protocol);
+    #: anyone else is refused
+    proxy_networks: tuple[IPNetwork, ...] = attrs.field(
+        default=("127.0.0.0/8", "::1/128"), converter=_networks
+    )
 
 
 @attrs.frozen

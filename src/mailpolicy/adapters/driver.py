@@ -14,9 +14,10 @@ import asyncio
 import itertools
 import logging
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import IO, Any, Protocol
 
 import attrs
 
@@ -32,15 +33,18 @@ from ..dialogue import (
     MessageReceived,
     NeedCount,
     NeedDns,
+    NeedSpooled,
     NeedStamp,
     ReplyRecord,
     Send,
+    Spool,
     Stamp,
     StartTls,
     Submission,
     TlsStarted,
 )
 from ..model import Action, Reply, Session, Stage
+from ..settings import ServerSettings
 from .dns import Resolver
 from .state import MemoryStore, StateStore
 
@@ -154,8 +158,98 @@ class Services:
     queue_id: Callable[[], str] = new_queue_id
     #: seconds a client may stay silent (Postfix's smtpd_timeout)
     timeout: float = 300
+    #: seconds a whole session may last (0: no limit)
+    max_session: float = 0
+    #: bytes per second a client must keep up in DATA once ``timeout``
+    #: seconds have passed (Postfix's smtpd_min_data_rate; 0: off)
+    min_data_rate: float = 0
+    #: where messages bigger than the dialogue keeps in memory are spooled
+    #: (None: the system's temporary folder)
+    spool_dir: str | None = None
     #: called with each reply record (tests)
     on_reply: Callable[[ReplyRecord], None] | None = None
+
+    @classmethod
+    def for_settings(cls, settings: ServerSettings, **kw: Any) -> Services:
+        """Services with the time limits of ``[server]``."""
+        return cls(
+            **{
+                "timeout": settings.timeout_seconds,
+                "max_session": settings.max_session_seconds,
+                "min_data_rate": settings.min_data_rate,
+                **kw,
+            }
+        )
+
+
+class _Deadlines:
+    """How long the next read may wait: the idle timeout, the session's
+    time limit, and in DATA a deadline that grows with the bytes received
+    (so a client trickling one byte a minute cannot hold a session)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.started = time.monotonic()
+        self.data_started: float | None = None
+        self.data_bytes = 0
+
+    def wait(self, conn: Connection) -> float:
+        s, now = self.services, time.monotonic()
+        limit = s.timeout
+        if s.max_session:
+            limit = min(limit, self.started + s.max_session - now)
+        if conn.in_data and s.min_data_rate:
+            if self.data_started is None:
+                self.data_started, self.data_bytes = now, 0
+            deadline = self.data_started + s.timeout + self.data_bytes / s.min_data_rate
+            limit = min(limit, deadline - now)
+        else:
+            self.data_started = None
+        return max(0.0, limit)
+
+    def received(self, conn: Connection, n: int) -> None:
+        if conn.in_data:
+            self.data_bytes += n
+
+
+class _Spool:
+    """One connection's message spool: a temporary file, made on first use.
+    A write that fails (a full disk) is remembered and reported when the
+    message is taken, so the client gets a 451, never a 250."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = folder
+        self.file: IO[bytes] | None = None
+        self.error: OSError | None = None
+
+    def append(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.file is None:
+                # closed in close(), when the message is taken or the session ends
+                self.file = tempfile.TemporaryFile(dir=self.folder)  # noqa: SIM115
+            self.file.write(data)
+        except OSError as e:
+            self.error = e
+            self.close()
+
+    def take(self) -> bytes:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        if self.file is None:
+            return b""
+        try:
+            self.file.seek(0)
+            return self.file.read()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 async def run_connection(
@@ -168,6 +262,8 @@ async def run_connection(
     client's or a service's faults; gives back a counted connection slot."""
     policy = conn.policy
     client = str(conn.session.client_ip)
+    deadlines = _Deadlines(services)
+    spool = _Spool(services.spool_dir)
     if observer is not None:
         observer.connected(conn.session, services.clock())
     try:
@@ -180,13 +276,22 @@ async def run_connection(
                 if observer is not None:
                     observer.reply(event.record)
             elif event is NEED_DATA:
-                data = await channel.read(services.timeout)
+                data = await channel.read(deadlines.wait(conn))
                 if data is None:
                     conn.timed_out()
                 elif isinstance(data, _Shutdown):
                     conn.shut_down()
                 else:
+                    deadlines.received(conn, len(data))
                     conn.receive_data(data)
+            elif isinstance(event, Spool):
+                spool.append(event.data)
+            elif isinstance(event, NeedSpooled):
+                try:
+                    conn.spooled(spool.take())
+                except OSError as e:
+                    log.error("message spool failed: %s", e)
+                    conn.failed(f"spool: {e}")
             elif isinstance(event, NeedDns):
                 try:
                     conn.dns_answers(await services.resolver.resolve_all(event.queries))
@@ -230,6 +335,7 @@ async def run_connection(
             elif isinstance(event, Close):
                 break
     finally:
+        spool.close()
         channel.close()
         if observer is not None:
             observer.closed(conn.session)

@@ -12,7 +12,9 @@ and the disk.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from typing import Literal
 
 import attrs
 
+from ..lookup import NetworkTable
 from ..policy import Policy
 from ..settings import Settings
 from .dns import Resolver
@@ -86,6 +89,43 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+#: accept() errors that mean "no descriptor or memory now": back off, retry
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def _listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address of ``host``
+    (as ``loop.create_server`` would make, with our backlog)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    out: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            if port == 0:
+                # one free port for every address of the name
+                port = sock.getsockname()[1]
+                break
+    except OSError:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
 class MailServer:
     """Every listener of one policy, with graceful shutdown."""
 
@@ -99,7 +139,7 @@ class MailServer:
         listeners: list[Listener] | None = None,
         tls: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
-        timeout: float = 300,
+        timeout: float | None = None,
         proxy_protocol: bool = False,
         observer: Callable[[], SessionObserver] | None = None,
     ) -> None:
@@ -110,18 +150,22 @@ class MailServer:
         self.tls = tls if tls is not None else tls_context(policy.settings)
         # Counted in memory unless told otherwise: a server without a store
         # would silently drop every connection, rate and AUTH limit.
-        self.services = Services(
+        self.services = Services.for_settings(
+            policy.settings.server,
             resolver=resolver,
             delivery=delivery if delivery is not None else AcceptAllDelivery(),
             store=store if store is not None else MemoryStore(),
             clock=clock,
-            timeout=timeout,
+            **({} if timeout is None else {"timeout": timeout}),
         )
         self.proxy_protocol = proxy_protocol
         #: makes a per-connection observer (``serve --capture``), or None
         self.observer = observer
         self.sessions: set[SmtpProtocol] = set()
-        self._servers: list[asyncio.Server] = []
+        self._sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        #: set when a session ends (room under max_connections)
+        self._room = asyncio.Event()
         #: (listener, the address actually bound: port 0 becomes a real port)
         self.bound: list[tuple[Listener, tuple[str, int]]] = []
 
@@ -135,6 +179,9 @@ class MailServer:
 
     def _factory(self, listener: Listener) -> Callable[[], SmtpProtocol]:
         implicit = listener.tls == "implicit"
+        proxy_from = NetworkTable(
+            (net, i) for i, net in enumerate(self.policy.settings.server.proxy_networks)
+        )
 
         def make() -> SmtpProtocol:
             proto = SmtpProtocol(
@@ -143,27 +190,31 @@ class MailServer:
                 tls_context=self.tls,
                 implicit_tls=implicit,
                 proxy_protocol=self.proxy_protocol,
+                proxy_from=proxy_from,
                 observer=self.observer,
-                on_close=self.sessions.discard,
+                on_close=self._closed,
             )
             self.sessions.add(proto)
             return proto
 
         return make
 
+    def _closed(self, session: SmtpProtocol) -> None:
+        self.sessions.discard(session)
+        self._room.set()
+
     async def start(self) -> None:
         """Bind every listener; ``bound`` then holds the real addresses."""
         loop = asyncio.get_running_loop()
+        backlog = self.policy.settings.server.listen_backlog
         for listener in self.listeners:
             if listener.tls == "implicit" and self.tls is None:
                 raise ValueError(f"{listener.name}: implicit TLS needs server.tls_cert and tls_key")
-            server = await loop.create_server(
-                self._factory(listener), listener.host, listener.port, reuse_address=True
-            )
-            self._servers.append(server)
-            for sock in server.sockets:
+            for sock in await _listening_sockets(listener.host, listener.port, backlog):
                 addr = sock.getsockname()
                 self.bound.append((listener, (str(addr[0]), int(addr[1]))))
+                self._sockets.append(sock)
+                self._accepting.append(loop.create_task(self._accept(sock, listener)))
                 log.info(
                     "listening on %s:%s (%s, %s)",
                     addr[0],
@@ -176,6 +227,45 @@ class MailServer:
                     else "plain",
                 )
 
+    async def _accept(self, sock: socket.socket, listener: Listener) -> None:
+        """Our own accept loop (public asyncio API only): it stops taking
+        connections at ``server.max_connections`` (they wait in the listen
+        queue), and when the process runs out of file descriptors it backs
+        off quietly, with one log line, instead of spinning."""
+        loop = asyncio.get_running_loop()
+        make = self._factory(listener)
+        cap = self.policy.settings.server.max_connections
+        delay = 0.0
+        warned = 0.0
+        while True:
+            while cap and len(self.sessions) >= cap:
+                self._room.clear()
+                await self._room.wait()
+            try:
+                conn, _addr = await loop.sock_accept(sock)
+            except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    log.warning("accept on %s failed: %s", listener.name, e)
+                    await asyncio.sleep(0.1)
+                    continue
+                delay = min(max(delay * 2, 0.05), 1.0)
+                if loop.time() - warned > 60:
+                    warned = loop.time()
+                    log.warning(
+                        "out of resources accepting on %s (%s, %d sessions open); backing off",
+                        listener.name,
+                        e.strerror,
+                        len(self.sessions),
+                    )
+                await asyncio.sleep(delay)
+                continue
+            delay = 0.0
+            try:
+                await loop.connect_accepted_socket(make, conn)
+            except OSError as e:
+                log.warning("connection from a client failed at once: %s", e)
+                conn.close()
+
     def port(self, name: str = "smtp") -> int:
         """The bound port of the listener called ``name``."""
         for listener, (_, port) in self.bound:
@@ -185,8 +275,13 @@ class MailServer:
 
     async def stop(self, grace: float = 30) -> None:
         """Stop accepting; send idle clients 421; let busy sessions finish."""
-        for server in self._servers:
-            server.close()
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        self._accepting.clear()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
         for session in list(self.sessions):
             if not session.busy:
                 session.request_stop()
@@ -210,6 +305,3 @@ class MailServer:
                 session.abort()
             for w in pending:
                 w.cancel()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()

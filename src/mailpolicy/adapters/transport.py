@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..dialogue import Connection
+from ..lookup import NetworkTable, ip_key
 from ..policy import Policy
 from .driver import SHUTDOWN, Services, SessionObserver, _Shutdown, run_connection
 
@@ -95,6 +96,7 @@ class SmtpProtocol(asyncio.Protocol):
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         proxy_protocol: bool = False,
+        proxy_from: NetworkTable | None = None,
         observer: Callable[[], SessionObserver] | None = None,
         on_close: Callable[[SmtpProtocol], None] | None = None,
     ) -> None:
@@ -103,6 +105,8 @@ class SmtpProtocol(asyncio.Protocol):
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.proxy_protocol = proxy_protocol
+        #: peers whose PROXY line is believed (None: any)
+        self.proxy_from = proxy_from
         self._observer = observer
         self._on_close = on_close
         self.transport: asyncio.Transport | None = None
@@ -306,6 +310,13 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             client = self._peer()
             if self.proxy_protocol:
+                if self.proxy_from is not None and not self.proxy_from.contains_key(ip_key(client)):
+                    # Anyone who can reach the port could claim any address.
+                    log.warning(
+                        "PROXY protocol from %s refused: not in server.proxy_networks", client
+                    )
+                    self.write(b"421 4.7.0 Error: PROXY protocol not allowed from your address\r\n")
+                    return
                 proxied = await self._proxy_line()
                 if proxied is None:
                     log.warning("bad or missing PROXY header from %s", self._peer())

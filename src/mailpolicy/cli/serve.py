@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -15,7 +16,8 @@ def register(sub: Any) -> None:
         help="run the SMTP gateway: enforce the policy, deliver accepted mail",
         description="Listen as the policy's [server] table says (or --listen), judge every "
         "session with the policy, deliver local mail to Maildirs and relay the rest. "
-        "SIGTERM or Ctrl-C stops gracefully: messages in flight are finished.",
+        "SIGTERM or Ctrl-C stops gracefully: messages in flight are finished; a "
+        "second one stops at once.",
     )
     p.add_argument("--policy", required=True, metavar="POLICY.toml")
     p.add_argument(
@@ -45,7 +47,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="info")
-    p.add_argument("--timeout", type=float, default=300, help="idle client timeout, seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="idle client timeout, seconds (default: server.timeout_seconds)",
+    )
     p.add_argument(
         "--grace", type=float, default=30, help="seconds to let busy sessions finish on shutdown"
     )
@@ -77,6 +84,20 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _tls_reason(error: Exception) -> str:
+    """One line for a certificate or key that cannot be used."""
+    if isinstance(error, FileNotFoundError):
+        return f"no such file: {error.filename}"
+    if isinstance(error, PermissionError):
+        return f"cannot read: {error.filename}"
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or str(error)
+        if "KEY_VALUES_MISMATCH" in reason.upper():
+            return "the key does not match the certificate"
+        return f"not a usable PEM certificate and key ({reason})"
+    return str(error)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import logging
@@ -84,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters.dns import LiveResolver, Resolver, StaticZone, ZoneError
     from ..adapters.gateway import GatewayDelivery
     from ..adapters.logs import configure_logging
-    from ..adapters.server import MailServer, listeners_from_settings
+    from ..adapters.server import MailServer, listeners_from_settings, tls_context
     from ..adapters.state import store_from_url
     from ..config import PolicyError, load_settings
     from ..policy import compile_policy
@@ -112,6 +133,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mailpolicy: {e}", file=sys.stderr)
         return 2
+    try:
+        tls = tls_context(settings)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        srv = settings.server
+        print(
+            f"mailpolicy: {args.policy}: server.tls_cert {srv.tls_cert!r} / server.tls_key "
+            f"{srv.tls_key!r}: {_tls_reason(e)}",
+            file=sys.stderr,
+        )
+        return 2
     policy = compile_policy(settings)
     capture = None
     if args.capture:
@@ -137,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             delivery=delivery,
             store=store,
             listeners=listeners,
+            tls=tls,
             timeout=args.timeout,
             proxy_protocol=args.proxy_protocol,
             observer=capture.observer if capture is not None else None,
@@ -148,13 +180,28 @@ def run(args: argparse.Namespace) -> int:
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Future[None]] = []
+
+        def on_signal() -> None:
+            if stop.is_set():
+                # a second SIGTERM or Ctrl-C: do not wait out the grace period
+                log.warning("stopping now")
+                for task in stopping:
+                    task.cancel()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         # MailServer.start has logged each listener (a log record, so that
         # --log-format json stays one object a line).
         await stop.wait()
         log.info("shutting down")
-        await server.stop(grace=args.grace)
+        stopping.append(asyncio.ensure_future(server.stop(grace=args.grace)))
+        try:
+            await stopping[0]
+        except asyncio.CancelledError:
+            for session in list(server.sessions):
+                session.abort()
         await store.close()
         delivery.ledger.close()
         if capture is not None:

@@ -67,9 +67,11 @@ from .events import (
     MessageReceived,
     NeedCount,
     NeedDns,
+    NeedSpooled,
     NeedStamp,
     ReplyRecord,
     Send,
+    Spool,
     Stamp,
     StartTls,
     Submission,
@@ -153,7 +155,7 @@ class _TooLong:
 
 _TOO_LONG: Final = _TooLong()
 
-_NEEDS = (NeedDns, NeedCount, CheckPassword, StartTls, NeedStamp, Deliver)
+_NEEDS = (NeedDns, NeedCount, CheckPassword, StartTls, NeedStamp, NeedSpooled, Deliver)
 
 Steps = Generator[Event, Any, None]
 
@@ -236,6 +238,9 @@ class Connection:
         self._answer: object = None
         self._throw: HostFailure | None = None
         self._closed: Close | None = None
+        server = policy.settings.server
+        self._forbid_bare_lf = server.reject_bare_newline
+        self._memory_limit = server.max_message_memory_kb * 1024
         self._steps: Steps = self._run()
 
     # -- the host's side ---------------------------------------------------------
@@ -313,6 +318,10 @@ class Connection:
     def stamped(self, stamp: Stamp) -> None:
         self._give(NeedStamp, stamp)
 
+    def spooled(self, data: bytes) -> None:
+        """Everything :class:`Spool` events handed out for this message."""
+        self._give(NeedSpooled, data)
+
     def delivered(self, reply: Reply) -> None:
         self._give(Deliver, reply)
 
@@ -359,6 +368,8 @@ class Connection:
                     return _TOO_LONG
                 line = bytes(self._buf[:end])
                 del self._buf[: end + 1]
+                if self._forbid_bare_lf and not line.endswith(b"\r"):
+                    raise _Hangup("bare LF", self._host(R.BARE_LF))
                 return line.rstrip(b"\r\n")
             if len(self._buf) > limit:
                 # Keep memory bounded: drop the line as it comes.
@@ -779,9 +790,28 @@ class Connection:
                 # The client went away mid-message: nothing is delivered.
                 self._busy = self._in_data = False
                 raise _Hangup("client closed the connection during DATA")
+            if reader.in_memory > self._memory_limit:
+                yield Spool(reader.spill())
             yield from self._wait()
         self._in_data = False
-        content = reader.content()
+        if reader.bare_lf and self._forbid_bare_lf:
+            self._reset()
+            raise _Hangup("bare LF", self._host(R.BARE_LF))
+        if reader.spilled:
+            yield Spool(reader.spill())
+            try:
+                content: bytes = yield NeedSpooled()
+            except HostFailure as e:
+                self._reset()
+                self._busy = False
+                yield Decided(
+                    "delivery",
+                    Verdict(Action.DEFER, R.QUEUE_WRITE_ERROR, None, (Evidence("error", str(e)),)),
+                )
+                yield from self._say(R.QUEUE_WRITE_ERROR)
+                return
+        else:
+            content = reader.content()
         yield MessageReceived(content, reader.size)
         try:
             yield from self._end_of_data(content, reader.size)

@@ -2,14 +2,16 @@
 
 Every value :meth:`Connection.next_event` returns is one of these. Three kinds:
 
-* **output**: :class:`Send` (bytes to write) and :class:`Close` (hang up after
-  writing what was sent). The host acts and asks for the next event.
+* **output**: :class:`Send` (bytes to write), :class:`Spool` (message bytes
+  to keep aside) and :class:`Close` (hang up after writing what was sent).
+  The host acts and asks for the next event.
 * **needs**: :data:`NEED_DATA` (read from the client, then
   :meth:`~Connection.receive_data`), :class:`NeedDns`, :class:`NeedCount`,
-  :class:`CheckPassword`, :class:`StartTls`, :class:`NeedStamp` and
-  :class:`Deliver`. The host does the I/O and hands the result back with the
-  matching method (:meth:`~Connection.dns_answers`, :meth:`~Connection.counted`,
-  ...) or :meth:`~Connection.failed`, before it asks for the next event.
+  :class:`CheckPassword`, :class:`StartTls`, :class:`NeedStamp`,
+  :class:`NeedSpooled` and :class:`Deliver`. The host does the I/O and hands
+  the result back with the matching method (:meth:`~Connection.dns_answers`,
+  :meth:`~Connection.counted`, ...) or :meth:`~Connection.failed`, before it
+  asks for the next event.
 * **notes**: :class:`CommandReceived`, :class:`Decided`, :class:`Authenticated`,
   :class:`MessageReceived`, :class:`TlsStarted`. Nothing to do; a host logs
   them or shows them to an observer (capture) and asks for the next event.
@@ -40,9 +42,11 @@ __all__ = [
     "NeedCount",
     "NeedData",
     "NeedDns",
+    "NeedSpooled",
     "NeedStamp",
     "ReplyRecord",
     "Send",
+    "Spool",
     "Stamp",
     "StartTls",
     "Submission",
@@ -153,6 +157,21 @@ class NeedStamp:
 
 
 @attrs.frozen
+class Spool:
+    """Append ``data`` (the next part of the message being received) to this
+    connection's spool: the dialogue keeps only a bounded part of a message
+    in memory."""
+
+    data: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class NeedSpooled:
+    """The message is complete: ``spooled(everything appended)``, and the
+    spool can go."""
+
+
+@attrs.frozen
 class Submission:
     """An accepted message.
 
@@ -227,6 +246,8 @@ Event = (
     | CheckPassword
     | StartTls
     | NeedStamp
+    | Spool
+    | NeedSpooled
     | Deliver
     | CommandReceived
     | Decided

@@ -21,14 +21,23 @@ _END = b"\r\n.\r\n"
 class DataReader:
     """Reads a message up to the lone dot, in bulk (not line by line),
     dot-unstuffed (RFC 5321 4.5.2). Past ``limit`` bytes (0: none) the rest
-    is counted but not kept, so a huge message cannot exhaust memory."""
+    is counted but not kept, so a huge message cannot exhaust memory; what is
+    kept can be taken out as it grows (:meth:`spill`) to be spooled."""
 
     limit: int
     kept: list[bytes] = attrs.field(factory=list)
+    #: bytes kept so far, spilled ones included
     kept_size: int = 0
+    #: bytes kept and not spilled (in memory)
+    in_memory: int = 0
+    spilled: int = 0
     size: int = 0
     #: the next byte starts a line
     line_start: bool = True
+    #: a line ended in LF without CR (an SMTP smuggling ingredient)
+    bare_lf: bool = False
+    #: the last byte taken was CR (a CRLF may straddle two pieces)
+    _cr: bool = False
 
     def feed(self, buf: bytearray) -> bool:
         """Consume what ``buf`` holds of the message; True once the end was seen."""
@@ -61,6 +70,9 @@ class DataReader:
             del buf[:cut]
 
     def _take(self, raw: bytes) -> None:
+        if not self.bare_lf:
+            self.bare_lf = has_bare_lf(raw, after_cr=self._cr)
+        self._cr = raw.endswith(b"\r")
         piece = raw[1:] if self.line_start and raw[:1] == b"." else raw
         piece = piece.replace(b"\r\n.", b"\r\n")
         self.line_start = raw.endswith(b"\r\n")
@@ -70,9 +82,32 @@ class DataReader:
             part = piece[:room]
             self.kept.append(part)
             self.kept_size += len(part)
+            self.in_memory += len(part)
+
+    def spill(self) -> bytes:
+        """Take out what is held in memory (to append to a spool)."""
+        out = b"".join(self.kept)
+        self.kept.clear()
+        self.spilled += len(out)
+        self.in_memory = 0
+        return out
 
     def content(self) -> bytes:
+        """The message, when nothing was spilled."""
+        assert not self.spilled, "part of the message is in the spool"
         return b"".join(self.kept)
+
+
+def has_bare_lf(data: bytes, *, after_cr: bool = False) -> bool:
+    """Whether ``data`` holds an LF not preceded by CR (``after_cr``: the
+    byte before ``data`` was a CR)."""
+    at = data.find(b"\n")
+    while at >= 0:
+        before = data[at - 1 : at] if at else (b"\r" if after_cr else b"")
+        if before != b"\r":
+            return True
+        at = data.find(b"\n", at + 1)
+    return False
 
 
 #: what Postfix's smtpd neuters in a HELO name before it reaches a header

@@ -70,6 +70,7 @@ class R:
     TIMEOUT: Final = Reply(421, "4.4.2", "{host} Error: timeout exceeded")
     SHUTTING_DOWN: Final = Reply(421, "4.3.2", "{host} Service shutting down")
     STORE_FAILED: Final = Reply(421, "4.3.0", "{host} Error: temporary failure")
+    BARE_LF: Final = Reply(521, "5.5.2", "{host} Error: bare <LF> received")
     AUTH_LOCKOUT: Final = Reply(421, "4.7.0", "{host} Error: too many failed authentications")
 
 
