@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from typing import Any
 
 import attrs
@@ -19,7 +20,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from mailpolicy.adapters import capture
+from mailpolicy.adapters import capture, replay
 from mailpolicy.config import settings_from_mapping, settings_to_mapping
 from mailpolicy.model import Networks
 from mailpolicy.settings import (
@@ -308,3 +309,22 @@ def test_written_shapes(settings: Settings, expected: dict[str, Any]) -> None:
 
 def test_capture_writes_with_the_same_function() -> None:
     assert capture.settings_to_mapping is settings_to_mapping
+
+
+# ---------------------------------------------------------------------------
+# The machine's hostname: files and replay cases, never a written mapping
+
+
+def test_a_replay_case_without_hostname_gets_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "Box.LAN.Example")
+    case = replay.Case("c", "c.json", {"policy": {"general": {"max_hops": 3}}})
+    assert replay.build_policy(case).settings.general.hostname == "box.lan.example"
+
+
+def test_a_captured_policy_keeps_its_hostname_on_another_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "other.example")
+    written = as_json(settings_to_mapping(Settings(general=GeneralSettings("mx.example.com"))))
+    case = replay.Case("c", "c.json", {"policy": written})
+    assert replay.build_policy(case).settings.general.hostname == "mx.example.com"
