@@ -38,7 +38,7 @@ HASH = "$scrypt$ln=14,r=8,p=1$cIWhMoydMXIaOhvGcZtMMw$ohojQH3yFBWUo9eVdEGmrCGRf6S
 @pytest.fixture(autouse=True)
 def _machine(monkeypatch: pytest.MonkeyPatch) -> None:
     # getfqdn() may ask DNS; tests must not depend on the machine.
-    monkeypatch.setattr(config, "_machine_fqdn", lambda: MACHINE)
+    monkeypatch.setattr(config, "machine_hostname", lambda: MACHINE)
 
 
 def refused(data: Any) -> PolicyError:
@@ -185,7 +185,7 @@ def test_conformance_policies_load(case: Path) -> None:
 
 
 def test_empty_policy_is_the_defaults() -> None:
-    assert settings_from_mapping({}) == Settings(general=GeneralSettings(hostname=MACHINE))
+    assert settings_from_mapping({}) == Settings()
 
 
 def test_empty_tables_are_the_defaults() -> None:
@@ -193,7 +193,7 @@ def test_empty_tables_are_the_defaults() -> None:
     data: dict[str, Any] = {t: {} for t in tables}
     data["general"] = {"smtp_auth": {}}
     data["security"] = {"sender_policy": {}, "connection_policy": {}, "advanced": {}}
-    assert settings_from_mapping(data) == Settings(general=GeneralSettings(hostname=MACHINE))
+    assert settings_from_mapping(data) == Settings()
 
 
 def test_hostname_given_is_used() -> None:
@@ -201,10 +201,39 @@ def test_hostname_given_is_used() -> None:
     assert s == Settings(general=GeneralSettings(hostname="mx.example.com"))
 
 
-def test_machine_fqdn_is_lower_cased(monkeypatch: pytest.MonkeyPatch) -> None:
+def _never() -> str:
+    raise AssertionError("the loader asked for a default hostname")
+
+
+def test_mapping_loader_never_asks_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "machine_hostname", _never)
+    monkeypatch.setattr(socket, "getfqdn", _never)
+    assert settings_from_mapping({}).general.hostname == "localhost.localdomain"
+
+
+def test_default_hostname_is_asked_only_when_absent() -> None:
+    given = settings_from_mapping(
+        {"general": {"hostname": "mx.example.com"}}, default_hostname=_never
+    )
+    assert given.general.hostname == "mx.example.com"
+    absent = settings_from_mapping({"general": {}}, default_hostname=lambda: "Box.Example.")
+    assert absent == Settings(general=GeneralSettings(hostname="box.example"))
+
+
+def test_a_file_without_hostname_gets_the_machines(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("[general]\nmax_hops = 3\n")
+    assert load_settings(f).general == GeneralSettings(hostname=MACHINE, max_hops=3)
+    f.write_text("")
+    assert load_settings(f) == Settings(general=GeneralSettings(hostname=MACHINE))
+
+
+def test_machine_fqdn_is_lower_cased(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.undo()
     monkeypatch.setattr(socket, "getfqdn", lambda: "Box.LAN.Example")
-    assert settings_from_mapping({}).general.hostname == "box.lan.example"
+    f = tmp_path / "p.toml"
+    f.write_text("")
+    assert load_settings(f).general.hostname == "box.lan.example"
 
 
 # ---------------------------------------------------------------------------

@@ -2,76 +2,28 @@
 
 The doc names tables in headings (`[general.smtp_auth]`, `[[security.lists]]`,
 `[accounts.NAME]`) and keys in the first column of tables whose header starts
-with "key". The code's keys come from walking the attrs classes down from
-``Settings``, with the file's three departures from the classes: accounts are
-tables named after the account, a delivery exception holds its relay host's
-keys inline, and DNSBL zones are written as strings.
+with "key". The code's keys are the loader's own schema
+(:func:`mailpolicy.config.setting_keys`): the tables that read the file, with
+its departures from the attrs classes (accounts named by their table, a
+delivery exception's relay host keys inline, DNSBL zones as strings).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-import typing
 from pathlib import Path
-from typing import Any
 
-import attrs
 import pytest
 
-from mailpolicy.settings import Account, DeliveryException, DnsblZone, Settings
+from mailpolicy.config import SettingKey, setting_keys
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
-#: Written as a string in the file, not as a table.
-LEAVES: frozenset[type] = frozenset({DnsblZone})
-#: (class, field) whose class's fields sit directly in the enclosing table.
-INLINE: frozenset[tuple[type, str]] = frozenset({(DeliveryException, "relay_host")})
-#: Classes whose ``name`` field is the table's name, not a key.
-NAMED: frozenset[type] = frozenset({Account})
 
-
-def _attrs_class(tp: Any) -> type | None:
-    """The attrs class a field holds (directly, in ``X | None`` or ``tuple[X, ...]``)."""
-    candidates = [tp, *typing.get_args(tp)]
-    for c in candidates:
-        if isinstance(c, type) and attrs.has(c) and c not in LEAVES:
-            return c
-    return None
-
-
-def _is_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple
-
-
-def code_keys() -> dict[str, Any]:
-    """Every key path of the file, mapped to its attrs field."""
-    out: dict[str, Any] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for field in attrs.fields(cls):
-            if cls in NAMED and field.name == "name":
-                continue
-            tp = hints[field.name]
-            inner = _attrs_class(tp)
-            if (cls, field.name) in INLINE and inner is not None:
-                walk(inner, prefix)
-                continue
-            key = f"{prefix}.{field.name}" if prefix else field.name
-            out[key] = field
-            if inner is None:
-                continue
-            if inner in NAMED:
-                out[f"{key}.NAME"] = field
-                walk(inner, f"{key}.NAME")
-            elif _is_tuple(tp):
-                walk(inner, f"{key}[]")
-            else:
-                walk(inner, key)
-
-    walk(Settings, "")
-    return out
+def code_keys() -> dict[str, SettingKey]:
+    """Every key path of the file, mapped to what the schema knows of it."""
+    return {key.path: key for key in setting_keys()}
 
 
 _HEADING_TABLE = re.compile(r"`(\[\[?)([A-Za-z0-9_.]+)\]\]?`")
@@ -117,13 +69,6 @@ def test_every_documented_key_exists() -> None:
     assert not unknown, f"docs/settings.md documents keys the code lacks: {unknown}"
 
 
-def _plain(value: Any) -> Any:
-    """A default as TOML would write it (networks and tuples as string lists)."""
-    if isinstance(value, tuple):
-        return [str(v) for v in value]
-    return value
-
-
 def documented_defaults() -> dict[str, str]:
     """Keys whose doc default is one TOML literal (not words), with it."""
     out: dict[str, str] = {}
@@ -142,9 +87,9 @@ def test_most_defaults_are_checked() -> None:
 @pytest.mark.parametrize(("key", "literal"), sorted(documented_defaults().items()))
 def test_documented_default_matches_code(key: str, literal: str) -> None:
     documented = tomllib.loads(f"v = {literal}")["v"]
-    field = code_keys()[key]
-    assert field.default is not attrs.NOTHING, f"{key} is required in the code"
-    assert _plain(field.default) == documented
+    setting = code_keys()[key]
+    assert not setting.required, f"{key} is required in the code"
+    assert setting.default == documented
 
 
 def test_the_walk_sees_the_file_shapes() -> None:
@@ -156,3 +101,6 @@ def test_the_walk_sees_the_file_shapes() -> None:
     assert "security.advanced.dnsbl" in keys
     assert "security.advanced.dnsbl[].zone" not in keys
     assert "general.smtp_auth.local_networks" in keys
+    assert "accounts.NAME.password" not in keys  # known only to be refused
+    assert keys["delivery.exceptions[].host"].required
+    assert keys["general.smtp_auth.local_networks"].default == ["127.0.0.0/8", "::1/128"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from .config import PolicyError, load_settings, settings_from_mapping
+from .config import PolicyError, load_settings, settings_from_mapping, settings_to_mapping
 
 # Imported here, before anything imports the submodule lazily, so that the
 # package attribute ``evaluate`` is the function, not the module.
@@ -82,6 +82,7 @@ __all__ = [
     "load_settings",
     "replay_case",
     "settings_from_mapping",
+    "settings_to_mapping",
 ]
 
 #: names served by adapters, imported on first use so that ``import

@@ -4,12 +4,13 @@ Theory of operation
 -------------------
 The loader walks the data once, table by table. Each table is read against
 the attrs class it becomes (a :class:`_Table`): the class's fields are the
-table's allowed keys, and every field has a *reader* that checks one value
-and converts it. A reader that refuses a value raises :class:`_Refused`; the
-walker records the refusal with its key path (``security.lists[2].client[0]``)
-and carries on with the next key, so one pass reports every problem in the
-file. An object is built only from a subtree without problems, and the whole
-``Settings`` only when there were none at all: nothing half-loaded escapes.
+table's allowed keys, and every field has a node that reads one value (checks
+and converts it) and writes it back. A node that refuses a value raises
+:class:`_Refused`; the walker records the refusal with its key path
+(``security.lists[2].client[0]``) and carries on with the next key, so one pass
+reports every problem in the file. An object is built only from a subtree
+without problems, and the whole ``Settings`` only when there were none at all:
+nothing half-loaded escapes.
 
 Rules that tie several keys together (relay mode needs a relay host, a TLS
 listener needs a certificate, a white rule cannot reject) are each table's
@@ -21,9 +22,17 @@ puts an account's name in the table name, ``[[delivery.exceptions]]`` holds its
 relay host's keys inline, and ``security.advanced.dnsbl`` entries are strings
 (``zone`` or ``zone=127.0.0.2``).
 
-cattrs is not used: strict bool/int separation, error paths in the file's own
-notation, unknown-key messages that list the allowed keys, and the cross-key
-rules would each need a custom hook, leaving cattrs little to do.
+These tables are the one statement of the file's schema: the loader reads with
+them, :func:`settings_to_mapping` writes with them (captures, round trips), and
+:func:`setting_keys` lists the file's keys from them (the reference in
+docs/settings.md is tested against that list).
+
+cattrs is not used. Tried as the loader: its default hooks coerce (``"x"`` to
+int fails with Python's message, ``3`` is a bool, a string is a tuple of
+characters), a non-table is an ``AttributeError``, non-string keys break its
+own error formatting, and unknown keys come as a set after all fields, so file
+order is lost. Every value, table and cross-key rule needed a hook of ours,
+leaving cattrs only the loop over fields.
 """
 
 from __future__ import annotations
@@ -66,7 +75,16 @@ from .settings import (
     normalize_domain,
 )
 
-__all__ = ["PolicyError", "PolicyIssue", "load_settings", "settings_from_mapping"]
+__all__ = [
+    "PolicyError",
+    "PolicyIssue",
+    "SettingKey",
+    "load_settings",
+    "machine_hostname",
+    "setting_keys",
+    "settings_from_mapping",
+    "settings_to_mapping",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +147,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
 
     Raises :class:`PolicyError` naming the file for an unreadable file, bad
     TOML (with line and column) or any invalid setting (with its key path).
+    Without ``general.hostname`` the hostname is :func:`machine_hostname`.
     """
     source = os.fspath(path)
     try:
@@ -142,7 +161,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise PolicyError(source, "", f"not valid UTF-8: {e}") from None
     except OSError as e:
         raise PolicyError(source, "", f"cannot read the file: {e.strerror or e}") from None
-    return settings_from_mapping(data, source)
+    # Only a file stands for this machine: its default hostname is the machine's.
+    return settings_from_mapping(data, source, default_hostname=machine_hostname)
 
 
 # ---------------------------------------------------------------------------
@@ -258,23 +278,92 @@ def _put_back(node: Any, token: str, arrays: dict[str, list[str]]) -> None:
             _put_back(value, token, arrays)
 
 
-def settings_from_mapping(data: Mapping[str, Any], source: str = "<policy>") -> Settings:
+def settings_from_mapping(
+    data: Mapping[str, Any],
+    source: str = "<policy>",
+    *,
+    default_hostname: Callable[[], str] | None = None,
+) -> Settings:
     """Convert parsed policy data (TOML or JSON: tables as mappings) to settings.
 
-    ``source`` names the data in errors. When ``general.hostname`` is absent
-    the machine's FQDN is used. Raises :class:`PolicyError` with every problem.
+    ``source`` names the data in errors. When ``general.hostname`` is absent it
+    is ``default_hostname()`` if given (:func:`load_settings` gives
+    :func:`machine_hostname`), else ``GeneralSettings``' static default: this
+    function never consults the machine. Raises :class:`PolicyError` with
+    every problem.
     """
     walk = _Walk(source)
     try:
         settings: Settings = walk.read(_read_settings, "", data)
     except _Reported:
         raise PolicyError.from_issues(walk.issues) from None
+    if default_hostname is not None and "hostname" not in data.get("general", {}):
+        general = attrs.evolve(settings.general, hostname=default_hostname())
+        settings = attrs.evolve(settings, general=general)
     return settings
 
 
-def _machine_fqdn() -> str:
-    """The only fact the loader takes from the machine (tests replace it)."""
+def settings_to_mapping(settings: Settings, *, accounts: bool = False) -> dict[str, Any]:
+    """``settings`` as a policy mapping: the file's keys, JSON-ready.
+
+    Written by the same schema that reads the file, so
+    :func:`settings_from_mapping` reads it back to equal settings. Keys at their
+    default are left out (the mapping stays readable), except
+    ``general.hostname``, always written: read back without it, the hostname
+    would be whatever the reader's default is. ``accounts`` (password hashes)
+    are left out unless asked for: a capture must not carry them.
+    """
+    out: dict[str, Any] = _SETTINGS.write(settings)
+    if not accounts:
+        out.pop("accounts", None)
+    return out
+
+
+def machine_hostname() -> str:
+    """This machine's FQDN, lower-cased: the file's default ``general.hostname``."""
     return socket.getfqdn().lower()
+
+
+@attrs.frozen
+class SettingKey:
+    """One key of the policy file, as the loader's schema knows it.
+
+    ``path`` is in the reference's notation: ``security.lists[].client``,
+    ``accounts.NAME.password_hash``. ``default`` is as the file would write it
+    (``None`` when the key has none or is ``required``).
+    """
+
+    path: str
+    required: bool
+    default: Any
+
+
+def setting_keys() -> tuple[SettingKey, ...]:
+    """Every key of the policy file, in the order of the settings classes."""
+    out: list[SettingKey] = []
+    _table_keys(_SETTINGS, "", out)
+    return tuple(out)
+
+
+def _table_keys(table: _Table, prefix: str, out: list[SettingKey]) -> None:
+    for name in table.fields:
+        inline = table.inline.get(name)
+        if inline is not None:
+            _table_keys(inline, prefix, out)
+            continue
+        node = table.readers[name]
+        path = f"{prefix}.{name}" if prefix else name
+        default = table.defaults[name]
+        required = default is attrs.NOTHING
+        written = None if required or default is None else node.write(default)
+        out.append(SettingKey(path, required, written))
+        if isinstance(node, _Table):
+            _table_keys(node, path, out)
+        elif isinstance(node, _List) and isinstance(node.item, _Table):
+            _table_keys(node.item, f"{path}[]", out)
+        elif isinstance(node, _Accounts):
+            out.append(SettingKey(f"{path}.NAME", False, None))
+            _table_keys(node.table, f"{path}.NAME", out)
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +382,17 @@ class _Reported(Exception):
     """A subtree had problems, already recorded: build nothing from it."""
 
 
-Reader = Callable[["_Walk", str, object], Any]
+class _Node:
+    """One value of the file: how it is read (checked and converted to what
+    the settings class holds) and written back (to what the file holds)."""
+
+    def __call__(self, walk: _Walk, path: str, value: object) -> Any:
+        raise NotImplementedError
+
+    def write(self, value: Any) -> Any:
+        raise NotImplementedError
+
+
 Check = Callable[["_Walk", str, Mapping[object, object], dict[str, Any]], None]
 Make = Callable[[dict[str, Any]], Any]
 
@@ -308,7 +407,7 @@ class _Walk:
     def refuse(self, key: str, reason: str) -> None:
         self.issues.append(PolicyIssue(self.source, key, reason))
 
-    def read(self, reader: Reader, path: str, value: object) -> Any:
+    def read(self, reader: Callable[[_Walk, str, object], Any], path: str, value: object) -> Any:
         """``reader``'s result, or :class:`_Reported` if it found any problem."""
         before = len(self.issues)
         try:
@@ -351,20 +450,34 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-@attrs.frozen
-class _Table:
-    """How one table of the file becomes an instance of ``cls``.
+def _as_is(value: Any) -> Any:
+    return value
 
-    ``readers`` maps every allowed key to its reader; ``required`` keys must be
-    present; ``check`` enforces rules across keys; ``make`` builds the object
-    from the converted values (``cls(**values)`` by default).
+
+@attrs.frozen
+class _Table(_Node):
+    """How one table of the file becomes an instance of ``cls``, and back.
+
+    ``fields`` are the attributes of ``cls`` the file holds, in class order;
+    ``readers`` maps every key of the table to its node, the keys of an
+    ``inline`` field's table included (they sit in this table, not in one of
+    their own). ``refused`` keys are known only to be refused with a reason;
+    ``required`` keys must be present; ``check`` enforces rules across keys;
+    ``make`` builds the object from the converted values (``cls(**values)``
+    by default). ``defaults`` are the fields' converted defaults: a field at
+    its default is not written, unless it is ``always`` written.
     """
 
     cls: type[Any]
-    readers: Mapping[str, Reader]
+    fields: tuple[str, ...]
+    readers: Mapping[str, _Node]
+    defaults: Mapping[str, Any]
     required: tuple[str, ...]
-    check: Check | None = None
-    make: Make | None = None
+    inline: Mapping[str, _Table]
+    refused: Mapping[str, str]
+    check: Check | None
+    make: Make | None
+    always: frozenset[str]
 
     def __call__(self, walk: _Walk, path: str, value: object) -> Any:
         data = _table_data(value)
@@ -375,9 +488,12 @@ class _Table:
                 walk.refuse(path, f"key {key!r} is not a string")
                 continue
             sub = _join(path, key)
+            if key in self.refused:
+                walk.refuse(sub, self.refused[key])
+                continue
             reader = self.readers.get(key)
             if reader is None:
-                allowed = ", ".join(self.readers)
+                allowed = ", ".join([*self.readers, *self.refused])
                 walk.refuse(sub, f"unknown key {key!r}; allowed keys: {allowed}")
                 continue
             with contextlib.suppress(_Reported):
@@ -385,12 +501,29 @@ class _Table:
         for key in self.required:
             if key not in data:
                 walk.refuse(_join(path, key), "required key is missing")
-        if self.check is not None:
-            self.check(walk, path, data, values)
+        for check in (self.check, *(t.check for t in self.inline.values())):
+            if check is not None:
+                check(walk, path, data, values)
         # The caller's walk.read() notices any problem and skips the result.
         if len(walk.issues) > before:
             return None
+        return self.build(values)
+
+    def build(self, values: dict[str, Any]) -> Any:
+        for name, table in self.inline.items():
+            values[name] = table.build({k: values.pop(k) for k in table.readers if k in values})
         return self.make(values) if self.make is not None else self.cls(**values)
+
+    def write(self, value: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.fields:
+            item = getattr(value, name)
+            inline = self.inline.get(name)
+            if inline is not None:
+                out.update(inline.write(item))
+            elif name in self.always or item != self.defaults[name]:
+                out[name] = self.readers[name].write(item)
+        return out
 
 
 def _table_data(value: object) -> Mapping[object, object]:
@@ -401,51 +534,86 @@ def _table_data(value: object) -> Mapping[object, object]:
 
 def _table(
     cls: type[Any],
-    readers: Mapping[str, Reader] | None = None,
+    readers: Mapping[str, _Node] | None = None,
     *,
     omit: Iterable[str] = (),
-    extra: Mapping[str, Reader] | None = None,
-    required: Iterable[str] = (),
+    inline: Mapping[str, _Table] | None = None,
+    refused: Mapping[str, str] | None = None,
     check: Check | None = None,
     make: Make | None = None,
+    always: Iterable[str] = (),
 ) -> _Table:
-    """A :class:`_Table` for ``cls``: its fields (less ``omit``, plus ``extra``).
+    """A :class:`_Table` for ``cls``: its fields less ``omit``.
 
-    Fields without a reader in ``readers`` get one from their type (bool,
-    int >= 0, number >= 0). A field of any other type without a reader is a
+    Fields without a node in ``readers`` get one from their type (bool,
+    int >= 0, number >= 0). A field of any other type without a node is a
     programming error, raised at import so a new setting cannot go unchecked.
     """
     readers = dict(readers or {})
+    inline = dict(inline or {})
     hints = typing.get_type_hints(cls)
     skip = set(omit)
-    table: dict[str, Reader] = {}
+    fields: list[str] = []
+    table: dict[str, _Node] = {}
+    defaults: dict[str, Any] = {}
     needed: list[str] = []
     for field in attrs.fields(cls):
         if field.name in skip:
+            continue
+        fields.append(field.name)
+        if field.name in inline:
+            table.update(inline[field.name].readers)
+            needed.extend(inline[field.name].required)
             continue
         reader = readers.pop(field.name, None) or _TYPE_READERS.get(hints[field.name])
         if reader is None:
             raise TypeError(f"no reader for {cls.__name__}.{field.name}")
         table[field.name] = reader
+        defaults[field.name] = _converted_default(field)
         if field.default is attrs.NOTHING:
             needed.append(field.name)
     if readers:
         raise TypeError(f"readers for unknown fields of {cls.__name__}: {sorted(readers)}")
-    table.update(extra or {})
-    return _Table(cls, table, (*needed, *required), check, make)
+    return _Table(
+        cls,
+        tuple(fields),
+        table,
+        defaults,
+        tuple(needed),
+        inline,
+        dict(refused or {}),
+        check,
+        make,
+        frozenset(always),
+    )
 
 
-def _list(item: Reader, *, nonempty: bool = False, unique: str | None = None) -> Reader:
+def _converted_default(field: attrs.Attribute[Any]) -> Any:
+    """The field's default as an instance holds it (networks parsed, ...)."""
+    default = field.default
+    if default is attrs.NOTHING or field.converter is None:
+        return default
+    convert: Callable[[Any], Any] = field.converter  # type: ignore[assignment]
+    return convert(default)
+
+
+@attrs.frozen
+class _List(_Node):
     """An array whose elements ``item`` reads; ``unique`` names a key that
     must differ between the array's tables (rule names)."""
 
-    def read(walk: _Walk, path: str, value: object) -> tuple[Any, ...]:
+    item: _Node
+    nonempty: bool = False
+    unique: str | None = None
+
+    def __call__(self, walk: _Walk, path: str, value: object) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple):
             raise _Refused(f"expected an array, got {_describe(value)}")
-        if nonempty and not value:
+        if self.nonempty and not value:
             raise _Refused("must not be empty")
         out: list[Any] = []
         seen: dict[str, str] = {}
+        unique = self.unique
         for i, element in enumerate(value):
             sub = f"{path}[{i}]"
             if unique is not None and isinstance(element, Mapping):
@@ -457,49 +625,61 @@ def _list(item: Reader, *, nonempty: bool = False, unique: str | None = None) ->
                 elif isinstance(name, str):
                     seen[name] = sub
             with contextlib.suppress(_Reported):
-                out.append(walk.read(item, sub, element))
+                out.append(walk.read(self.item, sub, element))
         return tuple(out)
 
-    return read
+    def write(self, value: Any) -> list[Any]:
+        return [self.item.write(v) for v in value]
 
 
-def _scalar(convert: Callable[[object], Any]) -> Reader:
-    """A reader from a one-value converter that raises :class:`_Refused`."""
+@attrs.frozen
+class _Scalar(_Node):
+    """One value: ``convert`` checks it (raising :class:`_Refused`) and
+    converts it; ``unconvert`` writes it back."""
 
-    def read(walk: _Walk, path: str, value: object) -> Any:
-        return convert(value)
+    convert: Callable[[object], Any]
+    unconvert: Callable[[Any], Any] = _as_is
 
-    read.convert = convert  # type: ignore[attr-defined]  # for _values
-    return read
+    def __call__(self, walk: _Walk, path: str, value: object) -> Any:
+        return self.convert(value)
 
-
-def _converter(reader: Reader) -> Callable[[object], Any]:
-    """The one-value converter of a :func:`_scalar` reader."""
-    convert: Callable[[object], Any] = reader.convert  # type: ignore[attr-defined]
-    return convert
+    def write(self, value: Any) -> Any:
+        return self.unconvert(value)
 
 
-def _values(
-    convert: Callable[[object], Any],
-    finish: Callable[[list[Any]], tuple[Any, ...]] = tuple,
-) -> Reader:
+def _scalar(convert: Callable[[object], Any], unconvert: Callable[[Any], Any] = _as_is) -> _Scalar:
+    return _Scalar(convert, unconvert)
+
+
+def _list(item: _Node, *, nonempty: bool = False, unique: str | None = None) -> _List:
+    return _List(item, nonempty, unique)
+
+
+@attrs.frozen
+class _Values(_Node):
     """``_list(_scalar(convert))`` for arrays that may hold a million values:
     one tight loop, the key path made only for a value that is refused (the
     same problems, in the same order); ``finish`` builds the result."""
 
-    def read(walk: _Walk, path: str, value: object) -> tuple[Any, ...]:
+    convert: Callable[[object], Any]
+    finish: Callable[[list[Any]], tuple[Any, ...]] = tuple
+    unconvert: Callable[[Any], Any] = _as_is
+
+    def __call__(self, walk: _Walk, path: str, value: object) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple):
             raise _Refused(f"expected an array, got {_describe(value)}")
         out: list[Any] = []
         append = out.append
+        convert = self.convert
         for i, element in enumerate(value):
             try:
                 append(convert(element))
             except _Refused as e:
                 walk.refuse(f"{path}[{i}]", e.reason)
-        return finish(out)
+        return self.finish(out)
 
-    return read
+    def write(self, value: Any) -> list[Any]:
+        return [self.unconvert(v) for v in value]
 
 
 # ---------------------------------------------------------------------------
@@ -512,7 +692,7 @@ def _bool(value: object) -> bool:
     return value
 
 
-def _int(minimum: int = 0, maximum: int | None = None) -> Reader:
+def _int(minimum: int = 0, maximum: int | None = None) -> _Scalar:
     def convert(value: object) -> int:
         # bool is an int in Python; in the file `true` is not 1.
         if isinstance(value, bool) or not isinstance(value, int):
@@ -523,7 +703,7 @@ def _int(minimum: int = 0, maximum: int | None = None) -> Reader:
     return _scalar(convert)
 
 
-def _number(minimum: float = 0, *, above: bool = False) -> Reader:
+def _number(minimum: float = 0, *, above: bool = False) -> _Scalar:
     def convert(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Refused(f"expected a number, got {_describe(value)}")
@@ -567,7 +747,7 @@ def _text_line(value: object) -> str:
     return text
 
 
-def _choice(*allowed: str) -> Reader:
+def _choice(*allowed: str) -> _Scalar:
     def convert(value: object) -> str:
         text = _string(value)
         if text not in allowed:
@@ -692,7 +872,7 @@ def _owned_address(value: object) -> str:
     return _address_text(text)
 
 
-def _list_value(*, null_sender: bool) -> Reader:
+def _list_value(*, null_sender: bool) -> _Scalar:
     """A sender or recipient list value: ``a@b.example``, ``b.example``,
     ``user@`` or (senders only) ``<>``, the null sender."""
 
@@ -840,6 +1020,10 @@ def _listener(value: object) -> str | None:
     return text
 
 
+def _unlistener(value: str | None) -> str:
+    return "" if value is None else value
+
+
 def _nameserver(value: object) -> str:
     """An IP address, optionally with a port: ``IP:PORT`` or ``[IPv6]:PORT``."""
     text = _string(value).strip()
@@ -890,10 +1074,9 @@ def _password_hash(value: object) -> str:
     return text
 
 
-def _clear_password(value: object) -> None:
-    raise _Refused(
-        "clear passwords are not allowed; store password_hash made by `mailpolicy hash-password`"
-    )
+_CLEAR_PASSWORD: Final = (
+    "clear passwords are not allowed; store password_hash made by `mailpolicy hash-password`"
+)
 
 
 def _account_name(name: str) -> str:
@@ -962,55 +1145,48 @@ def _check_server(
             walk.refuse(_join(path, listener), "needs tls_cert and tls_key")
 
 
-def _make_general(values: dict[str, Any]) -> GeneralSettings:
-    if "hostname" not in values:
-        values["hostname"] = _machine_fqdn()
-    return GeneralSettings(**values)
+@attrs.frozen
+class _Accounts(_Node):
+    """``[accounts.NAME]``: tables named after their account, read by ``table``
+    (an account less its name)."""
 
+    table: _Table
 
-_RELAY_HOST_READERS: Final[Mapping[str, Reader]] = {
-    "host": _scalar(_host),
-    "port": _int(1, 65535),
-    "security": _choice("none", "starttls", "tls"),
-    "username": _scalar(_word),
-    "password_env": _scalar(_env_name),
-}
+    def __call__(self, walk: _Walk, path: str, value: object) -> tuple[Account, ...]:
+        accounts: list[Account] = []
+        for name, table in _table_data(value).items():
+            if not isinstance(name, str):
+                walk.refuse(path, f"key {name!r} is not a string")
+                continue
+            sub = _join(path, name)
+            try:
+                _account_name(name)
+            except _Refused as e:
+                walk.refuse(sub, e.reason)
+            try:
+                fields = walk.read(self.table, sub, table)
+            except _Reported:
+                continue
+            accounts.append(Account(name=name, **fields))
+        return tuple(accounts)
 
-
-def _make_exception(values: dict[str, Any]) -> DeliveryException:
-    host = {k: values.pop(k) for k in _RELAY_HOST_READERS if k in values}
-    return DeliveryException(**values, relay_host=RelayHost(**host))
-
-
-def _read_accounts(walk: _Walk, path: str, value: object) -> tuple[Account, ...]:
-    accounts: list[Account] = []
-    for name, table in _table_data(value).items():
-        if not isinstance(name, str):
-            walk.refuse(path, f"key {name!r} is not a string")
-            continue
-        sub = _join(path, name)
-        try:
-            _account_name(name)
-        except _Refused as e:
-            walk.refuse(sub, e.reason)
-        try:
-            fields = walk.read(_ACCOUNT, sub, table)
-        except _Reported:
-            continue
-        accounts.append(Account(name=name, **fields))
-    return tuple(accounts)
+    def write(self, value: Any) -> dict[str, Any]:
+        return {account.name: self.table.write(account) for account in value}
 
 
 # ---------------------------------------------------------------------------
-# The schema: one table per settings class
+# The schema: one table per settings class. Reading and writing the file,
+# and the list of its keys (setting_keys), all come from these tables.
 
-_TYPE_READERS: Final[Mapping[object, Reader]] = {
+_TYPE_READERS: Final[Mapping[object, _Node]] = {
     bool: _scalar(_bool),
     int: _int(0),
     float: _number(0),
 }
 
-_SMTP_AUTH: Final = _table(SmtpAuthSettings, {"local_networks": _list(_scalar(_network))})
+_NETWORK: Final = _scalar(_network, str)
+
+_SMTP_AUTH: Final = _table(SmtpAuthSettings, {"local_networks": _list(_NETWORK)})
 
 _GENERAL: Final = _table(
     GeneralSettings,
@@ -1023,10 +1199,22 @@ _GENERAL: Final = _table(
         "external_postmasters": _list(_scalar(_address)),
         "smtp_auth": _SMTP_AUTH,
     },
-    make=_make_general,
+    # The default hostname is the reader's (see settings_from_mapping):
+    # written down, the settings read back the same anywhere.
+    always=["hostname"],
 )
 
-_RELAY_HOST: Final = _table(RelayHost, _RELAY_HOST_READERS, check=_check_credentials)
+_RELAY_HOST: Final = _table(
+    RelayHost,
+    {
+        "host": _scalar(_host),
+        "port": _int(1, 65535),
+        "security": _choice("none", "starttls", "tls"),
+        "username": _scalar(_word),
+        "password_env": _scalar(_env_name),
+    },
+    check=_check_credentials,
+)
 
 _EXCEPTION: Final = _table(
     DeliveryException,
@@ -1035,11 +1223,7 @@ _EXCEPTION: Final = _table(
         "match": _choice("recipient", "sender"),
         "targets": _list(_scalar(_target), nonempty=True),
     },
-    omit=["relay_host"],
-    extra=_RELAY_HOST_READERS,
-    required=["host"],
-    check=_check_credentials,
-    make=_make_exception,
+    inline={"relay_host": _RELAY_HOST},
 )
 
 _DELIVERY: Final = _table(
@@ -1056,7 +1240,7 @@ _DELIVERY: Final = _table(
 _RELAY: Final = _table(
     RelaySettings,
     {
-        "trusted_networks": _list(_scalar(_network)),
+        "trusted_networks": _list(_NETWORK),
         "inbound_domains": _list(_scalar(_domain)),
     },
 )
@@ -1070,11 +1254,11 @@ _LIST_RULE: Final = _table(
         "text": _scalar(_text_line),
         # (what these readers return is already as ListRule's converters
         # would make it: a compact Networks, Normalized strings)
-        "client": _values(_network_entry, Networks.from_entries),
-        "client_hostname": _values(_list_domain, Normalized),
-        "helo": _values(_list_domain, Normalized),
-        "sender": _values(_list_address(_converter(_list_value(null_sender=True))), Normalized),
-        "recipient": _values(_list_address(_converter(_list_value(null_sender=False))), Normalized),
+        "client": _Values(_network_entry, Networks.from_entries, str),
+        "client_hostname": _Values(_list_domain, Normalized),
+        "helo": _Values(_list_domain, Normalized),
+        "sender": _Values(_list_address(_list_value(null_sender=True).convert), Normalized),
+        "recipient": _Values(_list_address(_list_value(null_sender=False).convert), Normalized),
     },
     check=_check_rule,
     make=_make_rule,
@@ -1086,21 +1270,23 @@ _SECURITY: Final = _table(
         "lists": _list(_LIST_RULE, unique="name"),
         "sender_policy": _table(SenderPolicy),
         "connection_policy": _table(ConnectionPolicy, {"rate_window_seconds": _int(1)}),
-        "advanced": _table(AdvancedSettings, {"dnsbl": _list(_scalar(_dnsbl))}),
+        "advanced": _table(AdvancedSettings, {"dnsbl": _list(_scalar(_dnsbl, str))}),
     },
 )
 
 _REPLIES: Final = _table(Replies, {f.name: _int(400, 599) for f in attrs.fields(Replies)})
 
+_LISTENER: Final = _scalar(_listener, _unlistener)
+
 _SERVER: Final = _table(
     ServerSettings,
     {
-        "smtp": _scalar(_listener),
-        "submission": _scalar(_listener),
-        "smtps": _scalar(_listener),
+        "smtp": _LISTENER,
+        "submission": _LISTENER,
+        "smtps": _LISTENER,
         "tls_cert": _scalar(_word),
         "tls_key": _scalar(_word),
-        "proxy_networks": _list(_scalar(_network)),
+        "proxy_networks": _list(_NETWORK),
     },
     check=_check_server,
 )
@@ -1117,17 +1303,9 @@ _ACCOUNT: Final = _table(
     Account,
     {"password_hash": _scalar(_password_hash), "addresses": _list(_scalar(_owned_address))},
     omit=["name"],
-    extra={"password": _scalar(_clear_password)},
+    refused={"password": _CLEAR_PASSWORD},
     make=dict,
 )
-
-
-def _make_settings(values: dict[str, Any]) -> Settings:
-    if "general" not in values:
-        # The machine's FQDN is needed even when [general] is absent.
-        values["general"] = _make_general({})
-    return Settings(**values)
-
 
 _SETTINGS: Final = _table(
     Settings,
@@ -1139,9 +1317,10 @@ _SETTINGS: Final = _table(
         "replies": _REPLIES,
         "server": _SERVER,
         "dns": _DNS,
-        "accounts": _read_accounts,
+        "accounts": _Accounts(_ACCOUNT),
     },
-    make=_make_settings,
+    # general.hostname is always written, so [general] is too
+    always=["general"],
 )
 
 

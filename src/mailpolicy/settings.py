@@ -5,7 +5,7 @@ field for field, with the same names and defaults. Values are already
 validated and normalised here (networks parsed, domains lower-cased without a
 trailing dot), so a ``Settings`` object that exists is usable: the loader in
 :mod:`mailpolicy.config` turns a TOML file into one, or refuses it with the
-file, the key path and the reason.
+file, the key path and the reason, and writes one back as a mapping.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ class SmtpAuthSettings:
 
 @attrs.frozen
 class GeneralSettings:
-    """``[general]``. ``hostname`` has no static default: the loader puts
-    the machine's FQDN there when the file does not say."""
+    """``[general]``. A policy *file* without ``hostname`` gets the machine's
+    FQDN (``config.load_settings``); the static default here is what a mapping
+    gets, so that settings never depend on the machine they are built on."""
 
     hostname: str = attrs.field(default="localhost.localdomain", converter=normalize_domain)
     banner: str = "$hostname ESMTP"

@@ -62,14 +62,10 @@ from typing import Any
 
 import attrs
 
+from ..config import settings_to_mapping
 from ..dialogue import ReplyRecord
 from ..model import DnsQuery, DnsResult, Reply, RType, Session
-from ..settings import (
-    DeliveryException,
-    DnsblZone,
-    ServerSettings,
-    Settings,
-)
+from ..settings import Settings
 from .dns import StaticZone, ZoneError
 from .driver import SessionObserver
 from .replay import build_message
@@ -104,66 +100,6 @@ codecs.register_error("mailpolicy-capture", _question_marks)
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "mailpolicy-capture")
-
-
-# ---------------------------------------------------------------------------
-# Settings as a policy mapping
-
-
-def _plain(value: Any) -> Any:
-    """A settings value as JSON: attrs classes as objects (``None`` left out)."""
-    if isinstance(value, DnsblZone):
-        return str(value)
-    if isinstance(value, DeliveryException):
-        return {
-            "name": value.name,
-            "match": value.match,
-            "targets": list(value.targets),
-            **_plain(value.relay_host),
-        }
-    if isinstance(value, ServerSettings):
-        out = _attrs_mapping(value)
-        if value.smtp is None:
-            out["smtp"] = ""  # "" switches the listener off; absent means the default
-        return out
-    if attrs.has(type(value)):
-        return _attrs_mapping(value)
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value)
-    return value
-
-
-def _attrs_mapping(value: Any) -> dict[str, Any]:
-    """The fields that differ from their defaults (a capture stays readable);
-    ``hostname`` always, since the loader's default is the machine's name."""
-    try:
-        defaults: Any = type(value)()  # converted defaults, e.g. networks parsed
-    except TypeError:  # a class with required fields (a list rule, a relay host)
-        defaults = None
-    out: dict[str, Any] = {}
-    for f in attrs.fields(type(value)):
-        v = getattr(value, f.name)
-        default = getattr(defaults, f.name) if defaults is not None else f.default
-        if v is None or (f.name != "hostname" and v == default):
-            continue
-        out[f.name] = _plain(v)
-    return out
-
-
-def settings_to_mapping(settings: Settings) -> dict[str, Any]:
-    """``settings`` as a policy mapping (the TOML file's keys, JSON-ready).
-
-    :func:`~mailpolicy.config.settings_from_mapping` reads it back to equal
-    settings, except ``accounts``, which are left out: a capture must not
-    carry password hashes (the case's own ``accounts`` stand in for them).
-    """
-    out = _attrs_mapping(settings)
-    out.pop("accounts", None)
-    # left out, the loader would put the machine's name there
-    out.setdefault("general", {"hostname": settings.general.hostname})
-    return out
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from ..config import PolicyError, settings_from_mapping
+from ..config import PolicyError, machine_hostname, settings_from_mapping
 from ..dialogue import Connection, ReplyRecord
 from ..model import Reply
 from ..passwords import hash_password
@@ -195,7 +195,12 @@ def build_policy(case: Case, base: Settings | None = None) -> Policy:
         settings = (
             base
             if base is not None
-            else settings_from_mapping(case.data.get("policy", {}), source=f"{case.source}: policy")
+            # a case's policy is a policy file as JSON: the same default hostname
+            else settings_from_mapping(
+                case.data.get("policy", {}),
+                source=f"{case.source}: policy",
+                default_hostname=machine_hostname,
+            )
         )
     except PolicyError as e:
         raise CaseError(case.source, str(e)) from e
