@@ -211,7 +211,7 @@ def test_replay_mbox_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             "+0000",
             "10.1.2.3",
             "EXCH01.corp.example",
-            None,
+            "exch01.corp.example",  # shown, not said to be verified
             None,
             True,
             False,
