@@ -257,6 +257,7 @@ def test_received_formats(
 def test_a_header_forged_below_ours_is_not_read() -> None:
     msg = mailbox.mboxMessage(
         "Return-Path: <a@b.example>\n"
+        "X-Original-To: bob@example.com\n"
         "Received: from real.example (real.example [203.0.113.1]) by mx.example.com "
         "(Postfix) with ESMTP id 1; Mon, 1 Jan 2024 00:00:00 +0000\n"
         "Received: from trusted (trusted [10.0.0.1]) by mx.example.com (Postfix) with ESMTP "
