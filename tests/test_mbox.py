@@ -119,10 +119,17 @@ def test_replay_mbox_command(
         "unreadable" if not g.readable else g.verdict for g in expected
     ]
     unreadable = sum(not g.readable for g in expected)
-    assert err.strip() == (
+    head, *table = err.strip().splitlines()
+    assert head == (
         f"mailpolicy: {len(expected)} messages: {len(expected) - unreadable} judged, "
         f"{unreadable} without a usable trace"
     )
+    # the summary: recipients per action and deciding rule, then unread messages per reason
+    rows = {tuple(r.split()[1:]): int(r.split()[0]) for r in table[1:]}
+    rejected = [g.rule for g in expected if g.readable and g.verdict == "reject"]
+    for rule in set(rejected):
+        assert rows[("reject", rule)] == rejected.count(rule), rows
+    assert sum(n for (action, *_), n in rows.items() if action == "unread") == unreadable
     # without --receiver, the topmost Received: header's host is ours: the same here,
     # except for the copy another server received
     assert main(args) == 0
@@ -144,6 +151,14 @@ def test_replay_mbox_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     args = ["replay", "--mbox", str(empty), "--policy", str(policy), "--dns", str(bad_zone)]
     assert main(args) == 2
     assert "zone.json" in capsys.readouterr().err
+    # empty, not gzip, unreadable: a message and a non-zero exit
+    not_gz = tmp_path / "box.mbox.gz"
+    not_gz.write_text("From a@b.example Mon Jan  1 00:00:00 2024\n")
+    unreadable = tmp_path / "locked.mbox"
+    unreadable.mkdir()  # a folder with neither cur/ nor messages
+    for path, words in [(empty, "no messages"), (not_gz, "cannot read"), (unreadable, "no messages")]:
+        assert main(["replay", "--mbox", str(path), "--policy", str(policy)]) == 2
+        assert words in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

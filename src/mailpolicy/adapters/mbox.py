@@ -520,11 +520,14 @@ def _window(
     headers: Sequence[Received],
     i: int,
     receiver: Receiver | None,
+    through_fetch: bool = False,
 ) -> tuple[list[tuple[str, str]], bool]:
     """The trace fields the chosen hop's server wrote: those between its
     Received: header and the first one above it added by another server
     (headers are prepended: a later server's sit higher, an earlier
-    server's lower). ``True`` when no later server's hop is above it."""
+    server's lower). ``True`` when no later server's hop is above it.
+    ``through_fetch``: a mailbox fetch does not end it (fetchmail and its
+    kind pass the envelope sender on as it was)."""
     chosen = headers[i]
     top = 0
     final = True
@@ -535,7 +538,7 @@ def _window(
             or (h.by is not None and h.by == chosen.by)
             or (receiver is not None and receiver.added(h))
         )
-        if h.fetched or not same:
+        if (h.fetched and not through_fetch) or not (same or (h.fetched and through_fetch)):
             top, final = positions[j] + 1, False
             break
     return [(k, v) for k, v in items[top : positions[i]]], final
@@ -574,13 +577,14 @@ def read_trace(
     # X-Original-To: are the final delivery agent's, so they describe the
     # envelope of the hop judged only when no later server's hop is above it
     window, final = _window(items, positions, headers, i, ours)
+    sender_window, _ = _window(items, positions, headers, i, ours, through_fetch=True)
     above = f"at or above Received[{i + 1}]"
 
     def fields(name: str) -> list[str]:
         return [v for k, v in window if k == name]
 
     sender: str | None = None
-    if return_path := fields("return-path"):
+    if return_path := [v for k, v in sender_window if k == "return-path"]:
         text = return_path[0].strip()
         sender = "" if _null_sender(text) else (_addresses([text]) or [text.strip("<>")])[0]
         facts["sender"] = Fact(sender, f"Return-Path ({above})")
