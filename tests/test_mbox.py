@@ -156,7 +156,11 @@ def test_replay_mbox_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     not_gz.write_text("From a@b.example Mon Jan  1 00:00:00 2024\n")
     unreadable = tmp_path / "locked.mbox"
     unreadable.mkdir()  # a folder with neither cur/ nor messages
-    for path, words in [(empty, "no messages"), (not_gz, "cannot read"), (unreadable, "no messages")]:
+    for path, words in [
+        (empty, "no messages"),
+        (not_gz, "cannot read"),
+        (unreadable, "no messages"),
+    ]:
         assert main(["replay", "--mbox", str(path), "--policy", str(policy)]) == 2
         assert words in capsys.readouterr().err
 

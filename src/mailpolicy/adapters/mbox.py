@@ -247,12 +247,13 @@ def _client(
     """The client's address, the name written just before it, and the form
     that gave it (see the module doc for the formats)."""
     # "(NAME [IP])", "([IP]:port helo=X)", "(IDENT:user@NAME [IP])": a
-    # bracketed address inside a comment, the name (if any) just before it
+    # bracketed address inside a comment, and the name when it opens the
+    # comment (CommuniGate's "(account USER [IP] verified)" names no host)
     for note in notes:
         tokens = note.split()
         for j, tok in enumerate(tokens):
             if tok.startswith("[") and (ip := _address(tok)) is not None:
-                return ip, tokens[j - 1] if j else None, "comment"
+                return ip, tokens[0] if j == 1 else None, "comment"
     # "from HELO [IP] by" (Exim 3, MDaemon, GMX)
     for tok in rest:
         if tok.startswith("[") and (ip := _address(tok)) is not None:
@@ -341,7 +342,7 @@ def parse_received(value: str) -> Received:
     authenticated = _AUTH_PROTO.fullmatch(proto) is not None
     from_text = " ".join(notes)
     found = _AUTH_SENDER.search(everything) or next(
-        (m for p in _AUTH_NOTES if (m := p.search(from_text)) is not None), None
+        (m for p in _AUTH_NOTES for n in notes if (m := p.search(n)) is not None), None
     )
     if found is not None:
         authenticated, auth_user = True, found.group(1)
@@ -536,7 +537,7 @@ def _window(
         same = (
             h.local
             or (h.by is not None and h.by == chosen.by)
-            or (receiver is not None and receiver.added(h))
+            or (receiver is not None and (receiver.added(h) or receiver.inside(h.ip)))
         )
         if (h.fetched and not through_fetch) or not (same or (h.fetched and through_fetch)):
             top, final = positions[j] + 1, False
