@@ -1,41 +1,64 @@
-"""Judge the messages of an mbox file from their trace fields (``replay --mbox``).
+"""Judge delivered messages from their trace fields (``replay --mbox``).
 
 Theory of operation
 -------------------
-A delivered message carries a trace of the SMTP session that brought it:
-the ``Received:`` header our server added names the client's address, its
-HELO name and, for most servers, its verified reverse name; ``Return-Path:``
-holds the envelope sender; ``X-Original-To:`` or ``Delivered-To:`` hold the
-envelope recipients (``To:``/``Cc:`` are a last resort: they are what the
-author wrote, not the envelope). :func:`read_trace` rebuilds those facts and
-notes where each came from; :func:`judge_message` asks the pure core
+A delivered message carries a trace of the SMTP sessions that brought it:
+each server puts a ``Received:`` header on top, naming its client's address,
+HELO name and, for most servers, the client's verified reverse name; the final
+delivery agent adds ``Return-Path:`` (the envelope sender) and
+``Delivered-To:``/``X-Original-To:`` (the envelope recipient) on top too.
+:func:`read_trace` chooses one hop, rebuilds that hop's session and envelope
+and notes where each fact came from; :func:`judge_message` asks the pure core
 (:meth:`Policy.lookups <mailpolicy.policy.Policy.lookups>` and
 :meth:`Policy.evaluate <mailpolicy.policy.Policy.evaluate>`) for the MAIL
-verdict and then one RCPT verdict per recipient, as the server would have.
+verdict and then one RCPT verdict per recipient, as that server would have.
 
-**Which Received: header.** Headers are added on top, so the receiving
-server's is found from the top: the first header whose ``by`` host is
-``receiver`` (without ``receiver``: the ``by`` host of the topmost header
-that has one), then, while the next one down is also by the receiver, that
-one: a message that went through a local content filter and back is judged
-as it first came in.
+**Which hop.** From the top, the first header that records an SMTP session
+from another host: local hops are walked past (a loopback client, ``by
+localhost``, ``with local``, a pickup, no ``from``: content filters such as
+amavisd-new and their reinjection), and so are mailbox fetches (``with
+POP3``/``IMAP``, fetchmail) and headers without a client address (Gmail's
+``by 10.x with SMTP``). With ``receiver`` (:class:`Receiver`: our host names
+and networks), the walk starts at the first header added by one of ours and
+also passes hops whose client is in our networks (our own relays); it stops
+at a header added by anyone else, so a header forged further down to look
+like ours is never reached.
 
-**Formats.** ``from HELO (NAME [IP])`` (Postfix, Sendmail, most others;
-``NAME`` is ``unknown`` without one, Sendmail adds ``(may be forged)``
-when it is not confirmed), ``from NAME ([IP] helo=HELO)`` and
-``from [IP] (helo=HELO)`` (Exim, whose first name is the verified host
-name), ``from HELO (IP)`` (Exchange), ``from NAME (HELO HELO) (IP)``
-(qmail), with ``[IPv6:...]`` or bare IPv6 addresses. ``with ESMTPS`` or
-a TLS comment means TLS, ``...A`` (``ESMTPSA``) an authenticated client.
+**The hop's envelope, from that hop only.** Headers are prepended: those
+written by the chosen hop's server (or by its delivery agent) sit between
+its ``Received:`` and the next one above it that another server added.
+Recipients: ``X-Original-To:`` there, else the hop's own ``for <...>``, else
+``Delivered-To:`` there; never ``To:``/``Cc:`` (the author's words, not the
+envelope). Sender: ``Return-Path:`` there (a mailbox fetch passes the sender
+on, so one above a fetch counts), else the hop's ``envelope-from``, else the
+mbox ``From_`` line when no later server's hop is above. ``<>``,
+``<MAILER-DAEMON>`` and ``<MAILER-DAEMON@host>`` are the null sender.
+
+**Formats** (as SpamAssassin's Received parser reads them, checked against it
+on real lines by ``benchmarks/received_vs_spamassassin.py``):
+``from HELO (NAME [IP])`` (Postfix, Sendmail, most others; ``unknown`` when
+there is no verified name, Sendmail's ``(may be forged)``, ``user@`` and
+``IDENT:user@`` before NAME), ``from NAME ([IP]:port helo=HELO)`` and ``from
+[IP] (helo=HELO)`` (Exim, whose first name is the verified host name), ``from
+HELO [IP] by`` (Exim 3, MDaemon, GMX), ``from HELO (IP)`` and ``(IP:port)``
+(Exchange and others: NAME shown, not said to be verified), ``from NAME (HELO
+x) (IP)`` and ``(user@IP)`` (qmail), ``[IP:port]``, ``[IPv6:...]``,
+IPv4-mapped ``[::ffff:a.b.c.d]`` (read as the IPv4 client). ``with ESMTPS``
+or a TLS comment means TLS; ``ESMTPSA`` and the like, ``(Authenticated
+sender: x)``, Sendmail's ``(authenticated bits=0)``, Courier's ``(AUTH: LOGIN
+x)``, CommuniGate's ``(account x)`` and qmail's ``(user@IP with login)`` an
+authenticated client.
 
 **DNS.** The answers the verdicts need come first from the trace itself: a
 confirmed reverse name in the header gives the client's PTR and forward
 records (the facts the receiving server saw), a name marked as forged a PTR
-whose forward lookup does not lead back. Other questions are answered by
-``zone`` (``--dns ZONE.json``). Without a zone they stay unanswered, on
-purpose: a rule that needs one gives the core's ``451 4.3.0`` verdict and
-the line lists the questions under ``missing_dns``, so nothing is judged on
-a guess (every-name-is-NXDOMAIN would refuse good mail under
+whose forward lookup does not lead back, ``unknown [IP]`` "no name" (the
+PTR question answered NXDOMAIN: the server found no verified name). Other
+questions are answered by ``zone`` (``--dns ZONE.json``). Without a zone they
+stay unanswered, on purpose: a rule that needs one gives the core's ``451
+4.3.0`` verdict, naming the rule (``security.lists.NAME`` for a list), and
+the line lists the questions under ``missing_dns``, so nothing is judged on a
+guess (every-name-is-NXDOMAIN would refuse good mail under
 ``reject_unknown_*``; today's live DNS is not what the server saw then).
 """
 
