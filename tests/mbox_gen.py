@@ -240,12 +240,12 @@ def _good(rng: random.Random, i: int) -> Generated:
     # else: only To/Cc (and for Exim/Postfix/Sendmail the "for" clause)
     to_list = [rcpt]
     verdict = "accept"
+    readable = True
     if i % 5 == 4 and i % 10 == 9 and style in ("exchange", "qmail"):
-        # no envelope recipient anywhere: the reader falls back to To and Cc,
-        # and the second one is someone else's: relay denied
+        # no envelope recipient anywhere (Exchange and qmail write no "for"):
+        # To: and Cc: are the author's, not the envelope, so no session
         to_list = [rcpt, "friend@elsewhere.example"]
-        recipients = to_list
-        verdict = "mixed"
+        readable = False
     headers += [
         ("From", f"User {i} <{sender}>"),
         ("To", ", ".join(f"<{r}>" for r in to_list[:1])),
@@ -265,7 +265,8 @@ def _good(rng: random.Random, i: int) -> Generated:
         sender=sender,
         recipients=recipients,
         verdict=verdict,
-        rule="relay.reject_unauth_destination" if verdict == "mixed" else None,
+        readable=readable,
+        reason="" if readable else "recipient",
     )
 
 

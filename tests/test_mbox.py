@@ -119,10 +119,17 @@ def test_replay_mbox_command(
         "unreadable" if not g.readable else g.verdict for g in expected
     ]
     unreadable = sum(not g.readable for g in expected)
-    assert err.strip() == (
+    head, *table = err.strip().splitlines()
+    assert head == (
         f"mailpolicy: {len(expected)} messages: {len(expected) - unreadable} judged, "
         f"{unreadable} without a usable trace"
     )
+    # the summary: recipients per action and deciding rule, then unread messages per reason
+    rows = {tuple(r.split()[1:]): int(r.split()[0]) for r in table[1:]}
+    rejected = [g.rule for g in expected if g.readable and g.verdict == "reject"]
+    for rule in set(rejected):
+        assert rows[("reject", rule)] == rejected.count(rule), rows
+    assert sum(n for (action, *_), n in rows.items() if action == "unread") == unreadable
     # without --receiver, the topmost Received: header's host is ours: the same here,
     # except for the copy another server received
     assert main(args) == 0
@@ -144,6 +151,18 @@ def test_replay_mbox_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     args = ["replay", "--mbox", str(empty), "--policy", str(policy), "--dns", str(bad_zone)]
     assert main(args) == 2
     assert "zone.json" in capsys.readouterr().err
+    # empty, not gzip, unreadable: a message and a non-zero exit
+    not_gz = tmp_path / "box.mbox.gz"
+    not_gz.write_text("From a@b.example Mon Jan  1 00:00:00 2024\n")
+    unreadable = tmp_path / "locked.mbox"
+    unreadable.mkdir()  # a folder with neither cur/ nor messages
+    for path, words in [
+        (empty, "no messages"),
+        (not_gz, "cannot read"),
+        (unreadable, "no messages"),
+    ]:
+        assert main(["replay", "--mbox", str(path), "--policy", str(policy)]) == 2
+        assert words in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +230,7 @@ def test_replay_mbox_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             "+0000",
             "10.1.2.3",
             "EXCH01.corp.example",
-            None,
+            "exch01.corp.example",  # shown, not said to be verified
             None,
             True,
             False,
@@ -257,6 +276,7 @@ def test_received_formats(
 def test_a_header_forged_below_ours_is_not_read() -> None:
     msg = mailbox.mboxMessage(
         "Return-Path: <a@b.example>\n"
+        "X-Original-To: bob@example.com\n"
         "Received: from real.example (real.example [203.0.113.1]) by mx.example.com "
         "(Postfix) with ESMTP id 1; Mon, 1 Jan 2024 00:00:00 +0000\n"
         "Received: from trusted (trusted [10.0.0.1]) by mx.example.com (Postfix) with ESMTP "

@@ -2031,7 +2031,7 @@ class TestMissingDns:
             ),
             (
                 {"lists": [{"name": "hn", "list": "black", "client_hostname": ["example.org"]}]},
-                "security.lists",
+                "security.lists.hn",
                 f"{BL_CLIENT}/PTR",
             ),
         ],

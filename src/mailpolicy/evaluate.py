@@ -102,7 +102,7 @@ def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
                 return Verdict(
                     Action.DEFER,
                     Reply(451, "4.3.0", "Temporary lookup failure"),
-                    rule.name,
+                    need.rule or rule.name,
                     tuple(Evidence("dns", str(q), matched="not supplied") for q in need.queries),
                 )
             if d is None:

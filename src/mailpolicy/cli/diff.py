@@ -26,7 +26,11 @@ def register(sub: Any) -> None:
     p.add_argument("paths", nargs="*", metavar="CASE.json|DIR")
     p.add_argument("--mbox", metavar="FILE", help="judge the messages of this mbox instead")
     p.add_argument(
-        "--receiver", metavar="NAME", help="with --mbox: our host name in Received: headers"
+        "--receiver",
+        metavar="NAME|NETWORK",
+        action="append",
+        help="with --mbox: one of our host names in Received: headers, or a network of our "
+        "servers; may be given several times",
     )
     p.add_argument(
         "--dns", metavar="ZONE.json", help="with --mbox: answer DNS questions from this zone"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +34,19 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--mbox",
-        metavar="FILE",
-        help="instead of cases, judge each message of this mbox file (with --policy) from "
-        "its trace fields; print one JSON line per message (docs/replay.md)",
+        metavar="PATH",
+        help="instead of cases, judge each message of an mbox file, a Maildir folder, a "
+        "folder of .eml files or one .eml file (any of them gzipped, .gz) with --policy, "
+        "from its trace fields; print one JSON line per message and a summary per rule "
+        "(docs/replay.md)",
     )
     p.add_argument(
         "--receiver",
-        metavar="NAME",
-        help="with --mbox: our host name, as in the Received: headers we add "
-        "(default: the host of the topmost Received: header)",
+        metavar="NAME|NETWORK",
+        action="append",
+        help="with --mbox: one of our host names, as in the Received: headers we add, or a "
+        "network of our own servers; may be given several times (default: the topmost "
+        "Received: header that records an SMTP session from another host)",
     )
     p.add_argument(
         "--dns",
@@ -111,32 +117,58 @@ def run(args: argparse.Namespace) -> int:
 
 def run_mbox(args: argparse.Namespace, base: Any) -> int:
     """``replay --mbox``: one JSON line per message, a summary on stderr."""
-    from ..adapters.mbox import MboxError, judge_mbox, open_mbox, zone_from_file
+    from ..adapters.mbox import MboxError, judge_mbox, read_messages, zone_from_file
     from ..policy import compile_policy
 
     if not args.mbox or base is None or args.check:
         print(
-            "mailpolicy replay: give CASE.json|DIR, or --mbox FILE --policy POLICY.toml "
+            "mailpolicy replay: give CASE.json|DIR, or --mbox PATH --policy POLICY.toml "
             "(--check applies to cases only)",
             file=sys.stderr,
         )
         return 2
     try:
         zone = zone_from_file(args.dns) if args.dns else None
-        box = open_mbox(args.mbox)
+        kind, messages = read_messages(args.mbox)
+        judged = unreadable = 0
+        summary: Counter[tuple[str, str]] = Counter()
+        reasons: Counter[str] = Counter()
+        policy = compile_policy(base)
+        for verdict in judge_mbox(messages, policy, zone=zone, receiver=args.receiver):
+            print(json.dumps(verdict.to_json()))
+            if verdict.reason is None:
+                judged += 1
+                for r in verdict.recipients:
+                    action = r.to_json()["action"]
+                    summary[(r.verdict.rule or "-", action)] += 1
+            else:
+                unreadable += 1
+                # "no envelope sender for Received[2] (by x): ..." -> "no envelope sender"
+                reasons[re.sub(r" for Received\[.*", "", verdict.reason.partition(":")[0])] += 1
     except MboxError as e:
         print(f"mailpolicy: {e}", file=sys.stderr)
         return 2
-    judged = unreadable = 0
-    for verdict in judge_mbox(box, compile_policy(base), zone=zone, receiver=args.receiver):
-        print(json.dumps(verdict.to_json()))
-        if verdict.reason is None:
-            judged += 1
-        else:
-            unreadable += 1
+    except OSError as e:  # a file that went away or turned unreadable midway
+        print(f"mailpolicy: {args.mbox}: cannot read: {e}", file=sys.stderr)
+        return 2
+    if judged + unreadable == 0:
+        print(f"mailpolicy: {args.mbox}: no messages in this {kind}", file=sys.stderr)
+        return 2
     print(
         f"mailpolicy: {judged + unreadable} messages: {judged} judged, "
         f"{unreadable} without a usable trace",
         file=sys.stderr,
     )
+    print(_summary(summary, reasons), file=sys.stderr)
     return 0
+
+
+def _summary(summary: Counter[tuple[str, str]], reasons: Counter[str]) -> str:
+    """Recipients per deciding rule and action, then the unreadable messages
+    per reason: the rules that matter first."""
+    lines = [f"{'recipients':>10}  {'action':<10} rule"]
+    for (rule, action), n in sorted(summary.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"{n:>10}  {action:<10} {rule}")
+    for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"{n:>10}  {'unread':<10} {reason}")
+    return "\n".join(lines)

@@ -93,9 +93,12 @@ class NeedDns(Exception):
     to ask, ``Policy.evaluate`` into a temporary failure.
     """
 
-    def __init__(self, queries: Sequence[DnsQuery]) -> None:
+    def __init__(self, queries: Sequence[DnsQuery], rule: str | None = None) -> None:
         super().__init__(", ".join(str(q) for q in queries))
         self.queries = tuple(queries)
+        #: the settings key that needs the answer, when the raising rule is
+        #: a family (``security.lists.NAME`` inside ``security.lists``)
+        self.rule = rule
 
 
 def reply(code: int, detail: str, text: str) -> Reply:

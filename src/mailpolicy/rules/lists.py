@@ -23,7 +23,7 @@ from ..addresses import Address
 from ..lookup import AccessTable, DomainTable, NetworkTable, network_of
 from ..model import Evidence, Networks, Reply
 from ..settings import CRITERIA, ListRule
-from . import Decision, Outcome, reply
+from . import Decision, NeedDns, Outcome, reply
 from .context import Context
 
 __all__ = ["BlackList", "ListIndex", "ListMatch", "WhiteList"]
@@ -128,7 +128,12 @@ class ListIndex:
         # rule could still match through it (every other criterion of the
         # rule already matched), never just because the list mentions it.
         if self._by_name and (self._name_only or (hits and self._name_could_decide(hits))):
-            found = self._hits(ctx, "client_hostname")
+            try:
+                found = self._hits(ctx, "client_hostname")
+            except NeedDns as need:
+                # name the list that asked, not just the family
+                i = self._first_by_name(hits)
+                raise NeedDns(need.queries, f"security.lists.{self.rules[i].name}") from None
             if found:
                 hits["client_hostname"] = found
         if not hits:
@@ -139,6 +144,15 @@ class ListIndex:
                 if all(i in ordinals.get(k, ()) for k in self._criteria[i] if k != kind):
                     return ListMatch(self.rules[i], kind, _value(ctx, kind), _key_text(ctx, key))
         return None
+
+    def _first_by_name(self, hits: dict[str, list[_Hit]]) -> int:
+        """The first rule that the client's host name could still decide."""
+        ordinals = {kind: {i for i, _ in found} for kind, found in hits.items()}
+        for i in sorted(self._by_name):
+            others = [k for k in self._criteria[i] if k != "client_hostname"]
+            if all(i in ordinals.get(k, ()) for k in others):
+                return i
+        return min(self._by_name)
 
     def _name_could_decide(self, hits: dict[str, list[_Hit]]) -> bool:
         # Only rules already hit by another criterion can still match: look
