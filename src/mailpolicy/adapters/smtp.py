@@ -759,7 +759,7 @@ class PolicySMTP(_AioSMTP):
             self.mp = attrs.evolve(
                 self.mp, counters=attrs.evolve(self.mp.counters, message_rate=rate)
             )
-        sender = address.text
+        sender = address.written
         verdict = await self.judge(Envelope(Stage.MAIL, sender=sender, declared_size=size))
         if verdict.action.refuses:
             self._log_decision(Stage.MAIL, verdict, sender=sender)
@@ -793,7 +793,7 @@ class PolicySMTP(_AioSMTP):
             self.mp = attrs.evolve(
                 self.mp, counters=attrs.evolve(self.mp.counters, recipient_rate=rate)
             )
-        rcpt = address.text
+        rcpt = address.written
         envelope = Envelope(
             Stage.RCPT,
             sender=self.mail_from,

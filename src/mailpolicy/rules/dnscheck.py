@@ -67,8 +67,8 @@ def reject_unknown_address(
     found, dns = domain_existence(ctx, domain)
     if found is Existence.FOUND:
         return None
-    ev = (Evidence(kind, address.text, dns=dns),)
-    subject = f"<{address.text}>: {kind.capitalize()} address rejected"
+    ev = (Evidence(kind, address.given, dns=dns),)
+    subject = f"<{address.given}>: {kind.capitalize()} address rejected"
     if found is Existence.NULL_MX:
         text = f"{subject}: Domain {domain} does not accept mail (nullMX)"
         return Decision(Outcome.REJECT, rule, reply(null_mx[0], null_mx[1], text), ev)
