@@ -1292,6 +1292,19 @@ class TestHelo:
         policy = helo_policy("reject_unknown_helo")
         assert policy.lookups(session(helo="[192.0.2.10]"), rcpt("r@example.com")) == frozenset()
 
+    @pytest.mark.parametrize(
+        "helo", ["Known.Example.", "192.0.2.10", "192.0.2.10.", "a..b.example", "bücher.example"]
+    )
+    def test_names_postfix_will_not_look_up_are_not_found(self, helo: str) -> None:
+        # Postfix's resolver refuses an IP address or an invalid host name
+        # (a trailing dot included) without a query, even when it exists
+        policy = helo_policy("reject_unknown_helo")
+        sess = session(helo=helo)
+        assert policy.lookups(sess, rcpt("r@example.com")) == frozenset()
+        zone = Zone(default=answer("192.0.2.60"))
+        v = judge(policy, rcpt("r@example.com"), sess, zone)
+        expect(v, 450, "4.7.1", f"<{helo}>: Helo command rejected: Host not found", UNKNOWN_HELO)
+
     def test_helo_checks_are_silent_without_helo(self) -> None:
         policy = helo_policy("reject_invalid_helo", "reject_non_fqdn_helo", "reject_unknown_helo")
         sess = session(helo=None)
