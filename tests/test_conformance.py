@@ -71,9 +71,7 @@ def is_policy_refusal(reply: ReplayReply) -> bool:
         # AUTH not offered (a setting), a failed login (an account), the
         # lock-out; "already authenticated" or a bad mechanism are protocol
         return (
-            "not enabled" in reply.text
-            or "authentication failure" in reply.text
-            or reply.code == 421
+            "not enabled" in reply.text or "(reason unavailable)" in reply.text or reply.code == 421
         )
     if cmd.startswith("RCPT"):
         return reply.code != 503  # "need MAIL command"

@@ -515,7 +515,7 @@ class PolicySMTP(_AioSMTP):
             await self.reply(verdict.reply, verdict)
             return
         if not arg:
-            await self._say(501, "5.5.4", "Syntax: VRFY address")
+            await self._say(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]")
             return
         await self._say(252, "2.0.0", arg)
 
@@ -629,7 +629,8 @@ class PolicySMTP(_AioSMTP):
                 },
             )
             await self._refuse(
-                Reply(535, "5.7.8", "Error: authentication failed: authentication failure"),
+                # Postfix with a SASL backend that gives no reason
+                Reply(535, "5.7.8", "Error: authentication failed: (reason unavailable)"),
                 f"accounts.{user}" if self.policy.has_account(user) else "accounts",
             )
             return
@@ -746,7 +747,7 @@ class PolicySMTP(_AioSMTP):
             elif key in ("BODY", "SMTPUTF8", "AUTH"):
                 continue
             else:
-                await self._say(555, "5.5.4", f"Unsupported option: {key}")
+                await self._say(555, "5.5.4", f"Unsupported option: {_as_written(arg, key)}")
                 return
         limit = self.policy.settings.security.connection_policy.max_message_rate_per_client
         try:
@@ -989,6 +990,15 @@ class PolicySMTP(_AioSMTP):
 
 #: what Postfix's smtpd neuters in a HELO name before it reaches a header
 _NEUTER = str.maketrans(dict.fromkeys('<>()\\";:@', "?"))
+
+
+def _as_written(arg: str, key: str) -> str:
+    """The parameter ``key`` of a MAIL argument as the client wrote it
+    (``foo=bar``): Postfix echoes it whole in "Unsupported option"."""
+    for word in arg.split():
+        if word.partition("=")[0].upper() == key:
+            return word
+    return key
 
 
 def _header_safe(text: str) -> str:
