@@ -123,12 +123,12 @@ def is_policy_refusal(reply: ReplayReply) -> bool:
         return True
     if reply.enhanced in ("5.5.4", "5.1.7", "5.1.3"):  # command or address syntax
         return False
+    if "(reason unavailable)" in reply.text:
+        return True  # a failed login (an account), also after a bare continuation line
     if cmd.startswith(("AUTH", "<LOGIN")):
-        # AUTH not offered (a setting), a failed login (an account), the
-        # lock-out; "already authenticated" or a bad mechanism are protocol
-        return (
-            "not enabled" in reply.text or "(reason unavailable)" in reply.text or reply.code == 421
-        )
+        # AUTH not offered (a setting), the lock-out; "already
+        # authenticated" or a bad mechanism are protocol
+        return "not enabled" in reply.text or reply.code == 421
     if cmd.startswith("RCPT"):
         return reply.code != 503  # "need MAIL command"
     if cmd.startswith("MAIL"):

@@ -225,7 +225,6 @@ class PolicySMTP(_AioSMTP):
         self.smtputf8 = False
         self.declared_size: int | None = None
         self.rcpts: list[str] = []
-        self.rcpt_attempted = False
         self.discard: Verdict | None = None
 
     # -- replies -------------------------------------------------------------
@@ -739,14 +738,16 @@ class PolicySMTP(_AioSMTP):
             return
         size: int | None = None
         for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
+            # Postfix's mail_cmd(): anything else is an unsupported option
+            if key == "SIZE" and value is not None:
+                if not value.isdigit():
                     await self._say(501, "5.5.4", "Bad message size syntax")
                     return
                 size = int(value)
-            elif key in ("BODY", "SMTPUTF8", "AUTH"):
-                continue
-            else:
+            elif key == "RET" and value is not None and value.upper() not in ("FULL", "HDRS"):
+                await self._say(501, "5.5.4", "Bad RET parameter syntax")
+                return
+            elif not _mail_option_ok(key, value):
                 await self._say(555, "5.5.4", f"Unsupported option: {_as_written(arg, key)}")
                 return
         limit = self.policy.settings.security.connection_policy.max_message_rate_per_client
@@ -778,11 +779,18 @@ class PolicySMTP(_AioSMTP):
             await self._say(503, "5.5.1", "Error: need MAIL command")
             return
         try:
-            address, _params = parse_rcpt_to(arg, smtputf8=self.smtputf8)
+            address, params = parse_rcpt_to(arg, smtputf8=self.smtputf8)
         except AddressError as e:
             await self._say(e.reply_code, e.enhanced, e.text)
             return
-        self.rcpt_attempted = True
+        for key, value in params.items():
+            # Postfix's rcpt_cmd(): the DSN parameters, nothing else
+            if key == "NOTIFY" and value is not None and not _notify_ok(value):
+                await self._say(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
+                return
+            if key not in ("NOTIFY", "ORCPT") or value is None:
+                await self._say(555, "5.5.4", f"Unsupported option: {_as_written(arg, key)}")
+                return
         limit = self.policy.settings.security.connection_policy.max_recipient_rate_per_client
         try:
             rate = await self._count("recipient", limit)
@@ -824,10 +832,8 @@ class PolicySMTP(_AioSMTP):
             await self._say(503, "5.5.1", "Error: need RCPT command")
             return
         if not self.rcpts:
-            if self.rcpt_attempted:
-                await self._say(554, "5.5.1", "Error: no valid recipients")
-            else:
-                await self._say(503, "5.5.1", "Error: need RCPT command")
+            # Postfix: in a transaction, whether or not RCPT was tried
+            await self._say(554, "5.5.1", "Error: no valid recipients")
             return
         envelope = Envelope(
             Stage.DATA,
@@ -992,9 +998,24 @@ class PolicySMTP(_AioSMTP):
 _NEUTER = str.maketrans(dict.fromkeys('<>()\\";:@', "?"))
 
 
+def _mail_option_ok(key: str, value: str | None) -> bool:
+    """A MAIL parameter Postfix takes (SIZE and RET values are checked apart)."""
+    if key == "BODY":
+        return value is not None and value.upper() in ("8BITMIME", "7BIT")
+    if key == "SMTPUTF8":
+        return value is None
+    return key in ("SIZE", "AUTH", "RET", "ENVID") and value is not None
+
+
+def _notify_ok(value: str) -> bool:
+    """RFC 3461 NOTIFY: NEVER alone, or SUCCESS, FAILURE and DELAY."""
+    words = value.upper().split(",")
+    return words == ["NEVER"] or all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words)
+
+
 def _as_written(arg: str, key: str) -> str:
-    """The parameter ``key`` of a MAIL argument as the client wrote it
-    (``foo=bar``): Postfix echoes it whole in "Unsupported option"."""
+    """The parameter ``key`` of a MAIL or RCPT argument as the client wrote
+    it (``foo=bar``): Postfix echoes it whole in "Unsupported option"."""
     for word in arg.split():
         if word.partition("=")[0].upper() == key:
             return word
