@@ -1385,6 +1385,14 @@ class TestUnknownSenderDomain:
             )
         )
 
+    def test_utf8_domain_is_looked_up_by_its_a_label(self) -> None:
+        zone = sender_zone("xn--bcher-kva.example", {"A": answer("192.0.2.90")})
+        env = attrs.evolve(rcpt("r@example.com", sender="Jörg@Bücher.Example"), smtputf8=True)
+        accepted(judge(sender_policy("reject_unknown_sender_domain"), env, zone=zone))
+        v = judge(sender_policy("reject_unknown_sender_domain"), env, zone=Zone(default=NXDOMAIN))
+        text = "<Jörg@Bücher.Example>: Sender address rejected: Domain not found"
+        expect(v, 450, "4.1.8", text, "security.sender_policy.reject_unknown_sender_domain")
+
     @pytest.mark.parametrize(
         "records",
         [

@@ -64,7 +64,7 @@ def reject_unknown_address(
     domain, _ = real_destination(address, ctx.shared)
     if ctx.is_local_domain(domain) or domain.startswith("["):
         return None
-    found, dns = domain_existence(ctx, domain)
+    found, dns = domain_existence(ctx, _dns_name(domain))
     if found is Existence.FOUND:
         return None
     ev = (Evidence(kind, address.given, dns=dns),)
@@ -77,3 +77,14 @@ def reject_unknown_address(
         return Decision(Outcome.DEFER_IF_PERMIT, rule, reply(450, detail, text), ev)
     code = ctx.settings.replies.unknown_address
     return Decision(Outcome.REJECT, rule, reply(code, detail, text), ev)
+
+
+def _dns_name(domain: str) -> str:
+    """The name DNS is asked about: a UTF-8 domain (an SMTPUTF8 address) by
+    its A-label form, as Postfix converts it before the lookup."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
