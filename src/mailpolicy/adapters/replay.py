@@ -437,7 +437,7 @@ def _auth_offered(text: str) -> bool:
 _QUEUE_ID = re.compile(r"queued as [0-9A-Za-z]+")
 
 
-def mask_queue_id(text: str) -> str:
+def _mask_queue_id(text: str) -> str:
     """``text`` with its queue id replaced by ``QUEUEID``, as compared."""
     return _QUEUE_ID.sub("queued as QUEUEID", text)
 
@@ -469,6 +469,6 @@ def compare(expected: Sequence[Mapping[str, Any]], got: Sequence[ReplayReply]) -
                 diffs.append(
                     f"{where}: AUTH offered {_auth_offered(g.text)}, expected the opposite"
                 )
-        elif mask_queue_id(e_text) != mask_queue_id(g.text):
+        elif _mask_queue_id(e_text) != _mask_queue_id(g.text):
             diffs.append(f"{where}: text {g.text!r}, expected {e_text!r}")
     return diffs
