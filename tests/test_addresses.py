@@ -250,6 +250,42 @@ def test_quoted_is_presentation_only() -> None:
     assert quoted.text == "abc@x.example"
 
 
+@pytest.mark.parametrize(
+    ("path", "given", "written"),
+    [
+        # Postfix's echo: case and a trailing dot kept, quotes and escapes
+        # removed, the source route dropped
+        ("<SPAM@Bad.Example>", "SPAM@Bad.Example", "SPAM@Bad.Example"),
+        ("<r@elsewhere.example.>", "r@elsewhere.example.", "r@elsewhere.example."),
+        ('<"john doe"@Example.COM>', "john doe@Example.COM", '"john doe"@Example.COM'),
+        ('<"a@b"@example.com>', "a@b@example.com", '"a@b"@example.com'),
+        ('<"a\\"b"@X.example>', 'a"b@X.example', '"a\\"b"@X.example'),
+        ('<"abc"@X.example>', "abc@X.example", "abc@X.example"),
+        ("<@Relay.Example:Route@Spam.Example>", "Route@Spam.Example", "Route@Spam.Example"),
+        ("<r@[IPv6:2001:DB8::1]>", "r@[IPv6:2001:DB8::1]", "r@[IPv6:2001:DB8::1]"),
+        ("<Postmaster>", "Postmaster", "Postmaster"),
+        ("<>", "", ""),
+    ],
+)
+def test_given_is_the_address_as_written(path: str, given: str, written: str) -> None:
+    address = parse_address(path)
+    assert (address.given, address.written) == (given, written)
+    # the envelope form reads back the same (a source route is not kept)
+    again = parse_address(written)
+    assert (again.local, again.domain, again.given) == (address.local, address.domain, given)
+
+
+def test_given_is_presentation_only() -> None:
+    mixed = parse_address("<A@Example.COM.>")
+    assert mixed == Address("A", "example.com")
+    assert hash(mixed) == hash(Address("A", "example.com"))
+    assert mixed.text == "A@example.com"
+    # made from the normalised parts when not given
+    assert Address("a b", "Example.COM.").given == "a b@example.com"
+    assert Address("postmaster").given == "postmaster"
+    assert NULL_ADDRESS.given == ""
+
+
 # ---------------------------------------------------------------------------
 # MAIL FROM and RCPT TO
 
@@ -536,6 +572,8 @@ _addresses = st.builds(Address, _locals, st.one_of(st.just(""), _hostnames, _lit
 @example(Address("", ""))
 def test_round_trip(address: Address) -> None:
     assert parse_address(address.text) == address
+    written = parse_address(address.written)
+    assert (written, written.given) == (address, address.given)
     if address.is_null:
         assert parse_mail_from("FROM:<>")[0] == address
         return

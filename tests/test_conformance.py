@@ -2,8 +2,10 @@
 
 Every case in ``tests/conformance`` (and ``tests/conformance_extra`` when it is
 there) is played through the real SMTP server code with its own DNS zone;
-reply by reply, the code, and the enhanced code where Postfix sent one, must
-match ``NAME.expected.jsonl`` (``NAME.VARIANT.expected.jsonl`` for a variant).
+reply by reply, the code, the enhanced code where Postfix sent one, and the
+text (queue ids masked; not the greeting, and of the EHLO keywords only
+whether AUTH is offered) must match ``NAME.expected.jsonl``
+(``NAME.VARIANT.expected.jsonl`` for a variant).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from mailpolicy.adapters.replay import Case, ReplayReply, compare, load_cases, run_case_sync
@@ -56,6 +59,59 @@ def test_replay_matches_postfix(case_id: str) -> None:
     assert not diffs, f"{case_id} differs from Postfix:\n" + "\n".join(diffs)
 
 
+def _row(cmd: str, code: int, enhanced: str | None, text: str) -> dict[str, Any]:
+    return {"cmd": cmd, "code": code, "enhanced": enhanced, "text": text}
+
+
+EXPECTED = [
+    _row("<connect>", 220, None, "mx.example.com ESMTP Postfix (Debian/GNU)"),
+    _row("EHLO c.example", 250, None, "mx.example.com\nPIPELINING\nAUTH PLAIN LOGIN\nDSN"),
+    _row(
+        "RCPT TO:<R@Elsewhere.Example>", 554, "5.7.1", "<R@Elsewhere.Example>: Relay access denied"
+    ),
+    _row("<message 126 bytes>", 250, "2.0.0", "Ok: queued as C5EFF20D09D"),
+]
+
+
+def _replies(rows: list[dict[str, Any]]) -> list[ReplayReply]:
+    return [ReplayReply(r["cmd"], r["code"], r["enhanced"], r["text"]) for r in rows]
+
+
+def test_compare_accepts_the_same_replies() -> None:
+    got = _replies(EXPECTED)
+    got[0] = attrs.evolve(got[0], text="mx.example.com ESMTP")  # the banner is ours
+    got[1] = attrs.evolve(got[1], text="mx.example.com\nSIZE 10485760\nAUTH PLAIN LOGIN")
+    got[3] = attrs.evolve(got[3], text="Ok: queued as 4F2A1")  # queue ids differ every run
+    assert compare(EXPECTED, got) == []
+
+
+def test_compare_reports_a_different_text() -> None:
+    got = _replies(EXPECTED)
+    got[2] = attrs.evolve(got[2], text="<r@elsewhere.example>: Relay access denied")
+    assert compare(EXPECTED, got) == [
+        "#2 RCPT TO:<R@Elsewhere.Example>: text '<r@elsewhere.example>: Relay access denied', "
+        "expected '<R@Elsewhere.Example>: Relay access denied'"
+    ]
+    got = _replies(EXPECTED)
+    got[3] = attrs.evolve(got[3], text="Ok: queued as 4F2A1 (discarded)")
+    assert len(compare(EXPECTED, got)) == 1
+
+
+def test_compare_reports_codes_enhanced_codes_auth_and_length() -> None:
+    got = _replies(EXPECTED)
+    got[1] = attrs.evolve(got[1], text="mx.example.com\nPIPELINING")
+    got[2] = attrs.evolve(got[2], enhanced="5.7.0")
+    got[3] = attrs.evolve(got[3], code=451)
+    assert [d.split(":")[0] for d in compare(EXPECTED, got)] == [
+        "#1 EHLO c.example",
+        "#2 RCPT TO",
+        "#3 <message 126 bytes>",
+    ]
+    assert compare(EXPECTED, _replies(EXPECTED)[:3]) == [
+        "#3: expected '<message 126 bytes>', got None"
+    ]
+
+
 def is_policy_refusal(reply: ReplayReply) -> bool:
     """A refusal that a policy rule makes, as opposed to smtpd's own protocol
     replies (syntax errors, commands out of sequence, AUTH, unknown commands),
@@ -67,14 +123,12 @@ def is_policy_refusal(reply: ReplayReply) -> bool:
         return True
     if reply.enhanced in ("5.5.4", "5.1.7", "5.1.3"):  # command or address syntax
         return False
+    if "(reason unavailable)" in reply.text:
+        return True  # a failed login (an account), also after a bare continuation line
     if cmd.startswith(("AUTH", "<LOGIN")):
-        # AUTH not offered (a setting), a failed login (an account), the
-        # lock-out; "already authenticated" or a bad mechanism are protocol
-        return (
-            "not enabled" in reply.text
-            or "authentication failure" in reply.text
-            or reply.code == 421
-        )
+        # AUTH not offered (a setting), the lock-out; "already
+        # authenticated" or a bad mechanism are protocol
+        return "not enabled" in reply.text or reply.code == 421
     if cmd.startswith("RCPT"):
         return reply.code != 503  # "need MAIL command"
     if cmd.startswith("MAIL"):

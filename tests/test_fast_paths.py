@@ -157,6 +157,8 @@ ADDRESSES = [
     "a@" + "x" * 63 + ".example",
     "a@" + ".".join(["abcdefgh"] * 30),
     "a@b.example.",
+    "Mixed.Case@Sub.EXAMPLE.com",
+    "a@B.Example.",
     "a@b",
     "a@[192.0.2.1]",
     "<a@b.example>",
@@ -167,21 +169,28 @@ ADDRESSES = [
 ]
 
 
-def _slow_address(text: str) -> object:
+def _slow_address(text: str) -> tuple[object, str] | None:
     try:
-        return parse_address(text)
+        address = parse_address(text)
     except AddressError:
         return None
+    return address, address.given
+
+
+def _fast_address(text: str) -> tuple[object, str] | None:
+    address = _parse(text)
+    # ``given`` takes no part in equality: compare it too, as replies show it
+    return None if address is None else (address, address.given)
 
 
 @pytest.mark.parametrize("text", ADDRESSES)
 def test_address_fast_path_is_parse_address(text: str) -> None:
-    assert _parse(text) == _slow_address(text)
+    assert _fast_address(text) == _slow_address(text)
 
 
 @given(st.from_regex(r"[a-zA-Z0-9._%+!-]{1,12}@[a-zA-Z0-9._-]{1,20}", fullmatch=True))
 def test_address_fast_path_on_random_addresses(text: str) -> None:
-    assert _parse(text) == _slow_address(text)
+    assert _fast_address(text) == _slow_address(text)
 
 
 def test_networks_behave_like_the_tuple_of_their_networks() -> None:

@@ -541,6 +541,27 @@ class TestBlackList:
         accepted(judge(policy, rcpt("r@example.com"), session(helo="mail.example.net")))
         accepted(judge(policy, rcpt("r@example.com"), session(helo=None)))
 
+    def test_helo_is_looked_up_as_sent(self) -> None:
+        policy = lists_policy({"name": "h", "list": "black", "helo": ["outside.example.org"]})
+        v = judge(policy, rcpt("r@example.com"), session(helo="Outside.Example.ORG"))
+        text = "<Outside.Example.ORG>: Helo command rejected: Access denied"
+        expect(v, 554, "5.7.1", text, "security.lists.h")
+        # unlike an address's domain, a HELO name keeps its trailing dot in
+        # Postfix's lookup, and then matches no entry
+        accepted(judge(policy, rcpt("r@example.com"), session(helo="outside.example.org.")))
+
+    def test_addresses_are_echoed_as_written(self) -> None:
+        policy = lists_policy(
+            {"name": "s", "list": "black", "sender": ["spam.example"]},
+            {"name": "r", "list": "black", "recipient": ["ceo@example.com"]},
+        )
+        v = judge(policy, rcpt("r@example.com", sender='"John Doe"@Spam.Example.'))
+        text = "<John Doe@Spam.Example.>: Sender address rejected: Access denied"
+        expect(v, 554, "5.7.1", text, "security.lists.s")
+        v = judge(policy, rcpt("CEO@Example.COM."))
+        text = "<CEO@Example.COM.>: Recipient address rejected: Access denied"
+        expect(v, 554, "5.7.1", text, "security.lists.r")
+
     def test_client_cidr_v4_names_the_verified_client(self) -> None:
         policy = lists_policy({"name": "net", "list": "black", "client": ["203.0.113.0/24"]})
         v = judge(policy, rcpt("r@example.com"))
@@ -879,8 +900,8 @@ class TestRejectUnauthenticatedLocalSender:
     @pytest.mark.parametrize("sender", ["alice@example.com", "x@corp.example", "Bob@EXAMPLE.com"])
     def test_refused_for_outsiders(self, sender: str) -> None:
         v = judge(ownership_policy(), rcpt("r@example.com", sender=sender))
-        canonical = sender.split("@")[0] + "@" + sender.split("@")[1].lower()
-        text = f"<{canonical}>: Sender address rejected: not logged in"
+        # matched case-insensitively, echoed as the client wrote it
+        text = f"<{sender}>: Sender address rejected: not logged in"
         expect(v, 553, "5.7.1", text, NOT_LOGGED_IN)
 
     @pytest.mark.parametrize("sender", ["carol@example.com", "", "a@known.example"])
@@ -1271,6 +1292,19 @@ class TestHelo:
         policy = helo_policy("reject_unknown_helo")
         assert policy.lookups(session(helo="[192.0.2.10]"), rcpt("r@example.com")) == frozenset()
 
+    @pytest.mark.parametrize(
+        "helo", ["Known.Example.", "192.0.2.10", "192.0.2.10.", "a..b.example", "bücher.example"]
+    )
+    def test_names_postfix_will_not_look_up_are_not_found(self, helo: str) -> None:
+        # Postfix's resolver refuses an IP address or an invalid host name
+        # (a trailing dot included) without a query, even when it exists
+        policy = helo_policy("reject_unknown_helo")
+        sess = session(helo=helo)
+        assert policy.lookups(sess, rcpt("r@example.com")) == frozenset()
+        zone = Zone(default=answer("192.0.2.60"))
+        v = judge(policy, rcpt("r@example.com"), sess, zone)
+        expect(v, 450, "4.7.1", f"<{helo}>: Helo command rejected: Host not found", UNKNOWN_HELO)
+
     def test_helo_checks_are_silent_without_helo(self) -> None:
         policy = helo_policy("reject_invalid_helo", "reject_non_fqdn_helo", "reject_unknown_helo")
         sess = session(helo=None)
@@ -1305,7 +1339,7 @@ def sender_policy(*flags: str, **replies: int) -> Policy:
 class TestNonFqdnSender:
     @pytest.mark.parametrize(
         ("sender", "shown"),
-        [("a@localhost", "a@localhost"), ("a@mail.", "a@mail"), ("a", "a")],
+        [("a@localhost", "a@localhost"), ("a@mail.", "a@mail."), ("A@Mail", "A@Mail"), ("a", "a")],
     )
     def test_refused(self, sender: str, shown: str) -> None:
         v = judge(sender_policy("reject_non_fqdn_sender"), rcpt("r@example.com", sender=sender))
@@ -1350,6 +1384,14 @@ class TestUnknownSenderDomain:
                 zone=zone,
             )
         )
+
+    def test_utf8_domain_is_looked_up_by_its_a_label(self) -> None:
+        zone = sender_zone("xn--bcher-kva.example", {"A": answer("192.0.2.90")})
+        env = attrs.evolve(rcpt("r@example.com", sender="Jörg@Bücher.Example"), smtputf8=True)
+        accepted(judge(sender_policy("reject_unknown_sender_domain"), env, zone=zone))
+        v = judge(sender_policy("reject_unknown_sender_domain"), env, zone=Zone(default=NXDOMAIN))
+        text = "<Jörg@Bücher.Example>: Sender address rejected: Domain not found"
+        expect(v, 450, "4.1.8", text, "security.sender_policy.reject_unknown_sender_domain")
 
     @pytest.mark.parametrize(
         "records",

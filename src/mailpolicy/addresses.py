@@ -327,6 +327,13 @@ def _quote_local(local: str) -> str:
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _internal_form(address: Address) -> str:
+    """Postfix's internal form of a normalised address: no quotes."""
+    if address.is_null:
+        return ""
+    return _given(f"{address.local}@{address.domain}" if address.domain else address.local)
+
+
 @attrs.frozen
 class Address:
     """A parsed envelope address.
@@ -338,12 +345,22 @@ class Address:
     domains that were stripped (``<@a,@b:u@c>``). ``quoted`` records that the
     client quoted the local part; it is presentation only and does not take
     part in equality.
+
+    ``given`` is the address as the client wrote it, the way Postfix echoes
+    it in replies (its "internal form"): quotes and escapes removed, the case
+    and a trailing dot of the domain kept, the source route dropped
+    (``<"John Doe"@Example.COM.>`` gives ``John Doe@Example.COM.``). It is
+    presentation only, like ``quoted``; matching uses ``local`` and
+    ``domain``. Without it, it is made from ``local`` and ``domain``.
     """
 
     local: str
     domain: str = attrs.field(default="", converter=_normalize_domain)
     route: tuple[str, ...] = attrs.field(default=(), converter=_normalize_route)
     quoted: bool = attrs.field(default=False, eq=False)
+    given: str = attrs.field(
+        default=attrs.Factory(_internal_form, takes_self=True), eq=False, repr=False
+    )
 
     @property
     def is_null(self) -> bool:
@@ -363,6 +380,18 @@ class Address:
             return ""
         local = _quote_local(self.local)
         return f"{local}@{self.domain}" if self.domain else local
+
+    @property
+    def written(self) -> str:
+        """:attr:`given` quoted again where it must be: the address as the
+        client wrote it, for the envelope (``"John Doe"@Example.COM.``). It
+        parses back to this address, ``given`` included."""
+        if self.is_null:
+            return ""
+        local = _quote_local(self.local)
+        if not self.domain:
+            return local
+        return f"{local}@{self.given.rpartition('@')[2]}"
 
     def __str__(self) -> str:
         return self.text
@@ -493,8 +522,9 @@ def _check_chars(text: str) -> None:
             raise _Syntax
 
 
-def _parse_mailbox(text: str, smtputf8: bool) -> tuple[str, str, bool]:
-    """``local[@domain]`` -> (local, domain, quoted). Raises _Syntax."""
+def _parse_mailbox(text: str, smtputf8: bool) -> tuple[str, str, bool, str]:
+    """``local[@domain]`` -> (local, domain, quoted, given), ``given`` as
+    :attr:`Address.given`. Raises _Syntax."""
     _check_chars(text)
     # Pieces: ("a", atom text), ("q", quoted content), ("@", "@"), ("l", literal).
     pieces: list[tuple[str, str]] = []
@@ -548,12 +578,13 @@ def _parse_mailbox(text: str, smtputf8: bool) -> tuple[str, str, bool]:
     quoted = any(kind == "q" for kind, _ in local_pieces)
 
     if at < 0:
-        return local, "", quoted
+        return local, "", quoted, _given(local)
     # The domain is one atom run (dots included) or one literal, then at
     # most a trailing dot after a literal.
     if any(kind in ("q", "@") for kind, _ in domain_pieces):
         raise _Syntax
     domain = "".join(value for _, value in domain_pieces)
+    given = _given(f"{local}@{domain}")
     if domain_pieces and domain_pieces[0][0] == "l":
         if len(domain_pieces) > 2 or (len(domain_pieces) == 2 and domain_pieces[1][1] != "."):
             raise _Syntax
@@ -568,7 +599,12 @@ def _parse_mailbox(text: str, smtputf8: bool) -> tuple[str, str, bool]:
             raise _Syntax
     elif not (smtputf8 and _valid_utf8_hostname(domain)):
         raise _Syntax
-    return local, domain.lower(), quoted
+    return local, domain.lower(), quoted, given
+
+
+def _given(text: str) -> str:
+    # Postfix's address tokenizer turns white space in quotes into a space.
+    return text.replace("\t", " ")
 
 
 def _strip_brackets(path: str) -> str:
@@ -593,10 +629,10 @@ def _parse_path(path: str, smtputf8: bool) -> Address:
             raise _Syntax
         # Postfix never looks inside the route; keep its domains for the record.
         route = tuple(d.lstrip("@") for d in route_text.split(",") if d.lstrip("@"))
-    local, domain, quoted = _parse_mailbox(inner, smtputf8)
+    local, domain, quoted, given = _parse_mailbox(inner, smtputf8)
     if not local and not domain:
         return NULL_ADDRESS
-    return Address(local, domain, route, quoted)
+    return Address(local, domain, route, quoted, given)
 
 
 def parse_address(text: str, *, smtputf8: bool = True) -> Address:

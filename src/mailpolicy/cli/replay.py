@@ -29,8 +29,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help="compare with NAME.expected.jsonl beside each case (codes and "
-        "enhanced codes, as REPLAY.md says); print PASS/FAIL and a summary",
+        help="compare with NAME.expected.jsonl beside each case (codes, enhanced "
+        "codes and texts, as REPLAY.md says); print PASS/FAIL and a summary",
     )
     p.add_argument(
         "--mbox",

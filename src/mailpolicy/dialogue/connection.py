@@ -78,6 +78,7 @@ from .events import (
     TlsStarted,
 )
 from .message import DataReader, message_facts, received_header
+from .params import check_mail_params, check_rcpt_params
 from .replies import R, format_reply
 
 __all__ = [
@@ -125,7 +126,8 @@ SEQUENCE: Final[Mapping[tuple[str, Phase], Reply]] = {
     ("MAIL", Phase.RCPT): R.NESTED_MAIL,
     ("RCPT", Phase.IDLE): R.NEED_MAIL,
     ("DATA", Phase.IDLE): R.NEED_RCPT,
-    ("DATA", Phase.MAIL): R.NEED_RCPT,
+    # Postfix: in a transaction, whether or not RCPT was tried
+    ("DATA", Phase.MAIL): R.NO_VALID_RCPT,
     ("AUTH", Phase.MAIL): R.AUTH_IN_MAIL,
     ("AUTH", Phase.RCPT): R.AUTH_IN_MAIL,
 }
@@ -166,7 +168,6 @@ class _Transaction:
     smtputf8: bool = False
     declared_size: int | None = None
     rcpts: list[str] = attrs.field(factory=list)
-    rcpt_attempted: bool = False
     discard: Verdict | None = None
 
     @property
@@ -693,16 +694,10 @@ class Connection:
         except AddressError as e:
             yield from self._say(e.reply)
             return
-        size: int | None = None
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    yield from self._say(R.BAD_SIZE)
-                    return
-                size = int(value)
-            elif key not in ("BODY", "SMTPUTF8", "AUTH"):
-                yield from self._say(Reply(555, "5.5.4", f"Unsupported option: {key}"))
-                return
+        size, refused = check_mail_params(arg, params)
+        if refused is not None:
+            yield from self._say(refused)
+            return
         try:
             rate = yield from self._count("message", Stage.MAIL)
         except HostFailure:
@@ -711,7 +706,7 @@ class Connection:
         if rate:
             counters = attrs.evolve(self.session.counters, message_rate=rate)
             self.session = attrs.evolve(self.session, counters=counters)
-        sender = address.text
+        sender = address.written
         verdict = yield from self._judge(Envelope(Stage.MAIL, sender=sender, declared_size=size))
         if verdict.action.refuses:
             yield from self._refuse(Stage.MAIL, verdict, sender=sender)
@@ -726,11 +721,14 @@ class Connection:
             return
         tx = self._tx
         try:
-            address, _params = parse_rcpt_to(arg, smtputf8=tx.smtputf8)
+            address, params = parse_rcpt_to(arg, smtputf8=tx.smtputf8)
         except AddressError as e:
             yield from self._say(e.reply)
             return
-        tx.rcpt_attempted = True
+        refused = check_rcpt_params(arg, params)
+        if refused is not None:
+            yield from self._say(refused)
+            return
         try:
             rate = yield from self._count("recipient", Stage.RCPT)
         except HostFailure:
@@ -739,7 +737,7 @@ class Connection:
         if rate:
             counters = attrs.evolve(self.session.counters, recipient_rate=rate)
             self.session = attrs.evolve(self.session, counters=counters)
-        rcpt = address.text
+        rcpt = address.written
         envelope = Envelope(
             Stage.RCPT,
             sender=tx.sender,
@@ -767,8 +765,6 @@ class Connection:
         tx = self._tx
         refused = self._out_of_sequence("DATA")
         if refused is not None:
-            if tx.phase is Phase.MAIL and tx.rcpt_attempted:
-                refused = R.NO_VALID_RCPT
             yield from self._say(refused)
             return
         assert tx.sender is not None

@@ -32,10 +32,9 @@ class R:
     SYNTAX_EHLO: Final = Reply(501, "5.5.4", "Syntax: EHLO hostname")
     SYNTAX_RSET: Final = Reply(501, "5.5.4", "Syntax: RSET")
     SYNTAX_DATA: Final = Reply(501, "5.5.4", "Syntax: DATA")
-    SYNTAX_VRFY: Final = Reply(501, "5.5.4", "Syntax: VRFY address")
+    SYNTAX_VRFY: Final = Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]")
     SYNTAX_STARTTLS: Final = Reply(501, "5.5.4", "Syntax: STARTTLS")
     SYNTAX_AUTH: Final = Reply(501, "5.5.4", "Syntax: AUTH mechanism")
-    BAD_SIZE: Final = Reply(501, "5.5.4", "Bad message size syntax")
 
     NESTED_MAIL: Final = Reply(503, "5.5.1", "Error: nested MAIL command")
     NEED_MAIL: Final = Reply(503, "5.5.1", "Error: need MAIL command")
@@ -48,7 +47,8 @@ class R:
     NOT_IMPLEMENTED: Final = Reply(502, "5.5.1", "Error: command not implemented")
 
     AUTH_ABORTED: Final = Reply(501, "5.7.0", "Authentication aborted")
-    AUTH_FAILED: Final = Reply(535, "5.7.8", "Error: authentication failed: authentication failure")
+    #: Postfix with a SASL backend that gives no reason
+    AUTH_FAILED: Final = Reply(535, "5.7.8", "Error: authentication failed: (reason unavailable)")
     AUTH_BAD_MECH: Final = Reply(
         535, "5.7.8", "Error: authentication failed: Invalid authentication mechanism"
     )

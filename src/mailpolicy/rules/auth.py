@@ -59,12 +59,12 @@ class SenderMustMatchLogin:
         owners = self.owners.owners(s)
         if owners is not None and user in owners:
             return None
-        text = f"<{s.text}>: Sender address rejected: not owned by user {user}"
+        text = f"<{s.given}>: Sender address rejected: not owned by user {user}"
         return Decision(
             Outcome.REJECT,
             self.name,
             reply(553, "7.1", text),
-            (Evidence("sender", s.text, matched=",".join(sorted(owners or ())) or None),),
+            (Evidence("sender", s.given, matched=",".join(sorted(owners or ())) or None),),
         )
 
 
@@ -84,10 +84,10 @@ class RejectUnauthenticatedLocalSender:
         owners = self.owners.owners(s)
         if owners is None:
             return None
-        text = f"<{s.text}>: Sender address rejected: not logged in"
+        text = f"<{s.given}>: Sender address rejected: not logged in"
         return Decision(
             Outcome.REJECT,
             self.name,
             reply(553, "7.1", text),
-            (Evidence("sender", s.text, matched=",".join(sorted(owners))),),
+            (Evidence("sender", s.given, matched=",".join(sorted(owners))),),
         )

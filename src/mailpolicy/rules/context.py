@@ -223,7 +223,7 @@ def _v4_text(value: int) -> str:
 
 #: The common address shape, ``dot-atom@host.name`` in plain ASCII, which
 #: :func:`~mailpolicy.addresses.parse_address` turns into ``Address(local,
-#: domain.lower())`` whenever the domain is a valid host name: labels of
+#: domain.lower(), given=text)`` whenever the domain is a valid host name: labels of
 #: letters, digits, ``_`` and inner ``-`` (at most 63), not all digits, at most
 #: 255 characters. Anything else takes the full parser.
 _SIMPLE_ADDRESS = re.compile(
@@ -241,7 +241,7 @@ def _parse(text: str) -> Address | None:
     if m is not None and len(text) <= 1000:
         domain = m.group(2)
         if len(domain) <= 255 and _NOT_NUMERIC.search(domain):
-            return Address(m.group(1), domain.lower())
+            return Address(m.group(1), domain.lower(), given=text)
     return _parse_slow(text)
 
 

@@ -64,11 +64,11 @@ def reject_unknown_address(
     domain, _ = real_destination(address, ctx.shared)
     if ctx.is_local_domain(domain) or domain.startswith("["):
         return None
-    found, dns = domain_existence(ctx, domain)
+    found, dns = domain_existence(ctx, _dns_name(domain))
     if found is Existence.FOUND:
         return None
-    ev = (Evidence(kind, address.text, dns=dns),)
-    subject = f"<{address.text}>: {kind.capitalize()} address rejected"
+    ev = (Evidence(kind, address.given, dns=dns),)
+    subject = f"<{address.given}>: {kind.capitalize()} address rejected"
     if found is Existence.NULL_MX:
         text = f"{subject}: Domain {domain} does not accept mail (nullMX)"
         return Decision(Outcome.REJECT, rule, reply(null_mx[0], null_mx[1], text), ev)
@@ -77,3 +77,14 @@ def reject_unknown_address(
         return Decision(Outcome.DEFER_IF_PERMIT, rule, reply(450, detail, text), ev)
     code = ctx.settings.replies.unknown_address
     return Decision(Outcome.REJECT, rule, reply(code, detail, text), ev)
+
+
+def _dns_name(domain: str) -> str:
+    """The name DNS is asked about: a UTF-8 domain (an SMTPUTF8 address) by
+    its A-label form, as Postfix converts it before the lookup."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain

@@ -10,7 +10,13 @@ from typing import ClassVar
 
 import attrs
 
-from ..addresses import is_fqdn, is_valid_helo, is_valid_ip_literal
+from ..addresses import (
+    is_fqdn,
+    is_valid_helo,
+    is_valid_hostaddr,
+    is_valid_hostname,
+    is_valid_ip_literal,
+)
 from ..model import Evidence
 from . import SESSION, Decision, Outcome, reply
 from .context import Context
@@ -95,7 +101,13 @@ class RejectUnknownHelo:
             return None
         if helo.startswith("["):
             return _bad_literal(self.name, helo)
-        found, dns = domain_existence(ctx, helo.lower().rstrip("."))
+        if helo.endswith(".") or is_valid_hostaddr(helo) or not is_valid_hostname(helo):
+            # Postfix's resolver refuses such a name (an IP address, a
+            # trailing dot, a bad label) without asking DNS: not found.
+            dns: tuple[tuple[str, str], ...] = ()
+            found = Existence.NOT_FOUND
+        else:
+            found, dns = domain_existence(ctx, helo.lower())
         if found in (Existence.FOUND, Existence.NULL_MX):
             return None
         ev = (Evidence("helo", helo, dns=dns),)

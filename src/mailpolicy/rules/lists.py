@@ -110,7 +110,11 @@ class ListIndex:
             return [(i, key) for key, i in self.client_hostname.matches(name)]
         if kind == "helo":
             helo = ctx.session.helo
-            return [(i, key) for key, i in self.helo.matches(helo)] if helo else []
+            # Postfix looks a HELO name up as sent: with a trailing dot it
+            # matches no entry (an address's domain loses its dot first).
+            if not helo or helo.endswith("."):
+                return []
+            return [(i, key) for key, i in self.helo.matches(helo)]
         address: Address | None = ctx.sender if kind == "sender" else ctx.recipient
         if address is None:
             return []
@@ -186,7 +190,7 @@ def _value(ctx: Context, kind: str) -> str:
     if kind == "helo":
         return ctx.session.helo or ""
     address = ctx.sender if kind == "sender" else ctx.recipient
-    return address.text if address is not None else ""
+    return address.given if address is not None else ""
 
 
 def _subject_text(ctx: Context, m: ListMatch) -> str:

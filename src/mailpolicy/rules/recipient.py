@@ -35,9 +35,9 @@ class RejectNonFqdnRecipient:
         r = ctx.recipient
         if r is None or r.is_literal or is_fqdn(r.domain, smtputf8=ctx.envelope.smtputf8):
             return None
-        text = f"<{r.text}>: Recipient address rejected: need fully-qualified address"
+        text = f"<{r.given}>: Recipient address rejected: need fully-qualified address"
         return Decision(
-            Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("recipient", r.text),)
+            Outcome.REJECT, self.name, reply(504, "5.2", text), (Evidence("recipient", r.given),)
         )
 
 

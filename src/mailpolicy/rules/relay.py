@@ -105,7 +105,9 @@ class RejectUnauthDestination:
                 return None
             if self.shared.inbound_domains.matches(domain):
                 return None
-        return self._deny(ctx, rcpt.text, f"destination {domain}" + (" (routed)" if routed else ""))
+        return self._deny(
+            ctx, rcpt.given, f"destination {domain}" + (" (routed)" if routed else "")
+        )
 
     def _deny(self, ctx: Context, shown: str, why: str) -> Decision:
         code = ctx.settings.replies.relay_denied

@@ -35,8 +35,10 @@ class RejectNonFqdnSender:
         return Decision(
             Outcome.REJECT,
             self.name,
-            reply(504, "5.2", f"<{s.text}>: Sender address rejected: need fully-qualified address"),
-            (Evidence("sender", s.text),),
+            reply(
+                504, "5.2", f"<{s.given}>: Sender address rejected: need fully-qualified address"
+            ),
+            (Evidence("sender", s.given),),
         )
 
 
