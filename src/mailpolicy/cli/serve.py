@@ -84,17 +84,26 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _tls_reason(error: Exception) -> str:
+def _tls_reason(error: Exception, cert: str | None, key: str | None) -> str:
     """One line for a certificate or key that cannot be used."""
-    if isinstance(error, FileNotFoundError):
-        return f"no such file: {error.filename}"
-    if isinstance(error, PermissionError):
-        return f"cannot read: {error.filename}"
+    for name, path, marker in (
+        ("tls_cert", cert, "-----BEGIN CERTIFICATE-----"),
+        ("tls_key", key, "PRIVATE KEY-----"),
+    ):
+        if path is None:
+            continue
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return f"no such file: {path}"
+        except OSError as e:
+            return f"cannot read {path}: {e.strerror}"
+        if marker not in text:
+            kind = "certificate" if name == "tls_cert" else "private key"
+            return f"{name} {path} is not a PEM {kind}"
     if isinstance(error, ssl.SSLError):
-        reason = error.reason or str(error)
-        if "KEY_VALUES_MISMATCH" in reason.upper():
-            return "the key does not match the certificate"
-        return f"not a usable PEM certificate and key ({reason})"
+        return f"the key does not match the certificate, or cannot be used ({error.reason})"
     return str(error)
 
 
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         srv = settings.server
         print(
             f"mailpolicy: {args.policy}: server.tls_cert {srv.tls_cert!r} / server.tls_key "
-            f"{srv.tls_key!r}: {_tls_reason(e)}",
+            f"{srv.tls_key!r}: {_tls_reason(e, srv.tls_cert, srv.tls_key)}",
             file=sys.stderr,
         )
         return 2
