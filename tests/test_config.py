@@ -733,7 +733,10 @@ def test_refused(data: Any, key: str, reason: str) -> None:
     assert [(e.key, reason in e.reason) for e in err.errors][:1] == [(key, True)], err.report()
     assert err.key == key
     assert err.source == "t.toml"
-    assert str(err) == (f"t.toml: {key}: {err.reason}" if key else f"t.toml: {err.reason}")
+    first = f"t.toml: {key}: {err.reason}" if key else f"t.toml: {err.reason}"
+    assert str(err).splitlines()[0] == first
+    # every problem, not only the first (a user fixes them all in one go)
+    assert str(err) == err.report() and len(str(err).splitlines()) == len(err.errors)
 
 
 def test_not_a_table_at_all() -> None:
@@ -812,7 +815,7 @@ password = "builder"
     ]
     assert all(e.source == str(f) for e in err.errors)
     assert (err.key, err.reason) == (err.errors[0].key, err.errors[0].reason)
-    assert str(err) == str(err.errors[0])
+    assert str(err) == "\n".join(str(e) for e in err.errors)
     assert err.report().splitlines() == [str(e) for e in err.errors]
 
 

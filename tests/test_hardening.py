@@ -372,3 +372,33 @@ def test_out_of_descriptors_backs_off_quietly(tmp_path: Path, free_port: Any) ->
     backoffs = text.count("out of resources accepting")
     assert 1 <= backoffs <= 3, text[-2000:]
     assert log.stat().st_size < 20_000
+
+
+def test_replay_into_a_closed_pipe_is_quiet() -> None:
+    # `mailpolicy replay DIR | head -1`: the reader leaves after one line
+    cmd = f"{sys.executable} -m mailpolicy replay {ROOT / 'tests' / 'conformance'} | head -1"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("{")
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 141  # as if killed by SIGPIPE, as other tools report it
+
+
+def test_hash_password_from_a_pipe_without_stdin_flag() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mailpolicy", "hash-password"],
+        input="wonderland\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.returncode == 0, done.stderr
+    from mailpolicy.passwords import verify_password
+
+    assert verify_password("wonderland", done.stdout.strip())

@@ -111,7 +111,7 @@ class PolicyError(Exception):
     ``source``, ``key`` and ``reason`` describe the first problem (``key`` is
     ``""`` for a whole-file problem such as bad TOML); ``errors`` holds every
     problem found in the file, the first included, so a user can fix them all
-    in one go. ``str(err)`` is the first problem; :meth:`report` is all of them.
+    in one go. ``str(err)`` and :meth:`report` give all of them, one a line.
     """
 
     def __init__(
@@ -132,6 +132,9 @@ class PolicyError(Exception):
     def report(self) -> str:
         """Every problem, one per line, in the order they appear in the file."""
         return "\n".join(str(e) for e in self.errors)
+
+    def __str__(self) -> str:
+        return self.report()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exceptions pickle by their args; ours are keyword-rich.

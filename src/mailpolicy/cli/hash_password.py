@@ -13,7 +13,8 @@ def register(sub: Any) -> None:
         "hash-password",
         help="hash a password for [accounts.NAME].password_hash (scrypt, salted)",
         description="Read a password (asked twice on a terminal, or one line from standard "
-        "input with --stdin) and print its salted scrypt hash for the policy file.",
+        "input with --stdin or when standard input is not a terminal) and print its salted "
+        "scrypt hash for the policy file.",
     )
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(func=run)
@@ -22,7 +23,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..passwords import hash_password
 
-    if args.stdin:
+    if args.stdin or not sys.stdin.isatty():
+        # piped in (echo pw | mailpolicy hash-password): one line, asked once
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = getpass.getpass("Password: ")
