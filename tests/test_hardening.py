@@ -402,3 +402,17 @@ def test_hash_password_from_a_pipe_without_stdin_flag() -> None:
     from mailpolicy.passwords import verify_password
 
     assert verify_password("wonderland", done.stdout.strip())
+
+
+def test_no_doc_help_or_docstring_sends_a_user_to_files_they_do_not_have() -> None:
+    texts = [*ROOT.joinpath("docs").glob("*.md"), ROOT / "README.md"]
+    texts += ROOT.joinpath("src").rglob("*.py")
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in texts
+        if any(
+            ref in p.read_text(encoding="utf-8") for ref in ("shared/", "REPLAY.md", "SETTINGS.md")
+        )
+    ]
+    assert offenders == []
+    assert ROOT.joinpath("docs", "replay-format.md").is_file()

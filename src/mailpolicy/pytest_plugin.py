@@ -8,7 +8,7 @@ gives every test the ``mailpolicy_replay`` fixture::
         assert replies.refused_by("security.lists.spammers")
 
 ``mailpolicy_replay(case, policy=None, *, variant=None)`` replays ``case``
-(a REPLAY.md case file, or its mapping) through the real SMTP server code,
+(a replay case file, docs/replay-format.md, or its mapping) through the real SMTP server code,
 offline, under ``policy`` (a TOML file, ``Settings`` or a compiled
 ``Policy``; ``None``: the case's own) and returns
 :class:`~mailpolicy.adapters.diff.Replies`. A relative path is looked up

@@ -19,7 +19,7 @@ round asks A/AAAA questions only where they are needed: for the implicit MX
 of a domain without MX records, and for the MX hosts that might be ourselves
 when ``our_addresses`` is given.
 
-The rules, for each recipient, first match wins (SETTINGS.md sections 1-3):
+The rules, for each recipient, first match wins (docs/settings.md: general, delivery, relay):
 
 1. **Local.** A domain in ``general.local_domains`` (exactly, not its
    subdomains) is delivered here: ``LOCAL`` with ``mailbox`` = the address,

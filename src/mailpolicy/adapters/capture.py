@@ -8,7 +8,7 @@ Theory of operation
 session's events: each command line as received and whether the client had
 already sent more (pipelining), each reply, the AUTH user and outcome, the
 message, STARTTLS. When the connection ends, the store turns the events into
-a replay case (``../shared/spec/REPLAY.md`` format, see docs/capture.md) and
+a replay case (docs/replay-format.md, see docs/capture.md) and
 writes it, with the replies the client really got beside it as
 ``NAME.expected.jsonl``, so that ``mailpolicy replay --check DIR`` later says
 whether the policy still answers the same.
@@ -86,7 +86,7 @@ DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 
 #: our file names: UTC time of writing, a sequence number, the client address
 _NAME = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z-\d{6}-[0-9A-Za-z._]+)\.json$")
-_FILLER_LINE = 78  # REPLAY.md's size filler: 76 "X" and CRLF
+_FILLER_LINE = 78  # the case format's size filler: 76 "X" and CRLF
 
 
 def _question_marks(error: UnicodeError) -> tuple[str, int]:
@@ -296,7 +296,7 @@ class _Builder:
             return step
         if rest:
             # A filler line of p bytes, then whole 78-byte lines written as the
-            # case's "size" key (REPLAY.md appends lines until it is reached).
+            # case's "size" key (the case format appends lines until it is reached).
             p = rest % _FILLER_LINE
             if p < 2:
                 p += _FILLER_LINE
@@ -316,7 +316,7 @@ class _Builder:
         replies = ex.replies
         codes = [r.reply.code for r in replies]
         pw = self.passwords.for_login(user, ok)
-        # The common shapes read best as REPLAY.md's auth steps.
+        # The common shapes read best as the case format's auth steps.
         if ex.auth is not None and not self.group_open and not ex.pending:
             if mech == "PLAIN" and args == 1 and len(replies) == 1:
                 self.alone({"auth_plain": [user, pw]}, [(f"AUTH PLAIN <{user}>", replies[0])])

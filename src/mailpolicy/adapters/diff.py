@@ -152,7 +152,7 @@ def replay_case(
 ) -> Replies:
     """Replay one case through the real SMTP server code, offline; every reply.
 
-    ``case`` is a case file (REPLAY.md), its parsed mapping, or a
+    ``case`` is a case file (docs/replay-format.md), its parsed mapping, or a
     :class:`~.replay.Case`. ``policy`` is ``None`` (the case's own
     ``policy``), a TOML policy file, :class:`~mailpolicy.settings.Settings`,
     or a compiled :class:`~mailpolicy.policy.Policy`; the case's ``accounts``

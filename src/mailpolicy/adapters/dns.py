@@ -8,7 +8,7 @@ the answers (:class:`~mailpolicy.model.DnsResult`). An adapter answers the
 questions with a :class:`Resolver`:
 
 * :class:`StaticZone` answers from a fixed zone, the ``dns`` object of a
-  replay case (REPLAY.md). It is what tests and ``mailpolicy replay`` use, and
+  replay case (docs/replay-format.md). It is what tests and ``mailpolicy replay`` use, and
   :meth:`StaticZone.from_results` turns the answers of a live session into a
   zone, so the session can be replayed offline.
 * :class:`LiveResolver` asks real recursive nameservers with dnspython, in the
@@ -176,7 +176,7 @@ class _Entry:
 
 
 class StaticZone:
-    """A fixed DNS world, as in a replay case's ``dns`` object (REPLAY.md).
+    """A fixed DNS world, as in a replay case's ``dns`` object (docs/replay-format.md).
 
     Build one with :meth:`from_mapping` (or :meth:`from_results`). Rules:
 
@@ -216,7 +216,7 @@ class StaticZone:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "<zone>") -> StaticZone:
-        """Build a zone from REPLAY.md's ``dns`` object.
+        """Build a zone from a replay case's ``dns`` object (docs/replay-format.md).
 
         Raises :class:`ZoneError` (naming ``source``, the key and the reason)
         for a bad name, an unknown key or type, a bad address in A/AAAA, a bad
@@ -372,7 +372,7 @@ class StaticZone:
     # -- reading back --------------------------------------------------------
 
     def to_mapping(self) -> dict[str, dict[str, Any]]:
-        """The zone as REPLAY.md's ``dns`` object (JSON-ready); the inverse of
+        """The zone as a replay case's ``dns`` object (JSON-ready); the inverse of
         :meth:`from_mapping` up to spelling (names lower case, records normalised)."""
         out: dict[str, dict[str, Any]] = {}
         for name, entry in self._entries.items():

@@ -872,7 +872,7 @@ def _load(path: str, *, whole: bool = False) -> bytes:
 
 
 def zone_from_file(path: str | os.PathLike[str]) -> StaticZone:
-    """A static zone (REPLAY.md's ``dns`` object) from a JSON file."""
+    """A static zone (a replay case's ``dns`` object, docs/replay-format.md) from a JSON file."""
     source = os.fspath(path)
     try:
         with open(path, "rb") as f:

@@ -526,7 +526,7 @@ def _mask_queue_id(text: str) -> str:
 
 
 def compare(expected: Sequence[Mapping[str, Any]], got: Sequence[ReplayReply]) -> list[str]:
-    """Differences by REPLAY.md's rules: reply by reply, the same code, the
+    """Differences by docs/replay-format.md's rules: reply by reply, the same code, the
     same enhanced code where the expected reply has one, and the same text
     with queue ids masked. The greeting and the EHLO capability list are the
     server's own: for EHLO only AUTH must be offered exactly when expected.

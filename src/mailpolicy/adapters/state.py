@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The policy core judges :class:`~mailpolicy.model.Counters`; it never counts.
-The server counts here, with Postfix's anvil semantics (SETTINGS.md 4.3), and
+The server counts here, with Postfix's anvil semantics (docs/settings.md, connection policy), and
 puts the numbers in the session before asking the core:
 
 * at connect, :meth:`StateStore.connection_opened` returns how many sessions

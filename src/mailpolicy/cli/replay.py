@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
         "--check",
         action="store_true",
         help="compare with NAME.expected.jsonl beside each case (codes, enhanced "
-        "codes and texts, as REPLAY.md says); print PASS/FAIL and a summary",
+        "codes and texts, as docs/replay-format.md says); print PASS/FAIL and a summary",
     )
     p.add_argument(
         "--mbox",

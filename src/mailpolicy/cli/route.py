@@ -14,7 +14,7 @@ with ``--json``, one JSON object per line::
 external postmaster carries ``"mailbox"``, the address it was rewritten to,
 whatever its kind.
 
-DNS answers come from ``--dns ZONE.json`` (a static zone, REPLAY.md's ``dns``
+DNS answers come from ``--dns ZONE.json`` (a static zone, docs/replay-format.md's ``dns``
 object) or else from the policy's ``[dns]`` nameservers (the network). Exit
 status: 0 when every recipient has a route, 1 when any is an error, 2 for a
 usage, policy or zone error (``file: key: reason`` on stderr).
@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dns",
         metavar="ZONE.json",
-        help="answer DNS questions from this static zone (REPLAY.md's dns object, or a "
+        help="answer DNS questions from this static zone (a replay case's dns object, docs/replay-format.md, or a "
         'case file with a "dns" key) instead of the network',
     )
     p.add_argument(

@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dns",
         metavar="ZONE.json",
-        help="answer DNS from this static zone (REPLAY.md format) instead of the network",
+        help="answer DNS from this static zone (docs/replay-format.md) instead of the network",
     )
     p.add_argument(
         "--state",
