@@ -534,3 +534,19 @@ def test_data_reader_keeps_at_most_the_limit_but_counts_everything() -> None:
     assert reader.feed(buf)
     assert reader.content() == b"0123456789"
     assert reader.size == 52
+
+
+def test_the_example_host_runs() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "dialogue_host.py"
+    done = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "S: 554 5.7.1 <someone@elsewhere.example>: Relay access denied" in lines
+    assert "S: 250 2.0.0 Ok: queued as EXAMPLE1" in lines
+    assert lines[-1].startswith("1 message stored")
