@@ -51,8 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dns",
         metavar="ZONE.json",
-        help="answer DNS questions from this static zone (a replay case's dns object, docs/replay-format.md, or a "
-        'case file with a "dns" key) instead of the network',
+        help="answer DNS questions from this static zone (a replay case's dns object, "
+        'docs/replay-format.md, or a case file with a "dns" key) instead of the network',
     )
     p.add_argument(
         "--seed",
