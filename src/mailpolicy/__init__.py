@@ -9,12 +9,15 @@ The core is pure (no sockets, no DNS, no clock, no files)::
     session = Session("203.0.113.5", helo="mail.example.org")
     envelope = Envelope(Stage.RCPT, sender="a@example.org", recipient="bob@example.com")
 
-    # Ask the DNS questions the enabled rules need (any resolver will do),
-    # then decide.
-    while queries := policy.lookups(session, envelope):
-        session = session.with_dns(my_resolver(queries))
-    verdict = mailpolicy.evaluate(policy, session, envelope)
-    print(verdict.action, verdict.reply, verdict.rule)
+    # Decide; when the enabled rules need DNS answers first, ask them (any
+    # resolver will do) and decide again.
+    memo = mailpolicy.Memo()  # one per connection
+    while isinstance(found := mailpolicy.decide(policy, session, envelope, memo),
+                     mailpolicy.Lookups):
+        session = session.with_dns(my_resolver(found.queries))
+    print(found.action, found.reply, found.rule)
+
+    # or, the same loop: mailpolicy.decide_with(policy, session, envelope, my_resolver, memo)
 
 Adapters bind the core to the world: :mod:`mailpolicy.adapters.smtp`
 (an aiosmtpd server), :mod:`mailpolicy.adapters.replay` (captured sessions),
@@ -31,7 +34,7 @@ from .config import PolicyError, load_settings, settings_from_mapping
 
 # Imported here, before anything imports the submodule lazily, so that the
 # package attribute ``evaluate`` is the function, not the module.
-from .evaluate import evaluate
+from .evaluate import Lookups, Memo, decide, decide_with, evaluate
 from .model import (
     Action,
     Counters,
@@ -63,6 +66,8 @@ __all__ = [
     "DnsResult",
     "Envelope",
     "Evidence",
+    "Lookups",
+    "Memo",
     "MessageFacts",
     "NextHop",
     "Policy",
@@ -77,6 +82,8 @@ __all__ = [
     "Stage",
     "Verdict",
     "compile_policy",
+    "decide",
+    "decide_with",
     "evaluate",
     "load_policy",
     "load_settings",

@@ -33,6 +33,7 @@ import attrs
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from ..addresses import AddressError, parse_mail_from, parse_rcpt_to
+from ..evaluate import Memo
 from ..model import (
     Action,
     Counters,
@@ -45,6 +46,7 @@ from ..model import (
 )
 from ..policy import Policy
 from .dns import Resolver
+from .judge import TEMP_FAILURE, judge
 from .state import HitKind, StateStore
 
 __all__ = [
@@ -75,7 +77,6 @@ _BAD_CONTINUED = "Invalid base64 data in continued response"
 
 OK_MAIL = Reply(250, "2.1.0", "Ok")
 OK_RCPT = Reply(250, "2.1.5", "Ok")
-TEMP_FAILURE = Reply(451, "4.3.0", "Error: temporary failure, please try again later")
 
 
 @attrs.frozen
@@ -209,6 +210,8 @@ class PolicySMTP(_AioSMTP):
         self.options = options
         self.observer = options.observer() if options.observer is not None else None
         self.mp: Session | None = None
+        #: the core's memo for this connection's decisions
+        self._memo = Memo()
         self._errors = 0
         #: receiving or delivering a message: a graceful shutdown waits for it
         self.busy = False
@@ -269,24 +272,23 @@ class PolicySMTP(_AioSMTP):
     # -- asking the policy ----------------------------------------------------------
 
     async def judge(self, envelope: Envelope) -> Verdict:
-        """Gather the DNS facts the policy needs, then evaluate. Never raises."""
+        """Gather the DNS facts the policy needs, then decide. Never raises."""
         assert self.mp is not None
-        try:
-            for _ in range(MAX_DNS_ROUNDS):
-                wanted = self.policy.lookups(self.mp, envelope)
-                if not wanted:
-                    break
-                answers = await self.options.resolver.resolve_all(wanted)
-                self.mp = self.mp.with_dns(answers)
-            return self.policy.evaluate(self.mp, envelope)
-        except Exception:  # a bug must defer, never accept by accident
-            log.exception("policy evaluation failed at %s", envelope.stage.value)
-            return Verdict(Action.DEFER, TEMP_FAILURE, "internal.error")
+        self.mp, verdict = await judge(
+            self.policy,
+            self.mp,
+            envelope,
+            self.options.resolver,
+            self._memo,
+            rounds=MAX_DNS_ROUNDS,
+        )
+        return verdict
 
-    async def _count(self, kind: HitKind, limit: int) -> int:
-        """Count this event in the state store when its limit is enabled."""
+    async def _count(self, kind: HitKind, stage: Stage, counter: str) -> int:
+        """Count this event in the state store when the policy reads its
+        counter at ``stage``."""
         store = self.options.store
-        if store is None or limit <= 0:
+        if store is None or counter not in self.policy.counters(stage):
             return 0
         assert self.mp is not None
         window = self.policy.settings.security.connection_policy.rate_window_seconds
@@ -346,9 +348,7 @@ class PolicySMTP(_AioSMTP):
             self.observer.connected(self.mp, self.options.clock())
         cp = self.policy.settings.security.connection_policy
         store = self.options.store
-        if store is not None and (
-            cp.max_connections_per_client > 0 or cp.max_connection_rate_per_client > 0
-        ):
+        if store is not None and self.policy.counters(Stage.CONNECT):
             try:
                 count, rate = await store.connection_opened(
                     str(self.mp.client_ip), self.options.clock(), cp.rate_window_seconds
@@ -748,9 +748,8 @@ class PolicySMTP(_AioSMTP):
             else:
                 await self._say(555, "5.5.4", f"Unsupported option: {key}")
                 return
-        limit = self.policy.settings.security.connection_policy.max_message_rate_per_client
         try:
-            rate = await self._count("message", limit)
+            rate = await self._count("message", Stage.MAIL, "message_rate")
         except Exception:
             log.exception("state store failed at MAIL")
             await self.reply(TEMP_FAILURE)
@@ -782,9 +781,8 @@ class PolicySMTP(_AioSMTP):
             await self._say(e.reply_code, e.enhanced, e.text)
             return
         self.rcpt_attempted = True
-        limit = self.policy.settings.security.connection_policy.max_recipient_rate_per_client
         try:
-            rate = await self._count("recipient", limit)
+            rate = await self._count("recipient", Stage.RCPT, "recipient_rate")
         except Exception:
             log.exception("state store failed at RCPT")
             await self.reply(TEMP_FAILURE)
