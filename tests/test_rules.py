@@ -1,7 +1,7 @@
 """The pure policy core, rule by rule (SETTINGS.md sections 1-5, Postfix 3.7).
 
 Every test builds a policy from policy-file keys, a session and an envelope,
-answers the DNS questions ``Policy.lookups`` asks from a fake zone and checks
+answers the DNS questions ``decide`` asks from a fake zone and checks
 the verdict: action, reply (code, enhanced code, text) and the deciding rule
 (its settings key path). Tests marked ``xfail(strict=True)`` document
 disagreements with Postfix found while reviewing the core; each names the
@@ -1681,8 +1681,8 @@ class TestPostmaster:
 
     def test_postmaster_still_counts_against_max_recipients(self) -> None:
         policy = make_policy({"general": {"max_recipients": 2}})
-        v = evaluate(policy, 
-            session(), rcpt("postmaster", recipients=["a@example.com", "b@example.com"])
+        v = evaluate(
+            policy, session(), rcpt("postmaster", recipients=["a@example.com", "b@example.com"])
         )
         expect(v, 452, "4.5.3", "Error: too many recipients", "general.max_recipients")
 
@@ -1734,8 +1734,8 @@ class TestMessageSize:
         expect(v, 552, "5.3.4", "Message size exceeds fixed limit", SIZE)
         for ok in (MIB, 1000, None):
             accepted(
-                evaluate(policy, 
-                    session(), Envelope(Stage.MAIL, sender="a@b.example", declared_size=ok)
+                evaluate(
+                    policy, session(), Envelope(Stage.MAIL, sender="a@b.example", declared_size=ok)
                 )
             )
 
@@ -1865,14 +1865,16 @@ class TestContent:
         expect(v, 552, "5.3.4", "Error: attachment too big", "general.max_attachment_size_mb")
         accepted(evaluate(policy, session(), eod(MessageFacts(size=100, largest_attachment=MIB))))
         accepted(
-            evaluate(make_policy(), session(), eod(MessageFacts(size=100, largest_attachment=10**9)))
+            evaluate(
+                make_policy(), session(), eod(MessageFacts(size=100, largest_attachment=10**9))
+            )
         )
 
     def test_auto_forwarded_mail_may_not_leave(self) -> None:
         policy = make_policy({"general": {"disable_auto_forwarding": True}})
         fwd = MessageFacts(size=100, auto_forwarded=True)
-        v = evaluate(policy, 
-            session(), eod(fwd, recipients=["a@example.com", "b@elsewhere.example"])
+        v = evaluate(
+            policy, session(), eod(fwd, recipients=["a@example.com", "b@elsewhere.example"])
         )
         text = "Error: auto-forwarded mail may not leave our domains"
         expect(v, 550, "5.7.1", text, "general.disable_auto_forwarding")
