@@ -9,15 +9,17 @@ The core is pure (no sockets, no DNS, no clock, no files)::
     session = Session("203.0.113.5", helo="mail.example.org")
     envelope = Envelope(Stage.RCPT, sender="a@example.org", recipient="bob@example.com")
 
-    # Decide; when the enabled rules need DNS answers first, ask them (any
-    # resolver will do) and decide again.
-    memo = mailpolicy.Memo()  # one per connection
-    while isinstance(found := mailpolicy.decide(policy, session, envelope, memo),
-                     mailpolicy.Lookups):
-        session = session.with_dns(my_resolver(found.queries))
-    print(found.action, found.reply, found.rule)
+    # Decide, asking any resolver (a function from a set of DnsQuery to
+    # their DnsResult) for the DNS answers the enabled rules need.
+    memo = mailpolicy.Memo()  # one per connection, shared by its decisions
+    session, verdict = mailpolicy.decide_with(policy, session, envelope, my_resolver, memo)
+    print(verdict.action, verdict.reply, verdict.rule)
 
-    # or, the same loop: mailpolicy.decide_with(policy, session, envelope, my_resolver, memo)
+    # Step by step: decide() gives a Verdict, or Lookups (the questions
+    # still needed): answer them, add the answers, decide again.
+    found = mailpolicy.decide(policy, session, envelope, memo)
+    if isinstance(found, mailpolicy.Lookups):
+        session = session.with_dns(my_resolver(found.queries))
 
 Adapters bind the core to the world: :mod:`mailpolicy.adapters.smtp`
 (an aiosmtpd server), :mod:`mailpolicy.adapters.replay` (captured sessions),
