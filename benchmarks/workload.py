@@ -25,10 +25,20 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from mailpolicy import DnsOutcome, DnsQuery, DnsResult, Envelope, RType, Session, Stage
+from mailpolicy import (
+    DnsOutcome,
+    DnsQuery,
+    DnsResult,
+    Envelope,
+    Policy,
+    RType,
+    Session,
+    Stage,
+    decide_with,
+)
 from mailpolicy.model import Counters, MessageFacts
 from mailpolicy.passwords import hash_password
 
@@ -284,13 +294,12 @@ class World:
             return DnsResult.answer("192.0.2.25")
         return DnsResult(DnsOutcome.NODATA)
 
-    def complete(self, policy: Any, session: Session, envelope: Envelope) -> Session:
+    def answer_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
+        return {q: self.answer(q) for q in queries}
+
+    def complete(self, policy: Policy, session: Session, envelope: Envelope) -> Session:
         """``session`` with every DNS answer the policy needs for ``envelope``."""
-        for _ in range(4):
-            wanted = policy.lookups(session, envelope)
-            if not wanted:
-                break
-            session = session.with_dns({q: self.answer(q) for q in wanted})
+        session, _ = decide_with(policy, session, envelope, self.answer_all)
         return session
 
 

@@ -5,8 +5,8 @@
   local domain), optionally with accounts.
 * :class:`Zone` is a fake DNS: a dict ``DnsQuery -> DnsResult``, NXDOMAIN for
   anything else, that records the rounds of questions it was asked.
-* :func:`resolve` runs the adapter's loop (``lookups``, answer, again) and
-  :func:`judge` does that and then evaluates.
+* :func:`resolve` runs the adapter's loop (:func:`mailpolicy.decide_with`)
+  and :func:`judge` does that and then evaluates.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from mailpolicy import (
     DnsQuery,
     DnsResult,
     Envelope,
+    Lookups,
+    Memo,
     MessageFacts,
     Policy,
     RType,
@@ -29,6 +31,9 @@ from mailpolicy import (
     Stage,
     Verdict,
     compile_policy,
+    decide,
+    decide_with,
+    evaluate,
     settings_from_mapping,
 )
 from mailpolicy.settings import Account
@@ -186,26 +191,38 @@ def eod(
 
 
 def resolve(
-    policy: Policy, sess: Session, envelope: Envelope, zone: Zone, max_rounds: int = 10
+    policy: Policy,
+    sess: Session,
+    envelope: Envelope,
+    zone: Zone,
+    max_rounds: int = 10,
+    memo: Memo | None = None,
 ) -> tuple[Session, list[frozenset[DnsQuery]]]:
-    """Ask ``zone`` what ``policy.lookups`` wants until nothing is missing.
+    """Ask ``zone`` what :func:`mailpolicy.decide` wants until it decides.
 
     Returns the session with every answer, and the questions of each round.
     """
     rounds: list[frozenset[DnsQuery]] = []
-    while queries := policy.lookups(sess, envelope):
+
+    def answer(queries: frozenset[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         rounds.append(queries)
-        if len(rounds) > max_rounds:
-            raise AssertionError(f"lookups did not converge: {rounds}")
-        sess = sess.with_dns(zone(queries))
+        return zone(queries)
+
+    sess, _ = decide_with(policy, sess, envelope, answer, memo, rounds=max_rounds)
+    if isinstance(decide(policy, sess, envelope, memo), Lookups):
+        raise AssertionError(f"lookups did not converge: {rounds}")
     return sess, rounds
 
 
 def judge(
-    policy: Policy, envelope: Envelope, sess: Session | None = None, zone: Zone | None = None
+    policy: Policy,
+    envelope: Envelope,
+    sess: Session | None = None,
+    zone: Zone | None = None,
+    memo: Memo | None = None,
 ) -> Verdict:
     """The verdict after resolving every question against ``zone``."""
     sess = sess if sess is not None else session()
     zone = zone if zone is not None else standard_zone()
-    sess, _ = resolve(policy, sess, envelope, zone)
-    return policy.evaluate(sess, envelope)
+    sess, _ = resolve(policy, sess, envelope, zone, memo=memo)
+    return evaluate(policy, sess, envelope, memo)

@@ -6,7 +6,7 @@
   ``inbound_domains``, whatever relay trick the address uses and whatever the
   rest of the policy says (white lists that match everything included).
 * ``evaluate`` is deterministic and never raises, whatever the strings.
-* ``lookups`` reaches a fixed point within four calls, after which nothing is
+* ``decide`` reaches a fixed point within four calls, after which nothing is
   missing.
 """
 
@@ -34,12 +34,16 @@ from mailpolicy import (
     DnsQuery,
     DnsResult,
     Envelope,
+    Memo,
     MessageFacts,
     Policy,
     RType,
     Session,
     Stage,
     Verdict,
+    decide,
+    decide_with,
+    evaluate,
 )
 from mailpolicy.addresses import AddressError, parse_address
 
@@ -209,16 +213,20 @@ def run(
     resolver: Callable[[frozenset[DnsQuery]], dict[DnsQuery, DnsResult]],
 ) -> tuple[Verdict, Session, int]:
     """The adapter's loop; returns the verdict, the final session and how many
-    times ``lookups`` was called (the last call found nothing missing)."""
+    times ``decide`` was called (the last call decided). The verdict is also
+    the one ``evaluate`` gives, and ``decide_with`` ends the same way."""
     calls = 0
+    start = sess
     while True:
         calls += 1
-        queries = policy.lookups(sess, env)
-        if not queries:
+        found = decide(policy, sess, env)
+        if isinstance(found, Verdict):
             break
-        assert calls < 10, f"lookups does not converge: {queries}"
-        sess = sess.with_dns(resolver(queries))
-    return policy.evaluate(sess, env), sess, calls
+        assert calls < 10, f"decide does not converge: {found.queries}"
+        sess = sess.with_dns(resolver(found.queries))
+    assert evaluate(policy, sess, env) == found
+    assert decide_with(policy, start, env, resolver, Memo()) == (sess, found)
+    return found, sess, calls
 
 
 # ---------------------------------------------------------------------------
@@ -480,7 +488,7 @@ def everything_on() -> Policy:
 
 @PROPERTY_SETTINGS
 @given(facts=anything(), data=st.data())
-def test_evaluate_never_raises_and_lookups_converge(
+def test_evaluate_never_raises_and_decide_converges(
     facts: tuple[Session, Envelope], data: st.DataObject
 ) -> None:
     sess, env = facts
@@ -489,7 +497,7 @@ def test_evaluate_never_raises_and_lookups_converge(
     # at most three rounds of questions: the fourth call finds nothing missing
     assert calls <= 4, calls
     assert isinstance(verdict, Verdict)
-    # once lookups is satisfied, no answer is ever missing
+    # once decide decides, no answer is ever missing
     assert not any(e.matched == "not supplied" for e in verdict.evidence), verdict.explain()
     # a refusal always carries a reply and the rule that decided
     if verdict.action.refuses:
@@ -514,9 +522,10 @@ def test_evaluate_is_deterministic(facts: tuple[Session, Envelope], data: st.Dat
         counters=sess.counters,
     ).with_dns(dict(reversed(answers)))
     again = everything_on()
-    assert again.lookups(rebuilt, env) == frozenset()
-    assert again.evaluate(rebuilt, env) == first
-    assert everything_on().evaluate(full, env) == first
+    assert rebuilt == full  # the same facts: equal, DNS answers included
+    assert decide(again, rebuilt, env) == first
+    assert evaluate(again, rebuilt, env) == first
+    assert evaluate(everything_on(), full, env) == first
 
 
 @PROPERTY_SETTINGS
@@ -534,7 +543,7 @@ def test_random_policies_never_raise(data: st.DataObject) -> None:
 def test_an_unparsable_recipient_never_opens_the_relay(recipient: str) -> None:
     policy = make_policy()
     env = Envelope(Stage.RCPT, sender="s@known.example", recipient=recipient)
-    verdict = policy.evaluate(Session("203.0.113.5"), env)
+    verdict = evaluate(policy, Session("203.0.113.5"), env)
     if verdict.accepted and recipient.lower() != "postmaster":
         try:
             parse_address(recipient)

@@ -9,12 +9,17 @@ The core is pure (no sockets, no DNS, no clock, no files)::
     session = Session("203.0.113.5", helo="mail.example.org")
     envelope = Envelope(Stage.RCPT, sender="a@example.org", recipient="bob@example.com")
 
-    # Ask the DNS questions the enabled rules need (any resolver will do),
-    # then decide.
-    while queries := policy.lookups(session, envelope):
-        session = session.with_dns(my_resolver(queries))
-    verdict = mailpolicy.evaluate(policy, session, envelope)
+    # Decide, asking any resolver (a function from a set of DnsQuery to
+    # their DnsResult) for the DNS answers the enabled rules need.
+    memo = mailpolicy.Memo()  # one per connection, shared by its decisions
+    session, verdict = mailpolicy.decide_with(policy, session, envelope, my_resolver, memo)
     print(verdict.action, verdict.reply, verdict.rule)
+
+    # Step by step: decide() gives a Verdict, or Lookups (the questions
+    # still needed): answer them, add the answers, decide again.
+    found = mailpolicy.decide(policy, session, envelope, memo)
+    if isinstance(found, mailpolicy.Lookups):
+        session = session.with_dns(my_resolver(found.queries))
 
 Adapters bind the core to the world: :mod:`mailpolicy.adapters.smtp`
 (an aiosmtpd server), :mod:`mailpolicy.adapters.replay` (captured sessions),
@@ -31,7 +36,7 @@ from .config import PolicyError, load_settings, settings_from_mapping, settings_
 
 # Imported here, before anything imports the submodule lazily, so that the
 # package attribute ``evaluate`` is the function, not the module.
-from .evaluate import evaluate
+from .evaluate import Lookups, Memo, decide, decide_with, evaluate
 from .model import (
     Action,
     Counters,
@@ -63,6 +68,8 @@ __all__ = [
     "DnsResult",
     "Envelope",
     "Evidence",
+    "Lookups",
+    "Memo",
     "MessageFacts",
     "NextHop",
     "Policy",
@@ -77,6 +84,8 @@ __all__ = [
     "Stage",
     "Verdict",
     "compile_policy",
+    "decide",
+    "decide_with",
     "evaluate",
     "load_policy",
     "load_settings",

@@ -13,112 +13,236 @@ Semantics (Postfix's restriction lists with ``smtpd_delay_reject = yes``):
 * a transaction already marked for discarding (``Envelope.discard``) skips
   every restriction chain, as Postfix does.
 
-:func:`lookups` runs the same walk but collects the DNS questions that rules
-could not answer, going on past them so that independent questions are asked
-together, in one round trip.
+One walk serves both questions an adapter has. :func:`decide` returns the
+:class:`~mailpolicy.model.Verdict` when every rule it reached could decide,
+or :class:`Lookups`: the DNS questions still needed. A rule waiting for DNS
+does not stop the walk: the rules after it are tried too, so that independent
+questions are asked together, in one round trip; but no later decision is
+final while an earlier rule might still have decided differently.
+:func:`evaluate` is the same walk where a missing answer is a temporary
+failure; :func:`decide_with` is the loop that asks a resolver in between.
+
+A :class:`Memo`, one per connection, keeps the decisions that depend on the
+session only (or on the session and the sender) from one RCPT to the next.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from .model import ACCEPT, Action, DnsQuery, Envelope, Evidence, Reply, Session, Verdict
-from .rules import SESSION, Decision, NeedDns, Outcome, Rule
+import attrs
+
+from .model import (
+    ACCEPT,
+    Action,
+    DnsQuery,
+    DnsResult,
+    Envelope,
+    Evidence,
+    Reply,
+    Session,
+    Verdict,
+)
+from .policy import Policy
+from .rules import Decision, NeedDns, Outcome, Scope, Step
 from .rules.context import Context
 
-if TYPE_CHECKING:
-    from .policy import Policy
-
-__all__ = ["evaluate", "lookups"]
+__all__ = ["Lookups", "Memo", "decide", "decide_with", "evaluate", "lookups"]
 
 _FINAL = {Outcome.REJECT: Action.REJECT, Outcome.DISCARD: Action.DISCARD}
 
 
-_UNSEEN = object()
-#: entries a session's memo may hold (rules x distinct senders in a session)
-_MEMO_LIMIT = 1024
+@attrs.frozen
+class Lookups:
+    """The decision needs these DNS answers first.
+
+    Ask every question (they are independent of each other), add the
+    answers with :meth:`Session.with_dns <mailpolicy.model.Session.with_dns>`
+    and decide again: a later round can ask what an answer led to (the
+    forward lookup of the client's PTR name). A value, never raised.
+    """
+
+    queries: frozenset[DnsQuery]
 
 
-def _check(rule: Rule, ctx: Context) -> Decision | None:
-    """``rule.check(ctx)``, reusing a session- or sender-scoped decision made
-    earlier in this session (the facts it read are the same: the session's
-    memo is dropped whenever they change). A rule still waiting for DNS
-    raises NeedDns and nothing is remembered."""
-    scope = getattr(rule, "scope", None)
-    if scope is None:
-        return rule.check(ctx)
+#: the Session fields a memoised decision may depend on: all but the
+#: counters (no memoised rule reads them) and the DNS answers (compared apart)
+_FACT_NAMES = tuple(f.name for f in attrs.fields(Session) if f.name not in ("counters", "dns"))
+_facts: Callable[[Session], tuple[Any, ...]] = operator.attrgetter(*_FACT_NAMES)
+
+
+def _extends(new: Mapping[DnsQuery, DnsResult], old: Mapping[DnsQuery, DnsResult]) -> bool:
+    """Whether ``new`` holds every answer of ``old``, unchanged."""
+    if new is old:
+        return True
+    if len(new) < len(old):
+        return False
+    get = new.get
+    for query, result in old.items():
+        found = get(query)
+        if found is not result and found != result:
+            return False
+    return True
+
+
+class Memo:
+    """The engine's per-connection memo: create one per connection, pass it
+    to every :func:`decide` / :func:`evaluate` of that connection.
+
+    It keeps what depends on the session's facts only (the DNSBL verdict, the
+    verified client name, the HELO checks) and on the session and the sender
+    (the sender checks), so that the RCPTs of a transaction do not re-judge
+    them. It survives the session being rebuilt (``attrs.evolve`` for new
+    counters, HELO, AUTH, ``with_dns``) and stays correct: whenever a fact
+    such decisions may read changes (client, HELO, ESMTP, TLS, AUTH,
+    pipelining, the policy, or a DNS answer replaced by a different one) it
+    starts afresh; new counters and added DNS answers keep it. It holds at
+    most about :attr:`limit` entries. Not thread-safe: one per connection.
+    """
+
+    __slots__ = ("_dns", "_facts", "_policy", "_session", "_store", "limit")
+
+    def __init__(self, limit: int = 1024) -> None:
+        #: entries kept before starting over (a session with thousands of
+        #: senders stays bounded)
+        self.limit = limit
+        self._policy: Policy | None = None
+        self._session: Session | None = None
+        self._facts: tuple[Any, ...] = ()
+        self._dns: Mapping[DnsQuery, DnsResult] = {}
+        self._store: dict[object, object] = {}
+
+    def __len__(self) -> int:
+        """Entries held."""
+        return len(self._store)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._store.clear()
+        self._policy = self._session = None
+
+    def _for(self, policy: Policy, session: Session) -> dict[object, object]:
+        """The entries valid for ``session`` under ``policy``."""
+        store = self._store
+        if session is not self._session or policy is not self._policy:
+            facts = _facts(session)
+            if (
+                policy is not self._policy
+                or facts != self._facts
+                or not _extends(session.dns, self._dns)
+            ):
+                store.clear()
+                self._policy, self._facts = policy, facts
+            self._session, self._dns = session, session.dns
+        if len(store) >= self.limit:
+            store.clear()
+        return store
+
+
+_UNSEEN: Any = object()
+# Enum members as module constants: ``Scope.SESSION`` is a descriptor call
+# (about 100 ns), paid for every rule of every decision otherwise.
+_ENVELOPE, _SESSION = Scope.ENVELOPE, Scope.SESSION
+_PERMIT, _ACCEPT, _DEFER_IF_PERMIT = Outcome.PERMIT, Outcome.ACCEPT, Outcome.DEFER_IF_PERMIT
+
+
+def _remembered(step: Step, ctx: Context, store: dict[object, object]) -> Decision | None:
+    """``step.rule.check(ctx)`` for a session- or sender-scoped rule,
+    reusing the decision made earlier for the same facts. A rule still
+    waiting for DNS raises NeedDns and nothing is remembered."""
     env = ctx.envelope
-    key: tuple[object, ...] = (
-        (id(rule),) if scope == SESSION else (id(rule), env.sender, env.smtputf8)
-    )
-    memo = ctx.session.memo
-    seen = memo.get(key, _UNSEEN)
-    # the rule object rides along: an id is only unique while its object lives
-    if isinstance(seen, tuple) and seen[0] is rule:
-        decision: Decision | None = seen[1]
-        return decision
-    decision = rule.check(ctx)
-    if len(memo) >= _MEMO_LIMIT:
-        # a session with thousands of transactions: start over, stay bounded
-        memo.clear()
-    memo[key] = (rule, decision)
+    key: object = step.slot if step.scope is _SESSION else (step.slot, env.sender, env.smtputf8)
+    seen: Any = store.get(key, _UNSEEN)
+    if seen is not _UNSEEN:
+        remembered: Decision | None = seen
+        return remembered
+    decision = step.rule.check(ctx)
+    store[key] = decision
     return decision
+
+
+class _Need:
+    """What a walk could not decide without: every question, and the first
+    rule that waits (the one a temporary failure names)."""
+
+    __slots__ = ("first", "queries", "rule")
+
+    def __init__(self, rule: str, queries: tuple[DnsQuery, ...]) -> None:
+        self.rule = rule
+        self.first = queries
+        self.queries = set(queries)
+
+    def failure(self) -> Verdict:
+        return Verdict(
+            Action.DEFER,
+            Reply(451, "4.3.0", "Temporary lookup failure"),
+            self.rule,
+            tuple(Evidence("dns", str(q), matched="not supplied") for q in self.first),
+        )
+
+
+def _walk(
+    policy: Policy, session: Session, envelope: Envelope, memo: Memo | None
+) -> Verdict | _Need:
+    store: dict[object, object] = {} if memo is None else memo._for(policy, session)
+    ctx = Context(policy.shared, session, envelope, store)
+    need: _Need | None = None
+    pending: Decision | None = None
+    white: Decision | None = None
+    discard = envelope.discard
+    for chain in policy.chains[envelope.stage]:
+        if discard is not None and chain.restriction:
+            if need is not None:
+                return need
+            # Postfix: once a transaction is marked for discarding, every
+            # restriction is skipped for the rest of it.
+            return Verdict(
+                Action.DISCARD,
+                None,
+                discard,
+                (Evidence("transaction", "discarding", matched=discard),),
+            )
+        for step in chain.steps:
+            try:
+                if step.scope is _ENVELOPE:
+                    d = step.rule.check(ctx)
+                else:
+                    d = _remembered(step, ctx, store)
+            except NeedDns as missing:
+                # Go on: later rules' questions are asked in the same round.
+                if need is None:
+                    need = _Need(missing.rule or step.rule.name, missing.queries)
+                else:
+                    need.queries.update(missing.queries)
+                continue
+            if d is None:
+                continue
+            outcome = d.outcome
+            if outcome is _DEFER_IF_PERMIT:
+                pending = pending or d
+                continue
+            if outcome is _PERMIT:
+                if step.white:
+                    white = d
+                break
+            if need is not None:
+                # A final decision, but an earlier rule still waiting for
+                # DNS might have decided differently.
+                return need
+            if outcome is _ACCEPT:
+                return _accept(pending, None)
+            return _verdict(_FINAL[outcome], d)
+    if need is not None:
+        return need
+    return _accept(pending, white)
 
 
 def _verdict(action: Action, d: Decision) -> Verdict:
     if action is Action.REJECT and d.reply is not None and d.reply.temporary:
         action = Action.DEFER
     return Verdict(action, d.reply, d.rule, d.evidence)
-
-
-def evaluate(policy: Policy, session: Session, envelope: Envelope) -> Verdict:
-    """Judge ``envelope`` at its stage for ``session`` under ``policy``.
-
-    Pure and deterministic: no I/O, no clock; the same facts always give the
-    same verdict. The DNS answers the enabled rules need must already be in
-    ``session.dns`` (ask :meth:`Policy.lookups` first); a missing one gives a
-    temporary failure (``451 4.3.0``) naming the rule and the question, never
-    an acceptance. The :class:`~mailpolicy.model.Verdict` carries the action,
-    the reply for the client, the deciding rule (its settings key) and the
-    evidence (matched list entry, DNS answers, counters).
-    """
-    ctx = Context(policy.shared, session, envelope)
-    pending: Decision | None = None
-    white: Decision | None = None
-    for chain in policy.chains[envelope.stage]:
-        if envelope.discard is not None and chain.restriction:
-            # Postfix: once a transaction is marked for discarding, every
-            # restriction is skipped for the rest of it.
-            return Verdict(
-                Action.DISCARD,
-                None,
-                envelope.discard,
-                (Evidence("transaction", "discarding", matched=envelope.discard),),
-            )
-        for rule in chain.rules:
-            try:
-                d = _check(rule, ctx)
-            except NeedDns as need:
-                return Verdict(
-                    Action.DEFER,
-                    Reply(451, "4.3.0", "Temporary lookup failure"),
-                    need.rule or rule.name,
-                    tuple(Evidence("dns", str(q), matched="not supplied") for q in need.queries),
-                )
-            if d is None:
-                continue
-            outcome = d.outcome
-            if outcome is Outcome.DEFER_IF_PERMIT:
-                pending = pending or d
-                continue
-            if outcome is Outcome.PERMIT:
-                if d.rule.startswith("security.lists."):
-                    white = d
-                break
-            if outcome is Outcome.ACCEPT:
-                return _accept(pending, None)
-            return _verdict(_FINAL[outcome], d)
-    return _accept(pending, white)
 
 
 def _accept(pending: Decision | None, white: Decision | None) -> Verdict:
@@ -129,25 +253,73 @@ def _accept(pending: Decision | None, white: Decision | None) -> Verdict:
     return ACCEPT
 
 
-def lookups(policy: Policy, session: Session, envelope: Envelope) -> frozenset[DnsQuery]:
-    """The DNS questions the walk for this stage still needs answered."""
-    ctx = Context(policy.shared, session, envelope)
-    needed: set[DnsQuery] = set()
-    for chain in policy.chains[envelope.stage]:
-        if envelope.discard is not None and chain.restriction:
-            break
-        for rule in chain.rules:
-            try:
-                d = _check(rule, ctx)
-            except NeedDns as need:
-                # Go on: later rules' questions are asked in the same round.
-                needed.update(need.queries)
-                continue
-            if d is None or d.outcome is Outcome.DEFER_IF_PERMIT:
-                continue
-            if d.outcome is Outcome.PERMIT:
-                break
-            # A final decision: nothing after it is needed, unless an earlier
-            # rule, still waiting for DNS, might have decided differently.
-            return frozenset(needed)
-    return frozenset(needed)
+def decide(
+    policy: Policy, session: Session, envelope: Envelope, memo: Memo | None = None
+) -> Verdict | Lookups:
+    """Judge ``envelope`` at its stage for ``session``, or say which DNS
+    answers that needs first. Pure: no I/O, no clock.
+
+    One walk of the stage's chains: a :class:`~mailpolicy.model.Verdict`
+    when every rule reached could decide with the answers in
+    ``session.dns``, else :class:`Lookups` with every question the walk
+    still needs (independent ones together). ``memo`` is the connection's
+    :class:`Memo`.
+    """
+    found = _walk(policy, session, envelope, memo)
+    if isinstance(found, _Need):
+        return Lookups(frozenset(found.queries))
+    return found
+
+
+def evaluate(
+    policy: Policy, session: Session, envelope: Envelope, memo: Memo | None = None
+) -> Verdict:
+    """Judge ``envelope`` at its stage for ``session`` under ``policy``.
+
+    Pure and deterministic: no I/O, no clock; the same facts always give the
+    same verdict. The DNS answers the enabled rules need must already be in
+    ``session.dns`` (see :func:`decide` and :func:`decide_with`); a missing
+    one gives a temporary failure (``451 4.3.0``) naming the rule and the
+    question, never an acceptance. The :class:`~mailpolicy.model.Verdict`
+    carries the action, the reply for the client, the deciding rule (its
+    settings key) and the evidence (matched list entry, DNS answers,
+    counters).
+    """
+    found = _walk(policy, session, envelope, memo)
+    if isinstance(found, _Need):
+        return found.failure()
+    return found
+
+
+def lookups(
+    policy: Policy, session: Session, envelope: Envelope, memo: Memo | None = None
+) -> frozenset[DnsQuery]:
+    """The DNS questions :func:`decide` still needs (empty: it can decide)."""
+    found = _walk(policy, session, envelope, memo)
+    return frozenset(found.queries) if isinstance(found, _Need) else frozenset()
+
+
+def decide_with(
+    policy: Policy,
+    session: Session,
+    envelope: Envelope,
+    answer: Callable[[frozenset[DnsQuery]], Mapping[DnsQuery, DnsResult]],
+    memo: Memo | None = None,
+    *,
+    rounds: int = 4,
+) -> tuple[Session, Verdict]:
+    """:func:`decide`, asking ``answer`` for the missing DNS answers, up to
+    ``rounds`` times; then :func:`evaluate` (a question still unanswered is
+    a temporary failure). Returns the session with every answer gathered,
+    and the verdict. ``answer`` is any synchronous resolver (a static zone,
+    a dict lookup); see :func:`mailpolicy.adapters.judge.judge` for an
+    asynchronous one.
+    """
+    if memo is None:
+        memo = Memo()  # the rounds of this one decision share it
+    for _ in range(rounds):
+        found = decide(policy, session, envelope, memo)
+        if isinstance(found, Verdict):
+            return session, found
+        session = session.with_dns(answer(found.queries))
+    return session, evaluate(policy, session, envelope, memo)

@@ -12,15 +12,17 @@ policy protocol, a benchmark) describes the world as plain values:
   the sender, the recipient being judged, those already accepted, the declared
   size, and at the end of DATA the facts about the message.
 
-``Policy.lookups(session, envelope)`` tells the adapter which DNS questions
-the enabled rules still need for this stage; the adapter asks them (or reads a
-static zone), adds the answers with :meth:`Session.with_dns`, and asks again
-until nothing is missing. ``Policy.evaluate(session, envelope)`` then returns a
-:class:`Verdict`. A fact that is missing is never guessed: the verdict is a
-temporary failure that names the missing question.
+``mailpolicy.decide(policy, session, envelope)`` returns a :class:`Verdict`,
+or the DNS questions the enabled rules still need for this stage; the adapter
+asks them (or reads a static zone), adds the answers with
+:meth:`Session.with_dns`, and decides again (``mailpolicy.decide_with`` is
+that loop). A fact that is missing is never guessed: ``mailpolicy.evaluate``
+gives a temporary failure that names the missing question.
 
 Everything here is a frozen, slotted attrs class: cheap to build, safe to
-share, usable as a dictionary key, and equal when the facts are equal.
+share, usable as a dictionary key, and equal when the facts are equal (a
+session's DNS answers included). What the engine derives and remembers
+between decisions lives apart, in the connection's ``mailpolicy.Memo``.
 """
 
 from __future__ import annotations
@@ -408,33 +410,21 @@ class Session:
     auth_user: str | None = None
     improper_pipelining: bool = False
     counters: Counters = Counters()
+    #: every DNS answer gathered so far: a fact like the others (two sessions
+    #: that know different answers differ), left out of the hash only
+    #: (equal sessions still hash equal: the hash reads a subset)
     dns: Mapping[DnsQuery, DnsResult] = attrs.field(
-        default=None, converter=_freeze_dns, eq=False, hash=False, repr=False
-    )
-    #: derived facts and session-level decisions, memoised by the core (see
-    #: evaluate.py); never compared, hashed or shown, and empty in a copy
-    #: whose facts differ
-    memo: dict[object, object] = attrs.field(
-        factory=dict, init=False, eq=False, hash=False, repr=False
+        default=None, converter=_freeze_dns, hash=False, repr=False
     )
 
     def with_dns(
         self, answers: Mapping[DnsQuery, DnsResult] | Iterable[tuple[DnsQuery, DnsResult]]
     ) -> Session:
-        """A copy that also knows ``answers``.
-
-        What was derived from the facts so far stays valid when answers are
-        only added, so the copy keeps the memo; an answer that replaces a
-        different one starts afresh.
-        """
+        """A copy that also knows ``answers`` (a new answer to a question
+        already answered replaces the old one)."""
         merged = dict(self.dns)
-        added = dict(answers)
-        keep = all(merged.get(q, r) == r for q, r in added.items())
-        merged.update(added)
-        copy = attrs.evolve(self, dns=merged)
-        if keep:
-            copy.memo.update(self.memo)
-        return copy
+        merged.update(answers)
+        return attrs.evolve(self, dns=merged)
 
 
 @attrs.frozen

@@ -1,23 +1,26 @@
 """Compile settings into a :class:`Policy`: ordered chains of rules per stage.
 
 The table :data:`TABLE` is the whole order of evaluation (settings section 5)
-in one place: a row says at which stage, in which chain, under which setting a
-rule runs. Adding a check is adding a rule class and a row. Rows whose
-setting is off produce no rule at all, so a disabled check costs nothing,
-not even a DNS lookup.
+in one place, and the single source of what each rule is: a row says at which
+stage, in which chain, under which settings key (its name) a rule runs, when
+that setting turns it on, what its decision depends on (the memo's scope),
+which counter it reads and whether it is the white list. Adding a check is
+adding a rule class and a row. Rows whose setting is off produce no rule at
+all, so a disabled check costs nothing, not even a DNS lookup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import attrs
 
 from .lookup import DomainTable, NetworkTable
-from .model import DnsQuery, Envelope, Session, Stage, Verdict
+from .model import Session, Stage
 from .passwords import verify_password
-from .rules import Chain, Rule
+from .rules import Chain, Rule, Scope, Step
 from .rules.auth import Owners, RejectUnauthenticatedLocalSender, SenderMustMatchLogin
 from .rules.connection import RejectUnknownClientHostname, RejectUnknownReverseClientHostname
 from .rules.content import DisableAutoForwarding, MaxAttachmentSize
@@ -46,7 +49,6 @@ from .settings import (
     AdvancedSettings,
     ConnectionPolicy,
     GeneralSettings,
-    SenderPolicy,
     Settings,
 )
 
@@ -69,14 +71,72 @@ class _Build:
         return self.settings.general.smtp_auth.enabled and bool(self.settings.accounts)
 
 
+#: A row's setting when its key names none (``rfc5321.postmaster``).
+_NO_SETTING: Any = object()
+
+
+def _setting(settings: Settings, key: str) -> Any:
+    """The value at the dotted ``key`` in ``settings``, or ``_NO_SETTING``."""
+    value: Any = settings
+    for part in key.split("."):
+        value = getattr(value, part, _NO_SETTING)
+        if value is _NO_SETTING:
+            break
+    return value
+
+
+def _set(b: _Build, value: Any) -> bool:
+    """The usual switch: the setting at the row's key is true."""
+    return value is True
+
+
+def _positive(b: _Build, value: Any) -> bool:
+    """A limit: 0 means none."""
+    return bool(value > 0)
+
+
+def _listed(b: _Build, value: Any) -> bool:
+    return bool(value)
+
+
+def _always(b: _Build, value: Any) -> bool:
+    return True
+
+
+def _with_accounts(b: _Build, value: Any) -> bool:
+    """Sender ownership needs accounts, and AUTH to log in to them."""
+    return b.accounts_on and value is True
+
+
+SESSION, SENDER = Scope.SESSION, Scope.SENDER
+
+
 @attrs.frozen
 class Row:
-    """One line of the evaluation table."""
+    """One line of the evaluation table: the single source of what a rule is.
+
+    ``key`` is the settings key path that turns the rule on and names it (in
+    its decisions, the verdict, the logs); ``enabled`` says from the
+    setting's value (and the compiled tables) whether the row is on: by
+    default when the setting is true. ``build`` makes the rule from the
+    tables and the key. ``scope`` is what its decision depends on (the
+    memo reuses session and sender decisions); ``counter`` the
+    :class:`~mailpolicy.model.Counters` field it reads, which the adapter
+    must count (:meth:`Policy.counters`); ``white`` marks the white list,
+    whose permit names the accepting rule; ``restriction`` is false for the
+    chains of checks smtpd makes itself, which a discarded transaction still
+    faces (all rows of one chain agree).
+    """
 
     stage: Stage
     chain: str
-    enabled: Callable[[_Build], bool]
-    build: Callable[[_Build], Rule | tuple[Rule, ...]]
+    key: str
+    build: Callable[[_Build, str], Rule | tuple[Rule, ...]]
+    enabled: Callable[[_Build, Any], bool] = _set
+    scope: Scope = Scope.ENVELOPE
+    counter: str | None = None
+    white: bool = False
+    restriction: bool = True
 
 
 def _gen(b: _Build) -> GeneralSettings:
@@ -91,13 +151,9 @@ def _adv(b: _Build) -> AdvancedSettings:
     return b.settings.security.advanced
 
 
-def _sp(b: _Build) -> SenderPolicy:
-    return b.settings.security.sender_policy
-
-
-def _always(b: _Build) -> bool:
-    return True
-
+_CP = "security.connection_policy"
+_ADV = "security.advanced"
+_SP = "security.sender_policy"
 
 S = Stage
 #: The order of evaluation. Chains run in the order they first appear for a
@@ -107,158 +163,242 @@ TABLE: tuple[Row, ...] = (
     Row(
         S.CONNECT,
         "limits",
-        lambda b: _cp(b).max_connections_per_client > 0,
-        lambda b: MaxConnections(_cp(b).max_connections_per_client, b.exempt),
+        f"{_CP}.max_connections_per_client",
+        lambda b, k: MaxConnections(k, _cp(b).max_connections_per_client, b.exempt),
+        _positive,
+        counter=MaxConnections.counter,
+        restriction=False,
     ),
     Row(
         S.CONNECT,
         "limits",
-        lambda b: _cp(b).max_connection_rate_per_client > 0,
-        lambda b: MaxConnectionRate(_cp(b).max_connection_rate_per_client, b.exempt),
+        f"{_CP}.max_connection_rate_per_client",
+        lambda b, k: MaxConnectionRate(k, _cp(b).max_connection_rate_per_client, b.exempt),
+        _positive,
+        counter=MaxConnectionRate.counter,
+        restriction=False,
     ),
     # MAIL
-    Row(S.MAIL, "mail", lambda b: _adv(b).require_helo, lambda b: RequireHelo()),
+    Row(S.MAIL, "mail", f"{_ADV}.require_helo", lambda b, k: RequireHelo(k), restriction=False),
     Row(
         S.MAIL,
         "mail",
-        lambda b: _gen(b).max_message_size > 0,
-        lambda b: MaxMessageSize(_gen(b).max_message_size),
+        "general.max_message_size_mb",
+        lambda b, k: MaxMessageSize(k, _gen(b).max_message_size),
+        _positive,
+        restriction=False,
     ),
     Row(
         S.MAIL,
         "mail",
-        lambda b: _cp(b).max_message_rate_per_client > 0,
-        lambda b: MaxMessageRate(_cp(b).max_message_rate_per_client, b.exempt),
+        f"{_CP}.max_message_rate_per_client",
+        lambda b, k: MaxMessageRate(k, _cp(b).max_message_rate_per_client, b.exempt),
+        _positive,
+        counter=MaxMessageRate.counter,
+        restriction=False,
     ),
     # RCPT: limits first, then Postfix's client/helo/sender, relay and recipient restrictions
     Row(
         S.RCPT,
         "limits",
-        lambda b: _gen(b).max_recipients > 0,
-        lambda b: MaxRecipients(_gen(b).max_recipients),
+        "general.max_recipients",
+        lambda b, k: MaxRecipients(k, _gen(b).max_recipients),
+        _positive,
+        restriction=False,
     ),
     Row(
         S.RCPT,
         "limits",
-        lambda b: _cp(b).max_recipient_rate_per_client > 0,
-        lambda b: MaxRecipientRate(_cp(b).max_recipient_rate_per_client, b.exempt),
+        f"{_CP}.max_recipient_rate_per_client",
+        lambda b, k: MaxRecipientRate(k, _cp(b).max_recipient_rate_per_client, b.exempt),
+        _positive,
+        counter=MaxRecipientRate.counter,
+        restriction=False,
     ),
-    Row(S.RCPT, "postmaster", _always, lambda b: AcceptBarePostmaster()),
+    Row(S.RCPT, "postmaster", "rfc5321.postmaster", lambda b, k: AcceptBarePostmaster(k), _always),
     Row(
         S.RCPT,
         "sender_ownership",
-        lambda b: b.accounts_on and _gen(b).smtp_auth.sender_must_match_login,
-        lambda b: SenderMustMatchLogin(b.owners),
+        "general.smtp_auth.sender_must_match_login",
+        lambda b, k: SenderMustMatchLogin(k, b.owners),
+        _with_accounts,
+        scope=SENDER,
     ),
     Row(
         S.RCPT,
         "sender_ownership",
-        lambda b: b.accounts_on and _sp(b).reject_unauthenticated_local_sender,
-        lambda b: RejectUnauthenticatedLocalSender(b.owners),
+        f"{_SP}.reject_unauthenticated_local_sender",
+        lambda b, k: RejectUnauthenticatedLocalSender(k, b.owners),
+        _with_accounts,
+        scope=SENDER,
     ),
-    Row(S.RCPT, "relay", _always, lambda b: PermitMynetworks()),
-    Row(S.RCPT, "relay", lambda b: _gen(b).smtp_auth.enabled, lambda b: PermitAuthenticated()),
-    Row(S.RCPT, "relay", _always, lambda b: RejectUnauthDestination(b.shared)),
-    Row(S.RCPT, "checks", lambda b: bool(b.white), lambda b: WhiteList(b.white)),
-    Row(S.RCPT, "checks", lambda b: bool(b.black), lambda b: BlackList(b.black)),
-    Row(S.RCPT, "checks", _always, lambda b: PermitMynetworks()),
-    Row(S.RCPT, "checks", lambda b: _gen(b).smtp_auth.enabled, lambda b: PermitAuthenticated()),
+    Row(S.RCPT, "relay", "relay.trusted_networks", lambda b, k: PermitMynetworks(k), _always),
+    Row(S.RCPT, "relay", "general.smtp_auth.enabled", lambda b, k: PermitAuthenticated(k)),
     Row(
         S.RCPT,
-        "checks",
-        lambda b: bool(_adv(b).dnsbl),
-        lambda b: tuple(RejectRblClient(z) for z in _adv(b).dnsbl),
+        "relay",
+        "relay.reject_unauth_destination",
+        lambda b, k: RejectUnauthDestination(k, b.shared),
+        _always,
     ),
     Row(
         S.RCPT,
         "checks",
-        lambda b: _cp(b).reject_unknown_reverse_client_hostname,
-        lambda b: RejectUnknownReverseClientHostname(),
+        "security.lists",
+        lambda b, k: WhiteList(k, b.white),
+        lambda b, v: bool(b.white),
+        white=True,
     ),
     Row(
         S.RCPT,
         "checks",
-        lambda b: _cp(b).reject_unknown_client_hostname,
-        lambda b: RejectUnknownClientHostname(),
+        "security.lists",
+        lambda b, k: BlackList(k, b.black),
+        lambda b, v: bool(b.black),
     ),
-    Row(S.RCPT, "checks", lambda b: _adv(b).reject_invalid_helo, lambda b: RejectInvalidHelo()),
-    Row(S.RCPT, "checks", lambda b: _adv(b).reject_non_fqdn_helo, lambda b: RejectNonFqdnHelo()),
-    Row(S.RCPT, "checks", lambda b: _adv(b).reject_unknown_helo, lambda b: RejectUnknownHelo()),
-    Row(S.RCPT, "checks", lambda b: _sp(b).reject_non_fqdn_sender, lambda b: RejectNonFqdnSender()),
+    Row(S.RCPT, "checks", "relay.trusted_networks", lambda b, k: PermitMynetworks(k), _always),
+    Row(S.RCPT, "checks", "general.smtp_auth.enabled", lambda b, k: PermitAuthenticated(k)),
     Row(
         S.RCPT,
         "checks",
-        lambda b: _sp(b).reject_unknown_sender_domain,
-        lambda b: RejectUnknownSenderDomain(),
-    ),
-    Row(
-        S.RCPT,
-        "checks",
-        lambda b: _adv(b).reject_non_fqdn_recipient,
-        lambda b: RejectNonFqdnRecipient(),
+        f"{_ADV}.dnsbl",
+        lambda b, k: tuple(RejectRblClient(f"{k}.{z.zone}", z) for z in _adv(b).dnsbl),
+        _listed,
+        scope=SESSION,
     ),
     Row(
         S.RCPT,
         "checks",
-        lambda b: _adv(b).reject_unknown_recipient_domain,
-        lambda b: RejectUnknownRecipientDomain(),
+        f"{_CP}.reject_unknown_reverse_client_hostname",
+        lambda b, k: RejectUnknownReverseClientHostname(k),
+        scope=SESSION,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_CP}.reject_unknown_client_hostname",
+        lambda b, k: RejectUnknownClientHostname(k),
+        scope=SESSION,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_ADV}.reject_invalid_helo",
+        lambda b, k: RejectInvalidHelo(k),
+        scope=SESSION,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_ADV}.reject_non_fqdn_helo",
+        lambda b, k: RejectNonFqdnHelo(k),
+        scope=SESSION,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_ADV}.reject_unknown_helo",
+        lambda b, k: RejectUnknownHelo(k),
+        scope=SESSION,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_SP}.reject_non_fqdn_sender",
+        lambda b, k: RejectNonFqdnSender(k),
+        scope=SENDER,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_SP}.reject_unknown_sender_domain",
+        lambda b, k: RejectUnknownSenderDomain(k),
+        scope=SENDER,
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_ADV}.reject_non_fqdn_recipient",
+        lambda b, k: RejectNonFqdnRecipient(k),
+    ),
+    Row(
+        S.RCPT,
+        "checks",
+        f"{_ADV}.reject_unknown_recipient_domain",
+        lambda b, k: RejectUnknownRecipientDomain(k),
     ),
     # DATA command
-    Row(
-        S.DATA,
-        "data",
-        lambda b: _adv(b).reject_unauth_pipelining,
-        lambda b: RejectUnauthPipelining(),
-    ),
+    Row(S.DATA, "data", f"{_ADV}.reject_unauth_pipelining", lambda b, k: RejectUnauthPipelining(k)),
     # end of DATA
     Row(
         S.END_OF_DATA,
         "message",
-        lambda b: _gen(b).max_message_size > 0,
-        lambda b: MaxMessageSize(_gen(b).max_message_size),
+        "general.max_message_size_mb",
+        lambda b, k: MaxMessageSize(k, _gen(b).max_message_size),
+        _positive,
+        restriction=False,
     ),
     Row(
         S.END_OF_DATA,
         "message",
-        lambda b: _gen(b).max_hops > 0,
-        lambda b: MaxHops(_gen(b).max_hops),
+        "general.max_hops",
+        lambda b, k: MaxHops(k, _gen(b).max_hops),
+        _positive,
+        restriction=False,
     ),
     Row(
         S.END_OF_DATA,
         "message",
-        lambda b: _gen(b).max_attachment_size > 0,
-        lambda b: MaxAttachmentSize(_gen(b).max_attachment_size),
+        "general.max_attachment_size_mb",
+        lambda b, k: MaxAttachmentSize(k, _gen(b).max_attachment_size),
+        _positive,
+        restriction=False,
     ),
     Row(
         S.END_OF_DATA,
         "message",
-        lambda b: _gen(b).disable_auto_forwarding,
-        lambda b: DisableAutoForwarding(),
+        "general.disable_auto_forwarding",
+        lambda b, k: DisableAutoForwarding(k),
+        restriction=False,
     ),
     # VRFY
-    Row(S.VRFY, "vrfy", lambda b: _adv(b).disable_vrfy, lambda b: DisableVrfy()),
+    Row(S.VRFY, "vrfy", f"{_ADV}.disable_vrfy", lambda b, k: DisableVrfy(k)),
 )
 
 
-def _chains(b: _Build) -> dict[Stage, tuple[Chain, ...]]:
-    grouped: dict[Stage, dict[str, list[Rule]]] = {stage: {} for stage in Stage}
+@attrs.frozen
+class _Compiled:
+    chains: dict[Stage, tuple[Chain, ...]]
+    counters: dict[Stage, frozenset[str]]
+
+
+def _compile(b: _Build) -> _Compiled:
+    grouped: dict[Stage, dict[str, list[Step]]] = {stage: {} for stage in Stage}
+    restriction: dict[tuple[Stage, str], bool] = {}
+    counters: dict[Stage, set[str]] = {stage: set() for stage in Stage}
+    slot = 0
     for row in TABLE:
-        if not row.enabled(b):
+        if restriction.setdefault((row.stage, row.chain), row.restriction) != row.restriction:
+            raise ValueError(f"rows of chain {row.chain!r} disagree on restriction")
+        if not row.enabled(b, _setting(b.settings, row.key)):
             continue
-        built = row.build(b)
-        rules = built if isinstance(built, tuple) else (built,)
-        grouped[row.stage].setdefault(row.chain, []).extend(rules)
-    return {
-        stage: tuple(
-            Chain(name, tuple(rules), restriction=name not in _NOT_RESTRICTIONS)
-            for name, rules in chains.items()
-        )
-        for stage, chains in grouped.items()
-    }
-
-
-#: chains of checks smtpd makes itself, outside the restriction lists
-_NOT_RESTRICTIONS = frozenset({"limits", "mail", "message"})
+        built = row.build(b, row.key)
+        steps = grouped[row.stage].setdefault(row.chain, [])
+        for rule in built if isinstance(built, tuple) else (built,):
+            steps.append(Step(rule, row.scope, row.white, slot))
+            slot += 1
+        if row.counter is not None:
+            counters[row.stage].add(row.counter)
+    return _Compiled(
+        {
+            stage: tuple(
+                Chain(name, tuple(steps), restriction[stage, name])
+                for name, steps in chains.items()
+            )
+            for stage, chains in grouped.items()
+        },
+        {stage: frozenset(names) for stage, names in counters.items()},
+    )
 
 
 @attrs.frozen(eq=False)
@@ -266,34 +406,22 @@ class Policy:
     """A compiled policy: immutable, shareable between sessions and threads.
 
     Build one with :func:`compile_policy` (or :func:`mailpolicy.load_policy`
-    from a file). :meth:`evaluate` is the one decision entry point.
+    from a file); judge with :func:`mailpolicy.decide` or
+    :func:`mailpolicy.evaluate`.
     """
 
     settings: Settings
     chains: Mapping[Stage, tuple[Chain, ...]]
     shared: Shared
     _passwords: Mapping[str, str] = attrs.field(repr=False)
+    _counters: Mapping[Stage, frozenset[str]] = attrs.field(repr=False, factory=dict)
 
-    def evaluate(self, session: Session, envelope: Envelope) -> Verdict:
-        """Judge ``envelope`` at its stage for ``session``. Never does I/O.
-
-        A DNS answer the rules need but ``session.dns`` lacks gives a
-        temporary failure naming the question; ask :meth:`lookups` first.
-        """
-        from .evaluate import evaluate
-
-        return evaluate(self, session, envelope)
-
-    def lookups(self, session: Session, envelope: Envelope) -> frozenset[DnsQuery]:
-        """The DNS questions still needed to judge this stage.
-
-        Call, resolve, add the answers with ``session.with_dns``, and call
-        again until the set is empty: a later question can depend on an
-        earlier answer (the forward lookup of the client's PTR name).
-        """
-        from .evaluate import lookups
-
-        return lookups(self, session, envelope)
+    def counters(self, stage: Stage) -> frozenset[str]:
+        """The :class:`~mailpolicy.model.Counters` fields the enabled rules of
+        ``stage`` read: what the adapter must count before judging it
+        (``connections`` and ``connection_rate`` at CONNECT, ``message_rate``
+        at MAIL, ``recipient_rate`` at RCPT, when their limits are on)."""
+        return self._counters.get(stage, frozenset())
 
     def rules(self, stage: Stage) -> Iterator[tuple[str, Rule]]:
         """The rules that run at ``stage``, as ``(chain name, rule)``."""
@@ -344,4 +472,11 @@ def compile_policy(settings: Settings) -> Policy:
         ),
     )
     passwords = MappingProxyType({a.name: a.password_hash for a in settings.accounts})
-    return Policy(settings, MappingProxyType(_chains(build)), shared, passwords)
+    compiled = _compile(build)
+    return Policy(
+        settings,
+        MappingProxyType(compiled.chains),
+        shared,
+        passwords,
+        MappingProxyType(compiled.counters),
+    )

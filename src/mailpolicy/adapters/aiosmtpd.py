@@ -40,6 +40,7 @@ from aiosmtpd.smtp import Session as AioSession
 
 from ..dialogue import Decided
 from ..dialogue.message import message_facts
+from ..evaluate import Memo
 from ..model import (
     Action,
     Counters,
@@ -52,6 +53,7 @@ from ..model import (
 from ..policy import Policy
 from .dns import Resolver
 from .driver import log_decision
+from .judge import TEMP_FAILURE, judge
 from .state import HitKind, StateStore
 
 __all__ = ["PolicyHandler"]
@@ -59,35 +61,11 @@ __all__ = ["PolicyHandler"]
 log = logging.getLogger("mailpolicy.aiosmtpd")
 decisions = logging.getLogger("mailpolicy.decisions")
 
-#: rounds of DNS questions for one decision (the PTR, then its forward name)
-MAX_DNS_ROUNDS = 4
-TEMP_FAILURE = Reply(451, "4.3.0", "Error: temporary failure, please try again later")
 
 #: aiosmtpd's own replies when a hook is absent (smtp.py), kept when we accept
 _OK = "250 OK"
 _VRFY_DEFAULT = "252 Cannot VRFY user, but will accept message and attempt delivery"
 _BYE = "221 Bye"
-
-
-async def _judge(
-    policy: Policy, session: Session, envelope: Envelope, resolver: Resolver
-) -> tuple[Verdict, Session]:
-    """Gather the DNS answers the policy asks for, then evaluate.
-
-    Returns the verdict and the session with the answers added (kept for the
-    rest of the connection). Never raises: any failure is a temporary
-    refusal, never an acceptance by accident.
-    """
-    try:
-        for _ in range(MAX_DNS_ROUNDS):
-            wanted = policy.lookups(session, envelope)
-            if not wanted:
-                break
-            session = session.with_dns(await resolver.resolve_all(wanted))
-        return policy.evaluate(session, envelope), session
-    except Exception:
-        log.exception("policy evaluation failed at %s", envelope.stage.value)
-        return Verdict(Action.DEFER, TEMP_FAILURE, "internal.error"), session
 
 
 @attrs.define
@@ -173,6 +151,8 @@ class PolicyHandler:
             weakref.WeakKeyDictionary()
         )
         self._sessions: weakref.WeakKeyDictionary[AioSession, Session] = weakref.WeakKeyDictionary()
+        #: what the policy derived for each connection (see mailpolicy.Memo)
+        self._memos: weakref.WeakKeyDictionary[AioSession, Memo] = weakref.WeakKeyDictionary()
         self._discards: weakref.WeakKeyDictionary[AioEnvelope, Verdict] = (
             weakref.WeakKeyDictionary()
         )
@@ -208,9 +188,7 @@ class PolicyHandler:
         self._connections[server] = conn
         cp = self.policy.settings.security.connection_policy
         store = self.store
-        if store is not None and (
-            cp.max_connections_per_client > 0 or cp.max_connection_rate_per_client > 0
-        ):
+        if store is not None and self.policy.counters(Stage.CONNECT):
             try:
                 count, rate = await store.connection_opened(
                     conn.client, self.clock(), cp.rate_window_seconds
@@ -227,7 +205,7 @@ class PolicyHandler:
             conn.release = release
             self._keep(loop.create_task(_watch(weakref.ref(server), release)))
         core = Session(conn.client, tls=self.implicit_tls, counters=conn.counters)
-        verdict, _ = await _judge(self.policy, core, Envelope(Stage.CONNECT), self.resolver)
+        _, verdict = await judge(self.policy, core, Envelope(Stage.CONNECT), self.resolver)
         if verdict.action.refuses:
             conn.refusal = verdict
             self._log(Stage.CONNECT, core, verdict)
@@ -263,17 +241,21 @@ class PolicyHandler:
         self._sessions[session] = core
         return core
 
-    async def _count(self, core: Session, kind: HitKind, limit: int) -> Session:
-        """Count a MAIL or RCPT when its limit is on; raises if the store fails."""
-        if self.store is None or limit <= 0:
+    async def _count(self, core: Session, kind: HitKind, stage: Stage) -> Session:
+        """Count a MAIL or RCPT when the policy judges its rate; raises if
+        the store fails."""
+        field = "message_rate" if kind == "message" else "recipient_rate"
+        if self.store is None or field not in self.policy.counters(stage):
             return core
         window = self.policy.settings.security.connection_policy.rate_window_seconds
         n = await self.store.hit(kind, str(core.client_ip), self.clock(), window)
-        field = "message_rate" if kind == "message" else "recipient_rate"
         return attrs.evolve(core, counters=attrs.evolve(core.counters, **{field: n}))
 
     async def _decide(self, session: AioSession, core: Session, envelope: Envelope) -> Verdict:
-        verdict, core = await _judge(self.policy, core, envelope, self.resolver)
+        memo = self._memos.get(session)
+        if memo is None:
+            memo = self._memos[session] = Memo()
+        core, verdict = await judge(self.policy, core, envelope, self.resolver, memo)
         self._sessions[session] = core
         return verdict
 
@@ -347,9 +329,8 @@ class PolicyHandler:
         if conn.refusal is not None:
             return self._refused_connection(conn)
         core = self._session(conn, session)
-        limit = self.policy.settings.security.connection_policy.max_message_rate_per_client
         try:
-            core = await self._count(core, "message", limit)
+            core = await self._count(core, "message", Stage.MAIL)
         except Exception:
             log.exception("state store failed at MAIL")
             return str(TEMP_FAILURE)
@@ -382,9 +363,8 @@ class PolicyHandler:
         if conn.refusal is not None:
             return self._refused_connection(conn)
         core = self._session(conn, session)
-        limit = self.policy.settings.security.connection_policy.max_recipient_rate_per_client
         try:
-            core = await self._count(core, "recipient", limit)
+            core = await self._count(core, "recipient", Stage.RCPT)
         except Exception:
             log.exception("state store failed at RCPT")
             return str(TEMP_FAILURE)

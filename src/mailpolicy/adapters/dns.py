@@ -435,13 +435,18 @@ class StaticZone:
         """The answer to ``query``, synchronously."""
         return self.trace(query_name(query), query.rtype.value).result
 
+    def lookup_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
+        """:meth:`lookup` for each question (``mailpolicy.decide_with``'s
+        ``answer``)."""
+        return {q: self.lookup(q) for q in queries}
+
     async def resolve(self, query: DnsQuery) -> DnsResult:
         """:class:`Resolver` protocol: :meth:`lookup`."""
         return self.lookup(query)
 
     async def resolve_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """:class:`Resolver` protocol: :meth:`lookup` for each question."""
-        return {q: self.lookup(q) for q in queries}
+        return self.lookup_all(queries)
 
 
 def _normalise_record(rtype: str, text: str) -> str:

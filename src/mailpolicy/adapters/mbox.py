@@ -9,8 +9,7 @@ delivery agent adds ``Return-Path:`` (the envelope sender) and
 ``Delivered-To:``/``X-Original-To:`` (the envelope recipient) on top too.
 :func:`read_trace` chooses one hop, rebuilds that hop's session and envelope
 and notes where each fact came from; :func:`judge_message` asks the pure core
-(:meth:`Policy.lookups <mailpolicy.policy.Policy.lookups>` and
-:meth:`Policy.evaluate <mailpolicy.policy.Policy.evaluate>`) for the MAIL
+(:func:`mailpolicy.decide_with`) for the MAIL
 verdict and then one RCPT verdict per recipient, as that server would have.
 
 **Which hop.** From the top, the first header that records an SMTP session
@@ -78,6 +77,7 @@ from typing import Any
 
 import attrs
 
+from ..evaluate import Memo, decide_with, evaluate
 from ..model import (
     Action,
     DnsOutcome,
@@ -753,14 +753,14 @@ class MessageVerdict:
 
 
 def _judge(
-    policy: Policy, session: Session, envelope: Envelope, zone: StaticZone | None
+    policy: Policy, session: Session, envelope: Envelope, zone: StaticZone | None, memo: Memo
 ) -> tuple[Session, Verdict, tuple[str, ...]]:
-    for _ in range(_DNS_ROUNDS):
-        wanted = policy.lookups(session, envelope)
-        if not wanted or zone is None:
-            break
-        session = session.with_dns({q: zone.lookup(q) for q in wanted})
-    verdict = policy.evaluate(session, envelope)
+    if zone is None:
+        verdict = evaluate(policy, session, envelope, memo)
+    else:
+        session, verdict = decide_with(
+            policy, session, envelope, zone.lookup_all, memo, rounds=_DNS_ROUNDS
+        )
     missing = tuple(
         e.value for e in verdict.evidence if e.kind == "dns" and e.matched == "not supplied"
     )
@@ -774,8 +774,9 @@ def judge_message(
     receiving server would have judged them (each refused recipient is left
     out of the accepted ones, as in a session)."""
     session = trace.session()
+    memo = Memo()  # one message is one session
     session, mail, missing = _judge(
-        policy, session, Envelope(Stage.MAIL, sender=trace.sender), zone
+        policy, session, Envelope(Stage.MAIL, sender=trace.sender), zone, memo
     )
     if mail.action.refuses:
         return [RecipientVerdict(r, Stage.MAIL, mail, missing) for r in trace.recipients]
@@ -785,7 +786,7 @@ def judge_message(
         envelope = Envelope(
             Stage.RCPT, sender=trace.sender, recipient=rcpt, recipients=tuple(accepted)
         )
-        session, verdict, missing = _judge(policy, session, envelope, zone)
+        session, verdict, missing = _judge(policy, session, envelope, zone, memo)
         out.append(RecipientVerdict(rcpt, Stage.RCPT, verdict, missing))
         if not verdict.action.refuses:
             accepted.append(rcpt)

@@ -40,6 +40,7 @@ from typing import Any, Final
 import attrs
 
 from ..addresses import AddressError, parse_mail_from, parse_rcpt_to
+from ..evaluate import Memo, decide, evaluate
 from ..model import (
     Action,
     Counters,
@@ -186,20 +187,6 @@ def _redacted(line: bytes) -> str:
     return text
 
 
-def counters_at(policy: Policy, stage: Stage) -> frozenset[str]:
-    """The :class:`~mailpolicy.model.Counters` fields the policy judges at ``stage``."""
-    cp = policy.settings.security.connection_policy
-    wanted = {
-        Stage.CONNECT: {
-            "connections": cp.max_connections_per_client,
-            "connection_rate": cp.max_connection_rate_per_client,
-        },
-        Stage.MAIL: {"message_rate": cp.max_message_rate_per_client},
-        Stage.RCPT: {"recipient_rate": cp.max_recipient_rate_per_client},
-    }.get(stage, {})
-    return frozenset(k for k, v in wanted.items() if v > 0)
-
-
 class Connection:
     """One SMTP connection, server side, judged by ``policy``.
 
@@ -216,12 +203,12 @@ class Connection:
         *,
         tls: bool = False,
         starttls: bool = False,
-        memo: Any = None,
+        memo: Memo | None = None,
     ) -> None:
         self.policy = policy
         self.session = Session(client, tls=tls)
         self.starttls = starttls
-        self.memo = memo if memo is not None else _new_memo()
+        self.memo = memo if memo is not None else Memo()
         self.hostname = policy.settings.general.hostname
         #: error replies so far (4xx and 5xx)
         self.errors = 0
@@ -385,12 +372,12 @@ class Connection:
         A failure defers: it never accepts by accident."""
         try:
             for _ in range(MAX_DNS_ROUNDS):
-                result = _decide(self.policy, self.session, envelope, self.memo)
+                result = decide(self.policy, self.session, envelope, self.memo)
                 if isinstance(result, Verdict):
                     return result
-                answers = yield NeedDns(result)
+                answers = yield NeedDns(result.queries)
                 self.session = self.session.with_dns(answers)
-            return _evaluate(self.policy, self.session, envelope, self.memo)
+            return evaluate(self.policy, self.session, envelope, self.memo)
         except HostFailure as e:
             why = Evidence("dns", "resolver failed", matched=str(e))
         except Exception as e:  # a bug must defer, never accept
@@ -401,7 +388,7 @@ class Connection:
         """Count ``kind`` when the policy judges it at ``stage`` (else 0).
         Raises HostFailure when the store fails."""
         field = "message_rate" if kind == "message" else "recipient_rate"
-        if field not in counters_at(self.policy, stage):
+        if field not in self.policy.counters(stage):
             return 0
         window = self.policy.settings.security.connection_policy.rate_window_seconds
         value = yield NeedCount(kind, str(self.session.client_ip), window)  # type: ignore[arg-type]
@@ -439,7 +426,7 @@ class Connection:
             yield Close(end.reason)
 
     def _connect(self) -> Generator[Event, Any, bool]:
-        if counters_at(self.policy, Stage.CONNECT):
+        if self.policy.counters(Stage.CONNECT):
             cp = self.policy.settings.security.connection_policy
             client = str(self.session.client_ip)
             try:
@@ -882,23 +869,3 @@ _COMMANDS: Final[Mapping[str, Callable[[Connection, str], Steps]]] = {
     "RCPT": Connection.cmd_rcpt,
     "DATA": Connection.cmd_data,
 }
-
-
-# -- the decision entry (replaced by mailpolicy.evaluate.decide at merge) -------
-
-
-def _new_memo() -> Any:
-    return None
-
-
-def _decide(
-    policy: Policy, session: Session, envelope: Envelope, memo: Any
-) -> Verdict | frozenset[DnsQuery]:
-    wanted = policy.lookups(session, envelope)
-    if wanted:
-        return wanted
-    return policy.evaluate(session, envelope)
-
-
-def _evaluate(policy: Policy, session: Session, envelope: Envelope, memo: Any) -> Verdict:
-    return policy.evaluate(session, envelope)

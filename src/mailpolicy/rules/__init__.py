@@ -1,8 +1,9 @@
 """Rules: one class per check, grouped in modules by area.
 
 Every rule has a ``name`` (the settings key that enables it, so a refusal can
-be traced back to the line of the policy file) and a ``check(ctx)`` method
-that returns a :class:`Decision` or ``None`` ("no opinion, go on"). Rules do
+be traced back to the line of the policy file: the policy's table row gives
+it, rules do not hard-code it) and a ``check(ctx)`` method that returns a
+:class:`Decision` or ``None`` ("no opinion, go on"). Rules do
 no I/O: a rule that needs a DNS answer asks the :class:`~.context.Context`,
 which raises :class:`NeedDns` when the adapter has not supplied it yet.
 
@@ -31,7 +32,7 @@ from ..model import DnsQuery, Evidence, Reply
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["Chain", "Decision", "NeedDns", "Outcome", "Rule", "reply"]
+__all__ = ["Chain", "Decision", "NeedDns", "Outcome", "Rule", "Scope", "Step", "reply"]
 
 
 class Outcome(enum.Enum):
@@ -52,14 +53,18 @@ class Decision:
     evidence: tuple[Evidence, ...] = ()
 
 
-#: What a rule's decision depends on besides the policy, as a class
-#: attribute ``scope`` (default ``"envelope"``): ``"session"`` rules read only
-#: the session (client, HELO, TLS and AUTH state, DNS facts), ``"sender"``
-#: rules also the MAIL FROM address and SMTPUTF8. The engine reuses their
-#: decisions across the RCPTs of a session (Postfix re-judges them at every
-#: RCPT with smtpd_delay_reject; the answer cannot change).
-SESSION = "session"
-SENDER = "sender"
+class Scope(enum.Enum):
+    """What a rule's decision depends on besides the policy (its table row
+    says). ``SESSION`` rules read only the session's facts (client, HELO, TLS
+    and AUTH state, DNS answers), ``SENDER`` rules also the MAIL FROM address
+    and SMTPUTF8, ``ENVELOPE`` rules anything. The engine reuses session and
+    sender decisions across the RCPTs of a connection through its
+    :class:`~mailpolicy.evaluate.Memo` (Postfix re-judges them at every RCPT
+    with smtpd_delay_reject; the answer cannot change)."""
+
+    ENVELOPE = "envelope"
+    SENDER = "sender"
+    SESSION = "session"
 
 
 class Rule(Protocol):
@@ -71,9 +76,23 @@ class Rule(Protocol):
     def check(self, ctx: Context) -> Decision | None: ...
 
 
+@attrs.frozen(eq=False)
+class Step:
+    """One rule in a chain, with what its table row says about it.
+
+    ``slot`` numbers the steps of one policy (the memo's key); ``white``
+    marks the white list, whose ``PERMIT`` names the accepting rule.
+    """
+
+    rule: Rule
+    scope: Scope = Scope.ENVELOPE
+    white: bool = False
+    slot: int = 0
+
+
 @attrs.frozen
 class Chain:
-    """An ordered list of rules.
+    """An ordered list of rules (:class:`Step` objects).
 
     ``restriction`` chains are Postfix's ``smtpd_*_restrictions``: a
     transaction already marked for discarding skips them. The others are the
@@ -82,15 +101,20 @@ class Chain:
     """
 
     name: str
-    rules: tuple[Rule, ...]
+    steps: tuple[Step, ...]
     restriction: bool = True
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(step.rule for step in self.steps)
 
 
 class NeedDns(Exception):
     """Raised inside a rule when a DNS answer it needs is not known yet.
 
-    Never escapes the core: ``Policy.lookups`` turns it into the questions
-    to ask, ``Policy.evaluate`` into a temporary failure.
+    Never escapes the core: :func:`~mailpolicy.evaluate.decide` turns it into
+    the questions to ask (:class:`~mailpolicy.evaluate.Lookups`),
+    :func:`~mailpolicy.evaluate.evaluate` into a temporary failure.
     """
 
     def __init__(self, queries: Sequence[DnsQuery], rule: str | None = None) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import ClassVar
 
 import attrs
 
 from ..addresses import Address
 from ..model import Evidence
 from ..settings import Account
-from . import SENDER, Decision, Outcome, reply
+from . import Decision, Outcome, reply
 from .context import Context
 
 __all__ = ["Owners", "RejectUnauthenticatedLocalSender", "SenderMustMatchLogin"]
@@ -48,9 +47,8 @@ class Owners:
 class SenderMustMatchLogin:
     """An authenticated client may only use an address its login owns."""
 
-    scope: ClassVar[str] = SENDER
+    name: str
     owners: Owners
-    name: str = "general.smtp_auth.sender_must_match_login"
 
     def check(self, ctx: Context) -> Decision | None:
         user, s = ctx.session.auth_user, ctx.sender
@@ -73,9 +71,8 @@ class RejectUnauthenticatedLocalSender:
     """A client that is neither authenticated nor trusted may not use an
     address an account owns."""
 
-    scope: ClassVar[str] = SENDER
+    name: str
     owners: Owners
-    name: str = "security.sender_policy.reject_unauthenticated_local_sender"
 
     def check(self, ctx: Context) -> Decision | None:
         s = ctx.sender

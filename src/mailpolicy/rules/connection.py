@@ -6,12 +6,10 @@ The rate and count limits of the same settings table live in
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 
 from ..model import Evidence
-from . import SESSION, Decision, Outcome, reply
+from . import Decision, Outcome, reply
 from .context import ClientName, Context, NameStatus
 
 __all__ = ["RejectUnknownClientHostname", "RejectUnknownReverseClientHostname"]
@@ -36,8 +34,7 @@ def _decide(
 class RejectUnknownReverseClientHostname:
     """The client address has no PTR record."""
 
-    scope: ClassVar[str] = SESSION
-    name: str = "security.connection_policy.reject_unknown_reverse_client_hostname"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         n = ctx.client_name
@@ -48,8 +45,7 @@ class RejectUnknownReverseClientHostname:
 class RejectUnknownClientHostname:
     """No PTR, or its name does not lead back to the client address."""
 
-    scope: ClassVar[str] = SESSION
-    name: str = "security.connection_policy.reject_unknown_client_hostname"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         n = ctx.client_name

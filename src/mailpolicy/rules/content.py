@@ -16,8 +16,8 @@ __all__ = ["DisableAutoForwarding", "MaxAttachmentSize"]
 class MaxAttachmentSize:
     """The largest single attachment, decoded."""
 
+    name: str
     limit: int
-    name: str = "general.max_attachment_size_mb"
 
     def check(self, ctx: Context) -> Decision | None:
         msg = ctx.envelope.message
@@ -35,7 +35,7 @@ class MaxAttachmentSize:
 class DisableAutoForwarding:
     """An auto-forwarded message may not leave our domains."""
 
-    name: str = "general.disable_auto_forwarding"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         msg = ctx.envelope.message

@@ -35,8 +35,8 @@ class Shared:
     inbound_domains: DomainTable
 
 
-#: the session memo's key for the verified client name
-_CLIENT_NAME = ("client_name",)
+#: the memo's key for the verified client name
+_CLIENT_NAME = "client_name"
 
 
 class NameStatus(enum.Enum):
@@ -99,11 +99,20 @@ class Context:
     computed on first use and kept for the other rules.
     """
 
-    def __init__(self, shared: Shared, session: Session, envelope: Envelope) -> None:
+    def __init__(
+        self,
+        shared: Shared,
+        session: Session,
+        envelope: Envelope,
+        memo: dict[object, object] | None = None,
+    ) -> None:
         self.shared = shared
         self.settings = shared.settings
         self.session = session
         self.envelope = envelope
+        #: what the engine's memo holds for this session's facts (see
+        #: mailpolicy.evaluate.Memo): valid as long as they do not change
+        self.memo: dict[object, object] = {} if memo is None else memo
 
     # -- DNS -----------------------------------------------------------------
 
@@ -162,9 +171,9 @@ class Context:
     def client_name(self) -> ClientName:
         """Reverse, then forward-confirmed, client host name (Postfix's rules).
 
-        Kept in the session's memo: it depends on the session's facts only.
+        Kept in the memo: it depends on the session's facts only.
         """
-        memo = self.session.memo
+        memo = self.memo
         found = memo.get(_CLIENT_NAME)
         if isinstance(found, ClientName):
             return found

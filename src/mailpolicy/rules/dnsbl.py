@@ -6,13 +6,11 @@ blocklist must not stop mail.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 
 from ..model import DnsQuery, Evidence, Reply, RType
 from ..settings import DnsblZone
-from . import SESSION, Decision, Outcome
+from . import Decision, Outcome
 from .context import Context
 
 __all__ = ["RejectRblClient"]
@@ -20,12 +18,10 @@ __all__ = ["RejectRblClient"]
 
 @attrs.frozen
 class RejectRblClient:
-    scope: ClassVar[str] = SESSION
-    zone: DnsblZone
+    """One zone: its row's key plus the zone is the rule's name."""
 
-    @property
-    def name(self) -> str:
-        return f"security.advanced.dnsbl.{self.zone.zone}"
+    name: str
+    zone: DnsblZone
 
     def check(self, ctx: Context) -> Decision | None:
         # 192.0.2.10 in bl.example is 10.2.0.192.bl.example; IPv6 nibble by

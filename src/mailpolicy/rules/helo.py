@@ -6,8 +6,6 @@ at MAIL, where Postfix says "send HELO/EHLO first".
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 
 from ..addresses import (
@@ -18,7 +16,7 @@ from ..addresses import (
     is_valid_ip_literal,
 )
 from ..model import Evidence
-from . import SESSION, Decision, Outcome, reply
+from . import Decision, Outcome, reply
 from .context import Context
 from .dnscheck import Existence, domain_existence
 
@@ -36,7 +34,7 @@ def _bad_literal(rule: str, helo: str) -> Decision | None:
 
 @attrs.frozen
 class RequireHelo:
-    name: str = "security.advanced.require_helo"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         if ctx.session.helo is not None:
@@ -51,8 +49,7 @@ class RequireHelo:
 
 @attrs.frozen
 class RejectInvalidHelo:
-    scope: ClassVar[str] = SESSION
-    name: str = "security.advanced.reject_invalid_helo"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         helo = ctx.session.helo
@@ -70,8 +67,7 @@ class RejectInvalidHelo:
 
 @attrs.frozen
 class RejectNonFqdnHelo:
-    scope: ClassVar[str] = SESSION
-    name: str = "security.advanced.reject_non_fqdn_helo"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         helo = ctx.session.helo
@@ -92,8 +88,7 @@ class RejectUnknownHelo:
     """A HELO name with no A, AAAA or MX is refused; DNS trouble defers only
     if nothing else refuses. Address literals are not looked up, only checked."""
 
-    scope: ClassVar[str] = SESSION
-    name: str = "security.advanced.reject_unknown_helo"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         helo = ctx.session.helo

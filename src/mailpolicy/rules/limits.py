@@ -41,8 +41,8 @@ def _limit(
 
 @attrs.frozen
 class MaxRecipients:
+    name: str
     limit: int
-    name: str = "general.max_recipients"
 
     def check(self, ctx: Context) -> Decision | None:
         count = len(ctx.envelope.recipients)
@@ -63,8 +63,8 @@ class MaxRecipients:
 class MaxMessageSize:
     """``SIZE=`` at MAIL, and the real size at the end of DATA."""
 
+    name: str
     limit: int
-    name: str = "general.max_message_size_mb"
 
     def check(self, ctx: Context) -> Decision | None:
         msg = ctx.envelope.message
@@ -98,8 +98,8 @@ class MaxMessageSize:
 class MaxHops:
     """Postfix counts the ``Received:`` header it adds itself."""
 
+    name: str
     limit: int
-    name: str = "general.max_hops"
 
     def check(self, ctx: Context) -> Decision | None:
         msg = ctx.envelope.message
@@ -121,9 +121,9 @@ class _PerClient:
     """A per-client count over its limit: one check, the subclasses are data
     (which counter, which reply). Trusted and local networks are exempt."""
 
+    name: str
     limit: int
     exempt: NetworkTable
-    name: str = ""
     #: the field of Session.counters judged
     counter: ClassVar[str]
     code: ClassVar[int]
@@ -141,7 +141,6 @@ class _PerClient:
 
 @attrs.frozen
 class MaxConnections(_PerClient):
-    name: str = "security.connection_policy.max_connections_per_client"
     counter = "connections"
     code, enhanced = 421, "4.7.0"
     text = "{host} Error: too many connections from {client}"
@@ -149,7 +148,6 @@ class MaxConnections(_PerClient):
 
 @attrs.frozen
 class MaxConnectionRate(_PerClient):
-    name: str = "security.connection_policy.max_connection_rate_per_client"
     counter = "connection_rate"
     code, enhanced = 421, "4.7.0"
     text = "{host} Error: too many connections from {client}"
@@ -157,7 +155,6 @@ class MaxConnectionRate(_PerClient):
 
 @attrs.frozen
 class MaxMessageRate(_PerClient):
-    name: str = "security.connection_policy.max_message_rate_per_client"
     counter = "message_rate"
     code, enhanced = 450, "4.7.1"
     text = "Error: too much mail from {client}"
@@ -165,7 +162,6 @@ class MaxMessageRate(_PerClient):
 
 @attrs.frozen
 class MaxRecipientRate(_PerClient):
-    name: str = "security.connection_policy.max_recipient_rate_per_client"
     counter = "recipient_rate"
     code, enhanced = 450, "4.7.1"
     text = "Error: too many recipients from {client}"

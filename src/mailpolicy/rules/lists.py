@@ -210,28 +210,28 @@ def _evidence(m: ListMatch) -> tuple[Evidence, ...]:
 class WhiteList:
     """A white match skips the black lists and every later check."""
 
+    name: str
     index: ListIndex
-    name: str = "security.lists"
 
     def check(self, ctx: Context) -> Decision | None:
         m = self.index.match(ctx)
         if m is None:
             return None
-        return Decision(Outcome.PERMIT, f"security.lists.{m.rule.name}", evidence=_evidence(m))
+        return Decision(Outcome.PERMIT, f"{self.name}.{m.rule.name}", evidence=_evidence(m))
 
 
 @attrs.frozen
 class BlackList:
     """A black match refuses (``reject``) or accepts and drops (``discard``)."""
 
+    name: str
     index: ListIndex
-    name: str = "security.lists"
 
     def check(self, ctx: Context) -> Decision | None:
         m = self.index.match(ctx)
         if m is None:
             return None
-        rule_name = f"security.lists.{m.rule.name}"
+        rule_name = f"{self.name}.{m.rule.name}"
         if m.rule.action == "discard":
             return Decision(Outcome.DISCARD, rule_name, evidence=_evidence(m))
         code = ctx.settings.replies.access_denied

@@ -13,7 +13,7 @@ __all__ = ["DisableVrfy", "RejectUnauthPipelining"]
 
 @attrs.frozen
 class RejectUnauthPipelining:
-    name: str = "security.advanced.reject_unauth_pipelining"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         if not ctx.session.improper_pipelining:
@@ -29,7 +29,7 @@ class RejectUnauthPipelining:
 
 @attrs.frozen
 class DisableVrfy:
-    name: str = "security.advanced.disable_vrfy"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         return Decision(Outcome.REJECT, self.name, Reply(502, "5.5.1", "VRFY command is disabled"))

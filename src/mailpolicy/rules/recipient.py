@@ -18,7 +18,7 @@ class AcceptBarePostmaster:
     """RFC 5321 4.5.1: ``RCPT TO:<postmaster>`` is always accepted (Postfix
     does so before any restriction)."""
 
-    name: str = "rfc5321.postmaster"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         rcpt = ctx.envelope.recipient
@@ -29,7 +29,7 @@ class AcceptBarePostmaster:
 
 @attrs.frozen
 class RejectNonFqdnRecipient:
-    name: str = "security.advanced.reject_non_fqdn_recipient"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         r = ctx.recipient
@@ -45,7 +45,7 @@ class RejectNonFqdnRecipient:
 class RejectUnknownRecipientDomain:
     """As for senders; our own domains are never looked up."""
 
-    name: str = "security.advanced.reject_unknown_recipient_domain"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         return reject_unknown_address(

@@ -32,7 +32,7 @@ _ROUTING_OPERATORS = ("@", "%", "!")
 class PermitMynetworks:
     """Trusted networks (and local networks when they skip AUTH) pass."""
 
-    name: str = "relay.trusted_networks"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         if ctx.in_mynetworks:
@@ -46,7 +46,7 @@ class PermitMynetworks:
 class PermitAuthenticated:
     """A client that logged in with SMTP AUTH passes."""
 
-    name: str = "general.smtp_auth.enabled"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         user = ctx.session.auth_user
@@ -86,8 +86,8 @@ def real_destination(address: Address, shared: Shared) -> tuple[str, bool]:
 class RejectUnauthDestination:
     """Everything else may only send to our domains and inbound domains."""
 
+    name: str
     shared: Shared
-    name: str = "relay.reject_unauth_destination"
 
     def check(self, ctx: Context) -> Decision | None:
         raw = ctx.envelope.recipient

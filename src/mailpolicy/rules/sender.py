@@ -5,13 +5,11 @@ Skipped for the null sender ``<>``, as in Postfix.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 
 from ..addresses import is_fqdn
 from ..model import Evidence
-from . import SENDER, Decision, Outcome, reply
+from . import Decision, Outcome, reply
 from .context import Context
 from .dnscheck import reject_unknown_address
 
@@ -20,8 +18,7 @@ __all__ = ["RejectNonFqdnSender", "RejectUnknownSenderDomain"]
 
 @attrs.frozen
 class RejectNonFqdnSender:
-    scope: ClassVar[str] = SENDER
-    name: str = "security.sender_policy.reject_non_fqdn_sender"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         s = ctx.sender
@@ -47,8 +44,7 @@ class RejectUnknownSenderDomain:
     """No MX and no A/AAAA: refused; null MX: refused; DNS trouble: deferred
     unless something else refuses. Our own domains are never looked up."""
 
-    scope: ClassVar[str] = SENDER
-    name: str = "security.sender_policy.reject_unknown_sender_domain"
+    name: str
 
     def check(self, ctx: Context) -> Decision | None:
         return reject_unknown_address(ctx, self.name, ctx.sender, "sender", "1.8", (550, "7.27"))
