@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from typing import Any
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters.gateway import GatewayDelivery
     from ..adapters.logs import configure_logging
     from ..adapters.server import MailServer, listeners_from_settings
-    from ..adapters.state import store_from_url
+    from ..adapters.state import RedisStore, StateStoreError, store_from_url
     from ..config import PolicyError, load_settings
     from ..policy import compile_policy
 
@@ -131,6 +132,15 @@ def run(args: argparse.Namespace) -> int:
     delivery = GatewayDelivery(settings, resolver, maildir_root=args.maildir)
 
     async def main() -> int:
+        if isinstance(store, RedisStore):
+            # Better a clear refusal to start than a 4xx for every client.
+            try:
+                await store.ping()
+            except StateStoreError as e:
+                print(f"mailpolicy: --state: {e}", file=sys.stderr)
+                with contextlib.suppress(StateStoreError):
+                    await store.close()
+                return 2
         server = MailServer(
             policy,
             resolver,
