@@ -164,7 +164,8 @@ MESSAGE = (
 )
 
 RECEIVED = re.compile(
-    rb"\AReceived: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\AReturn-Path: <(?P<sender>[^>\r\n]*)>\r\nDelivered-To: alice@example\.com\r\n"
+    rb"Received: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
     rb"\tby mx\.example\.com \(mailpolicy\) with (?P<proto>E?SMTPS?A?) id (?P<id>[0-9A-F]+)\r\n"
     rb"\tfor <alice@example\.com>; [^\r\n]+\r\n"
 )
@@ -185,8 +186,8 @@ def test_serve_delivers_logs_and_stops_cleanly(
     )  # fmt: skip
     server.wait_listening(port)
 
-    # smtplib: accepted, and the Maildir holds our Received: header, then the
-    # message exactly as sent.
+    # smtplib: accepted, and the Maildir holds the trace headers of local
+    # delivery, our Received: header, then the message exactly as sent.
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.org", timeout=10) as c:
         c.ehlo()
         assert c.mail("bob@example.org")[0] == 250
@@ -203,6 +204,7 @@ def test_serve_delivers_logs_and_stops_cleanly(
     [stored] = maildir_files(maildir, "alice@example.com")
     match = RECEIVED.match(stored)
     assert match is not None, stored[:300]
+    assert match["sender"] == b"bob@example.org"
     assert match["helo"] == b"client.example.org"
     assert match["proto"] == b"ESMTP"
     assert match["id"].decode() == queue_id

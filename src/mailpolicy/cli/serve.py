@@ -39,6 +39,12 @@ def register(sub: Any) -> None:
         "--maildir", metavar="DIR", help="local delivery root (default: delivery.maildir)"
     )
     p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the delivery ledger lives (default: MAILDIR/.mailpolicy); best on "
+        "another file system than the Maildirs (docs/delivery.md)",
+    )
+    p.add_argument(
         "--proxy-protocol",
         action="store_true",
         help="expect a HAProxy PROXY v1 line on every connection (behind a load "
@@ -129,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"mailpolicy: --capture {args.capture}: {e}", file=sys.stderr)
             return 2
-    delivery = GatewayDelivery(settings, resolver, maildir_root=args.maildir)
+    delivery = GatewayDelivery(
+        settings, resolver, maildir_root=args.maildir, state_dir=args.state_dir
+    )
 
     async def main() -> int:
         if isinstance(store, RedisStore):
