@@ -641,3 +641,43 @@ def test_a_stopped_or_killed_gateway_leaves_no_connection_slot_in_redis(
     sock.close()
     assert greeting.startswith(b"220 "), greeting
     assert second.terminate() == 0
+
+
+@pytest.mark.timeout(60)
+def test_serve_starts_on_a_full_disk_and_warns_once(
+    serve_cli: ServeStarter, free_port: Callable[[], int], tmp_path: Path, empty_zone: Path
+) -> None:
+    point = tmp_path / "full"
+    point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        (point / "filler").write_bytes(b"\0" * 60 * 1024)
+        with pytest.raises(OSError, match="No space left"):
+            (point / "more").write_bytes(b"\0" * 8192)
+        port = free_port()
+        server = serve_cli(
+            *("--policy", str(EXAMPLE_POLICY), "--listen", f"127.0.0.1:{port}"),
+            *("--maildir", str(point / "maildir"), "--dns", str(empty_zone)),
+        )
+        server.wait_listening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.ehlo("client.example.org")
+            assert c.mail("bob@example.org")[0] == 250
+            assert c.rcpt("alice@example.com")[0] == 250
+            # the disk is full: a temporary failure, and the client retries
+            code, text = c.data(MESSAGE)
+            assert code == 451, text
+        assert server.terminate() == 0
+        ledger_lines = [ln for ln in server.stderr.splitlines() if "delivery ledger" in ln]
+        assert len(ledger_lines) == 1, server.stderr
+        assert "WARNING" in ledger_lines[0]
+        assert "Traceback" not in server.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
