@@ -219,11 +219,23 @@ class DeliveryLedger:
             self._purged_at = now
 
     def forget(self, digest: str) -> None:
-        """The message got its final answer: a later identical one is new mail."""
-        self._run(
-            "forgetting a message",
-            lambda db: db.execute("DELETE FROM delivered WHERE digest = ?", (digest,)),
-        )
+        """The message got its final answer: a later identical one is new mail.
+
+        Not fsynced: the forget happens between the last delivery and our
+        ``250``, and a crash there makes the client send the message again
+        (the RFC 1047 window), so that window is kept as short as a write.
+        A machine crash may bring the entries back; they then only cost a
+        later identical message (same sender and bytes) within
+        ``keep_seconds``."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                db.execute("DELETE FROM delivered WHERE digest = ?", (digest,))
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+
+        self._run("forgetting a message", work)
 
     async def lookup_async(self, digest: str, recipients: Iterable[str]) -> dict[str, LedgerEntry]:
         return await asyncio.to_thread(self.lookup, digest, list(recipients))
