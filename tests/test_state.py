@@ -191,6 +191,20 @@ def test_memory_store_rejects_a_zero_cap() -> None:
         MemoryStore(max_entries=0)
 
 
+def test_close_gives_back_every_slot_and_later_closes_do_nothing(
+    make_store: StoreFactory,
+) -> None:
+    async def test(store: StateStore) -> None:
+        for _ in range(3):
+            await store.connection_opened("192.0.2.1", T0, WINDOW)
+        await store.close()  # a shutdown with sessions still open
+        for _ in range(3):  # their sessions end afterwards
+            await store.connection_closed("192.0.2.1")
+        assert (await store.connection_opened("192.0.2.1", T0, WINDOW)).concurrent == 1
+
+    run(make_store, test)
+
+
 # ---------------------------------------------------------------------------
 # RedisStore specifics
 
@@ -361,6 +375,30 @@ def test_live_slots_are_refreshed_past_their_ttl(redis_server: RedisServer) -> N
             await store.close()
 
     asyncio.run(test())
+
+
+def test_a_failing_refresh_logs_one_line_not_one_per_attempt(
+    start_redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_redis_server()
+
+    async def test() -> None:
+        store = RedisStore.from_url(server.url, connection_ttl=0.3, timeout=0.5)
+        await store.connection_opened("192.0.2.1", T0, WINDOW)
+        server.stop()
+        await asyncio.sleep(1.2)  # about ten refresh attempts
+        await store.close()  # a shutdown does not fail for it
+
+    with caplog.at_level("WARNING", logger="mailpolicy.state"):
+        asyncio.run(test())
+    refresh, close = caplog.records
+    assert refresh.levelname == "ERROR"
+    assert "failed during refresh" in refresh.getMessage()
+    assert "forgotten in 0.3s" in refresh.getMessage()
+    assert close.levelname == "WARNING"
+    assert close.getMessage().endswith("; 1 connection slots expire in 0.3s")
+    assert refresh.exc_info is None
+    assert close.exc_info is None
 
 
 def test_close_gives_back_every_slot_still_held(redis_server: RedisServer) -> None:
