@@ -164,7 +164,8 @@ MESSAGE = (
 )
 
 RECEIVED = re.compile(
-    rb"\AReceived: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\AReturn-Path: <(?P<sender>[^>\r\n]*)>\r\nDelivered-To: alice@example\.com\r\n"
+    rb"Received: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
     rb"\tby mx\.example\.com \(mailpolicy\) with (?P<proto>E?SMTPS?A?) id (?P<id>[0-9A-F]+)\r\n"
     rb"\tfor <alice@example\.com>; [^\r\n]+\r\n"
 )
@@ -185,8 +186,8 @@ def test_serve_delivers_logs_and_stops_cleanly(
     )  # fmt: skip
     server.wait_listening(port)
 
-    # smtplib: accepted, and the Maildir holds our Received: header, then the
-    # message exactly as sent.
+    # smtplib: accepted, and the Maildir holds the trace headers of local
+    # delivery, our Received: header, then the message exactly as sent.
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.org", timeout=10) as c:
         c.ehlo()
         assert c.mail("bob@example.org")[0] == 250
@@ -203,6 +204,7 @@ def test_serve_delivers_logs_and_stops_cleanly(
     [stored] = maildir_files(maildir, "alice@example.com")
     match = RECEIVED.match(stored)
     assert match is not None, stored[:300]
+    assert match["sender"] == b"bob@example.org"
     assert match["helo"] == b"client.example.org"
     assert match["proto"] == b"ESMTP"
     assert match["id"].decode() == queue_id
@@ -564,3 +566,118 @@ def test_two_gateways_share_connection_counts_in_redis(
         for sock in held:
             sock.close()
     assert [server.terminate() for server in servers] == [0, 0]
+
+
+@pytest.mark.timeout(60)
+def test_serve_exits_2_naming_the_url_when_redis_does_not_answer(
+    serve_cli: ServeStarter, free_port: Callable[[], int], tmp_path: Path, empty_zone: Path
+) -> None:
+    redis_port, port = free_port(), free_port()
+    url = f"redis://:secret@127.0.0.1:{redis_port}/0"
+    server = serve_cli(
+        *("--policy", str(EXAMPLE_POLICY), "--listen", f"127.0.0.1:{port}"),
+        *("--state", url, "--dns", str(empty_zone), "--maildir", str(tmp_path / "md")),
+    )
+    assert server.process.wait(15) == 2
+    lines = server.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"mailpolicy: --state: state store redis://:***@127.0.0.1:{redis_port}/0 failed during PING"
+    )
+    assert "secret" not in lines[0]
+    with pytest.raises(OSError):  # nothing started
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_gateway_leaves_no_connection_slot_in_redis(
+    stop: str,
+    serve_cli: ServeStarter,
+    free_port: Callable[[], int],
+    tmp_path: Path,
+    empty_zone: Path,
+    start_redis_server: Callable[[], Any],
+) -> None:
+    import redis as redis_sync
+
+    redis = start_redis_server()
+    policy = tmp_path / "limited.toml"
+    policy.write_text(LIMITED_POLICY)
+    port = free_port()
+    # A short slot TTL so that the killed server's slots expire within the test.
+    args = [
+        *("--policy", str(policy), "--listen", f"127.0.0.1:{port}", "--dns", str(empty_zone)),
+        *("--state", redis.url + "?connection_ttl=1", "--maildir", str(tmp_path / "md")),
+    ]
+    first = serve_cli(*args)
+    first.wait_listening(port)
+    time.sleep(0.3)  # the readiness probe has given its slot back
+    held = [_greeting(port) for _ in range(2)]
+    try:
+        assert [greeting[:4] for _, greeting in held] == [b"220 ", b"220 "]
+        sock, greeting = _greeting(port)
+        sock.close()
+        assert greeting.startswith(b"421 4.7.0 "), greeting
+        time.sleep(0.3)  # the refused session has given its slot back
+        if stop == "SIGTERM":
+            assert first.terminate() == 0
+        else:
+            first.kill()
+    finally:
+        for sock, _ in held:
+            sock.close()
+    with redis_sync.Redis.from_url(redis.url) as inspect:
+        left = inspect.zcard("mailpolicy:conn:127.0.0.1")
+        if stop == "SIGTERM":
+            assert left == 0  # given back at shutdown
+        else:
+            assert left == 2  # the dead server's slots, about to expire
+            assert 0 < inspect.pttl("mailpolicy:conn:127.0.0.1") <= 1000
+            time.sleep(1.2)
+    second = serve_cli(*args)
+    second.wait_listening(port)
+    sock, greeting = _greeting(port)
+    sock.close()
+    assert greeting.startswith(b"220 "), greeting
+    assert second.terminate() == 0
+
+
+@pytest.mark.timeout(60)
+def test_serve_starts_on_a_full_disk_and_warns_once(
+    serve_cli: ServeStarter, free_port: Callable[[], int], tmp_path: Path, empty_zone: Path
+) -> None:
+    point = tmp_path / "full"
+    point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        (point / "filler").write_bytes(b"\0" * 60 * 1024)
+        with pytest.raises(OSError, match="No space left"):
+            (point / "more").write_bytes(b"\0" * 8192)
+        port = free_port()
+        server = serve_cli(
+            *("--policy", str(EXAMPLE_POLICY), "--listen", f"127.0.0.1:{port}"),
+            *("--maildir", str(point / "maildir"), "--dns", str(empty_zone)),
+        )
+        server.wait_listening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.ehlo("client.example.org")
+            assert c.mail("bob@example.org")[0] == 250
+            assert c.rcpt("alice@example.com")[0] == 250
+            # the disk is full: a temporary failure, and the client retries
+            code, text = c.data(MESSAGE)
+            assert code == 451, text
+        assert server.terminate() == 0
+        ledger_lines = [ln for ln in server.stderr.splitlines() if "delivery ledger" in ln]
+        assert len(ledger_lines) == 1, server.stderr
+        assert "WARNING" in ledger_lines[0]
+        assert "Traceback" not in server.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)

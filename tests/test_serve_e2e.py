@@ -908,7 +908,10 @@ def test_hop_refusing_for_good_is_passed_back_or_kept(
     assert answer.code == 250, answer
     assert [m[1] for m in hop.messages] == [("bob@remote.example",)]
     [kept] = maildir_messages(tmp_path / "maildir", "undeliverable@mx.example.com")
-    assert kept.startswith(b"X-Mailpolicy-Undeliverable: <nobody@remote.example> 550")
+    assert kept.startswith(
+        b"Return-Path: <carol@example.org>\r\nDelivered-To: undeliverable@mx.example.com\r\n"
+        b"X-Mailpolicy-Undeliverable: <nobody@remote.example> 550"
+    )
     assert kept.endswith(MESSAGE)
 
 
@@ -1557,7 +1560,8 @@ def test_helo_control_characters_do_not_reach_the_received_header(
         assert c.transaction("carol@example.org", ["alice@example.com"], MESSAGE).code == 250
     [stored] = maildir_messages(tmp_path / "maildir", "alice@example.com")
     received = stored[: stored.index(MESSAGE)]
-    assert received.startswith(b"Received: from evil.example")
+    trace = b"Return-Path: <carol@example.org>\r\nDelivered-To: alice@example.com\r\n"
+    assert received.startswith(trace + b"Received: from evil.example")
     assert b"\x00" not in received and b"\x1b" not in received
     assert b"\r" not in received.replace(b"\r\n", b"")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -188,6 +191,20 @@ def test_memory_store_rejects_a_zero_cap() -> None:
         MemoryStore(max_entries=0)
 
 
+def test_close_gives_back_every_slot_and_later_closes_do_nothing(
+    make_store: StoreFactory,
+) -> None:
+    async def test(store: StateStore) -> None:
+        for _ in range(3):
+            await store.connection_opened("192.0.2.1", T0, WINDOW)
+        await store.close()  # a shutdown with sessions still open
+        for _ in range(3):  # their sessions end afterwards
+            await store.connection_closed("192.0.2.1")
+        assert (await store.connection_opened("192.0.2.1", T0, WINDOW)).concurrent == 1
+
+    run(make_store, test)
+
+
 # ---------------------------------------------------------------------------
 # RedisStore specifics
 
@@ -209,9 +226,12 @@ def test_redis_store_sets_expiries_and_drops_closed_connections(
                 f"{prefix}rate:connection:60:{int(T0)}:192.0.2.1",
                 f"{prefix}rate:message:60:{int(T0)}:192.0.2.1",
             ]
+            # No key is ever left without an expiry.
             for key in keys:
                 ttl = await store.client.ttl(key)
                 assert 0 < ttl <= (120 if ":conn:" in key else WINDOW + 60)
+            # One entry per open session, each expiring on its own.
+            assert await store.client.zcard(f"{prefix}conn:192.0.2.1") == 1
             await store.connection_closed("192.0.2.1")
             assert await store.client.exists(f"{prefix}conn:192.0.2.1") == 0
         finally:
@@ -248,7 +268,7 @@ def test_unreachable_redis_raises_state_store_error(free_port: Callable[[], int]
         store = RedisStore.from_url(url, timeout=1)
         calls: list[Callable[[], Awaitable[object]]] = [
             lambda: store.connection_opened("192.0.2.1", T0, WINDOW),
-            lambda: store.connection_closed("192.0.2.1"),
+            store.ping,
             lambda: store.hit("message", "192.0.2.1", T0, WINDOW),
             lambda: store.peek("message", "192.0.2.1", T0, WINDOW),
         ]
@@ -279,6 +299,170 @@ def test_redis_dying_mid_way_raises_state_store_error(
                 await store.connection_opened("192.0.2.1", T0, WINDOW)
         finally:
             await store.close()
+
+    asyncio.run(test())
+
+
+# ---------------------------------------------------------------------------
+# Connection slots never outlive the process that took them
+
+# A process that takes connection slots and is then killed (SIGKILL: no
+# cleanup of any kind runs).
+_HOLDER = """
+import asyncio, sys
+from mailpolicy.adapters.state import RedisStore
+
+async def main():
+    store = RedisStore.from_url(sys.argv[1], key_prefix=sys.argv[2], connection_ttl=1)
+    for _ in range(3):
+        await store.connection_opened("192.0.2.7", 0.0, 60)
+    print("held", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_slots_of_a_killed_process_expire_although_the_client_keeps_retrying(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, redis_server.url, prefix],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        time.sleep(1.5)  # longer than the TTL: the holder's refreshes keep them
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+    async def test() -> list[int]:
+        store = RedisStore.from_url(redis_server.url, key_prefix=prefix, connection_ttl=1)
+        seen: list[int] = []
+        try:
+            # A client retrying every 0.2 s, as one locked out would.
+            for _ in range(10):
+                counts = await store.connection_opened("192.0.2.7", time.time(), 60)
+                seen.append(counts.concurrent)
+                await store.connection_closed("192.0.2.7")
+                await asyncio.sleep(0.2)
+        finally:
+            await store.close()
+        return seen
+
+    seen = asyncio.run(test())
+    # The live holder's three slots counted at first (it refreshed them past
+    # their TTL), and were gone about a second after the kill.
+    assert seen[0] == 4, seen
+    assert seen[-4:] == [1, 1, 1, 1], seen
+
+
+def test_live_slots_are_refreshed_past_their_ttl(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def test() -> None:
+        store = RedisStore.from_url(redis_server.url, key_prefix=prefix, connection_ttl=0.6)
+        try:
+            await store.connection_opened("192.0.2.1", T0, WINDOW)
+            await asyncio.sleep(1.5)
+            assert (await store.connection_opened("192.0.2.1", T0, WINDOW)).concurrent == 2
+            assert 0 < await store.client.pttl(f"{prefix}conn:192.0.2.1") <= 600
+        finally:
+            await store.close()
+
+    asyncio.run(test())
+
+
+def test_a_failing_refresh_logs_one_line_not_one_per_attempt(
+    start_redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_redis_server()
+
+    async def test() -> None:
+        store = RedisStore.from_url(server.url, connection_ttl=0.3, timeout=0.5)
+        await store.connection_opened("192.0.2.1", T0, WINDOW)
+        server.stop()
+        await asyncio.sleep(1.2)  # about ten refresh attempts
+        await store.close()  # a shutdown does not fail for it
+
+    with caplog.at_level("WARNING", logger="mailpolicy.state"):
+        asyncio.run(test())
+    refresh, close = caplog.records
+    assert refresh.levelname == "ERROR"
+    assert "failed during refresh" in refresh.getMessage()
+    assert "forgotten in 0.3s" in refresh.getMessage()
+    assert close.levelname == "WARNING"
+    assert close.getMessage().endswith("; 1 connection slots expire in 0.3s")
+    assert refresh.exc_info is None
+    assert close.exc_info is None
+
+
+def test_close_gives_back_every_slot_still_held(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def test() -> None:
+        stopping = RedisStore.from_url(redis_server.url, key_prefix=prefix)
+        other = RedisStore.from_url(redis_server.url, key_prefix=prefix)
+        try:
+            for _ in range(5):
+                await stopping.connection_opened("192.0.2.1", T0, WINDOW)
+            await stopping.close()  # sessions still open, as at a shutdown
+            # closing their sessions afterwards changes nothing
+            await stopping.connection_closed("192.0.2.1")
+            assert (await other.connection_opened("192.0.2.1", T0, WINDOW)).concurrent == 1
+        finally:
+            await other.close()
+
+    asyncio.run(test())
+
+
+def test_a_slot_is_given_back_once_and_only_by_its_holder(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def test() -> None:
+        one = RedisStore.from_url(redis_server.url, key_prefix=prefix)
+        two = RedisStore.from_url(redis_server.url, key_prefix=prefix)
+        try:
+            await one.connection_opened("192.0.2.1", T0, WINDOW)
+            await one.connection_opened("192.0.2.1", T0, WINDOW)
+            # two holds nothing: it cannot give back one's slots
+            await two.connection_closed("192.0.2.1")
+            assert (await two.connection_opened("192.0.2.1", T0, WINDOW)).concurrent == 3
+            for _ in range(4):
+                await one.connection_closed("192.0.2.1")
+            assert (await two.connection_opened("192.0.2.1", T0, WINDOW)).concurrent == 2
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(test())
+
+
+def test_connection_ttl_from_the_url(redis_server: RedisServer) -> None:
+    store = store_from_url(redis_server.url + "?connection_ttl=7.5")
+    assert isinstance(store, RedisStore)
+    assert store.connection_ttl == 7.5
+    assert "connection_ttl" not in store.description
+    with pytest.raises(ValueError, match="connection_ttl must be positive"):
+        store_from_url(redis_server.url + "?connection_ttl=0")
+    with pytest.raises(ValueError, match="connection_ttl must be a number"):
+        store_from_url(redis_server.url + "?connection_ttl=soon")
+    asyncio.run(store.close())
+
+
+def test_store_errors_carry_no_chained_traceback(free_port: Callable[[], int]) -> None:
+    async def test() -> None:
+        store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
+        with pytest.raises(StateStoreError, match="failed during PING") as info:
+            await store.ping()
+        # the cause is in the message; a chain would print it three times
+        assert info.value.__cause__ is None
+        assert info.value.__suppress_context__
+        await store.close()
 
     asyncio.run(test())
 

@@ -30,8 +30,9 @@ folder), and a leading dot is escaped, so a name is never ``.``, ``..``, hidden,
 or a path with a separator. An address can never escape the root.
 
 Messages are written byte for byte as given. Maildir readers expect ``\\n``
-line ends; converting the SMTP ``\\r\\n`` (and adding a ``Return-Path:`` or
-``Delivered-To:`` header) is the caller's choice, made before calling.
+line ends; converting the SMTP ``\\r\\n`` and adding the ``Return-Path:`` and
+``Delivered-To:`` headers (:func:`delivery_headers`) is the caller's job, done
+before calling.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import attrs
 __all__ = [
     "DeliveryOutcome",
     "MaildirDelivery",
+    "delivery_headers",
     "mailbox_name",
 ]
 
@@ -86,6 +88,23 @@ def mailbox_name(address: str) -> str:
     if len(name.encode("ascii")) > _MAX_NAME_BYTES:
         raise ValueError(f"recipient address is too long for a mailbox name: {address[:64]!r}...")
     return name
+
+
+def delivery_headers(sender: str, recipient: str, original: str | None = None) -> bytes:
+    """The trace headers a final delivery puts on top, as Postfix's local and
+    virtual agents write them: ``Return-Path: <sender>`` (``<>`` for the null
+    sender), ``X-Original-To: original`` when the recipient was rewritten (an
+    external postmaster), ``Delivered-To: recipient``. CRLF line ends."""
+
+    def clean(value: str) -> str:
+        # An address never holds a line break; a header must not either.
+        return value.replace("\r", "").replace("\n", "")
+
+    lines = [f"Return-Path: <{clean(sender)}>"]
+    if original is not None and original.lower() != recipient.lower():
+        lines.append(f"X-Original-To: {clean(original)}")
+    lines.append(f"Delivered-To: {clean(recipient)}")
+    return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
 
 
 def _hostname_part() -> str:
@@ -137,16 +156,21 @@ class MaildirDelivery:
             raise ValueError(f"recipient address escapes the maildir root: {recipient!r}")
         return path
 
-    def deliver(self, recipient: str, message: bytes) -> Path:
+    def deliver(self, recipient: str, message: bytes, *, name: str | None = None) -> Path:
         """Write ``message`` to the Maildir of ``recipient``; return its path in ``new/``.
 
         Returns only once the message and its directory entry are on stable
         storage. Raises (``OSError``, or ``ValueError`` for an address that
         cannot be a mailbox) with nothing left behind in ``tmp/`` or ``new/``.
+        ``name`` is the file name to use, from :meth:`new_name` (chosen ahead
+        so that a ledger can say where the copy will be, see :meth:`has`).
         """
         maildir = self.maildir(recipient)
         self._ensure(maildir)
-        name = self._unique_name()
+        if name is None:
+            name = self.new_name()
+        elif "/" in name or name in ("", ".", "..") or ":" in name:
+            raise ValueError(f"not a Maildir file name: {name!r}")
         tmp = maildir / "tmp" / name
         new = maildir / "new" / name
         # O_EXCL: never write into (or later remove) a file someone else
@@ -170,13 +194,15 @@ class MaildirDelivery:
             raise
         return new
 
-    async def deliver_async(self, recipient: str, message: bytes) -> Path:
+    async def deliver_async(
+        self, recipient: str, message: bytes, *, name: str | None = None
+    ) -> Path:
         """:meth:`deliver` in a worker thread, so the event loop never waits on a disk.
 
         Cancelling the awaiting task does not stop a write already running; it
         completes (or cleans up) in its thread.
         """
-        return await asyncio.to_thread(self.deliver, recipient, message)
+        return await asyncio.to_thread(self.deliver, recipient, message, name=name)
 
     def deliver_many(
         self, recipients: Iterable[str], message: bytes
@@ -218,6 +244,25 @@ class MaildirDelivery:
         return await asyncio.to_thread(self.deliver_many, tuple(recipients), message)
 
     # -- internals -----------------------------------------------------------
+
+    def has(self, recipient: str, name: str) -> bool:
+        """Whether the copy written as ``name`` is in the Maildir of
+        ``recipient``: in ``new/``, or in ``cur/`` once a reader has seen it
+        (``name:2,FLAGS``)."""
+        maildir = self.maildir(recipient)
+        if (maildir / "new" / name).exists():
+            return True
+        # Only a retry after a failure gets here; cur/ has to be listed because
+        # readers append flags of their own to the name.
+        try:
+            with os.scandir(maildir / "cur") as entries:
+                return any(e.name == name or e.name.startswith(name + ":") for e in entries)
+        except FileNotFoundError:
+            return False
+
+    def new_name(self) -> str:
+        """A file name no other delivery picks (the Maildir convention)."""
+        return self._unique_name()
 
     def _unique_name(self) -> str:
         # The classic "time.M<usec>P<pid>.host" name, plus a per-process

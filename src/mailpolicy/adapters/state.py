@@ -37,12 +37,28 @@ Two stores:
   (``421 4.3.0`` at connect, ``451 4.3.0`` later) so the client retries. A
   limit that cannot be checked is never silently waived.
 
+A connection slot never outlives the process that took it. In memory that
+holds by construction. In Redis each open session is its own entry in a
+sorted set per client, scored with its expiry (Redis's clock, so gateways with
+different clocks agree); a live process refreshes its entries every
+``connection_ttl / 3`` seconds, and counting first drops the expired ones. A
+process that is stopped gives its slots back in :meth:`StateStore.close`; one
+that is killed (``kill -9``, a crash, a lost machine) stops refreshing, and
+its slots are gone ``connection_ttl`` seconds later (30 by default). A client
+that keeps retrying adds and removes only its own entries, so it can never keep
+a dead process's slots alive.
+
 :func:`store_from_url` picks one from a URL.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import logging
 import math
+import secrets
 import threading
 import urllib.parse
 from collections.abc import Awaitable
@@ -70,6 +86,8 @@ CountKind = Literal["connection", "message", "recipient", "auth_failure"]
 _KINDS: Final = frozenset(("connection", "message", "recipient", "auth_failure"))
 
 _T = TypeVar("_T")
+
+log = logging.getLogger("mailpolicy.state")
 
 
 class StateStoreError(Exception):
@@ -105,7 +123,8 @@ class StateStore(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release resources (connections to Redis)."""
+        """Give back every slot still held and release resources (connections
+        to Redis). Later :meth:`connection_closed` calls do nothing."""
         ...
 
 
@@ -225,15 +244,39 @@ class MemoryStore:
 # ---------------------------------------------------------------------------
 # Redis
 
-# DECR, and drop the key at zero (or below, if the safety TTL expired while
-# sessions were open), in one step: a DECR then a separate DEL could delete a
-# count another process had just incremented.
-_CLOSE_SCRIPT: Final = """
-local left = redis.call('DECR', KEYS[1])
-if left <= 0 then
-    redis.call('DEL', KEYS[1])
+# Lua keeps each step atomic: a purge, an add and a count that another
+# process could interleave with would miscount. TIME is Redis's clock, the one
+# every gateway sharing the server agrees on. (Redis before 5 needs
+# replicate_commands() to call TIME before a write; later ones ignore it.)
+_OPEN_SCRIPT: Final = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], lease)
+local concurrent = redis.call('ZCARD', KEYS[1])
+local rate = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return {concurrent, rate}
+"""
+
+# Refresh this process's own entries. XX: an entry closed meanwhile (its ZREM
+# may overtake this on another connection) is not brought back to life.
+_REFRESH_SCRIPT: Final = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
 end
-return left
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('PEXPIRE', KEYS[1], lease)
+end
+return 0
 """
 
 
@@ -254,12 +297,16 @@ class RedisStore:
     and ``key_prefix``.
 
     Rate counters are ``{prefix}rate:{kind}:{window}:{window_start}:{client}``,
-    incremented and given an expiry in one ``MULTI``/``EXEC``, so a counter
-    never outlives its window by much, even if a process dies mid-way.
-    Open-connection counts are ``{prefix}conn:{client}``: ``INCR`` at open,
-    ``DECR`` at close; ``connection_ttl`` (refreshed at each open) is a safety
-    net that forgets the sessions of a process that crashed without closing
-    them. Any Redis or network error raises :class:`StateStoreError`.
+    incremented and given an expiry in one ``MULTI``/``EXEC`` (or script), so
+    a counter never outlives its window by much, even if a process dies
+    mid-way. Open connections are ``{prefix}conn:{client}``, a sorted set with
+    one member per open session (``{process id}:{n}``) scored with its expiry
+    in milliseconds of Redis's clock; the concurrency count is its size after
+    dropping expired members. The key itself expires with its last member. A
+    background task refreshes this process's members every
+    ``connection_ttl / 3`` seconds, so they expire ``connection_ttl`` seconds
+    after the process dies; :meth:`close` removes them at once. Any Redis or
+    network error raises :class:`StateStoreError`.
 
     ``client`` is a ``redis.asyncio.Redis``; it should have socket timeouts, as
     the one :meth:`from_url` builds does, or an unreachable server stalls the
@@ -271,17 +318,28 @@ class RedisStore:
         client: redis.asyncio.Redis,
         *,
         key_prefix: str = "mailpolicy:",
-        connection_ttl: int = 3600,
+        connection_ttl: float = 30,
         description: str = "redis",
     ) -> None:
         from redis.exceptions import RedisError
 
+        if connection_ttl <= 0:
+            raise ValueError(f"connection_ttl must be positive, not {connection_ttl}")
         self.client = client
         self.key_prefix = key_prefix
+        #: seconds a slot outlives the last sign of life of its process
         self.connection_ttl = connection_ttl
         self.description = description
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
-        self._close_script = client.register_script(_CLOSE_SCRIPT)
+        self._open_script = client.register_script(_OPEN_SCRIPT)
+        self._refresh_script = client.register_script(_REFRESH_SCRIPT)
+        # This process's slots: client address -> members it holds in Redis.
+        self._process = secrets.token_hex(8)
+        self._serial = itertools.count(1)
+        self._slots: dict[str, list[str]] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self._refresh_failing = False
+        self._closed = False
 
     @classmethod
     def from_url(
@@ -290,12 +348,14 @@ class RedisStore:
         *,
         key_prefix: str = "mailpolicy:",
         timeout: float = 2.0,
-        connection_ttl: int = 3600,
+        connection_ttl: float = 30,
     ) -> RedisStore:
         """A store on ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
         ``timeout`` bounds connecting and each command: a slow Redis costs a
-        session at most that long before it gets its ``4xx``.
+        session at most that long before it gets its ``4xx``. A
+        ``connection_ttl=SECONDS`` query parameter in the URL overrides
+        ``connection_ttl``.
         """
         try:
             import redis.asyncio
@@ -303,6 +363,7 @@ class RedisStore:
             raise StateStoreError(
                 "the Redis state store needs the redis package: pip install 'mailpolicy[redis]'"
             ) from exc
+        url, connection_ttl = _take_ttl(url, connection_ttl)
         client = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
@@ -324,6 +385,10 @@ class RedisStore:
     def _conn_key(self, client: str) -> str:
         return f"{self.key_prefix}conn:{client}"
 
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, round(self.connection_ttl * 1000))
+
     @staticmethod
     def _rate_ttl(window: int) -> int:
         # The window's length from the first hit, plus room for clocks of
@@ -334,28 +399,46 @@ class RedisStore:
         try:
             return await call
         except self._errors as exc:
+            # The cause is in the message: a chained traceback would only
+            # repeat it, three times over, in every log.
             raise StateStoreError(
                 f"state store {self.description} failed during {operation}: "
                 f"{type(exc).__name__}: {exc}"
-            ) from exc
+            ) from None
+
+    async def ping(self) -> None:
+        """Raise :class:`StateStoreError` unless Redis answers (``serve`` checks
+        this at start-up)."""
+        await self._guard("PING", self.client.ping())
 
     async def connection_opened(self, client: str, now: float, window: int) -> ConnectionCounts:
         rate_key = self._rate_key("connection", client, now, window)
-        conn_key = self._conn_key(client)
-
-        async def run() -> list[Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incr(conn_key)
-                pipe.expire(conn_key, self.connection_ttl)
-                pipe.incr(rate_key)
-                pipe.expire(rate_key, self._rate_ttl(window))
-                return await pipe.execute()
-
-        concurrent, _, rate, _ = await self._guard("connection_opened", run())
+        member = f"{self._process}:{next(self._serial)}"
+        concurrent, rate = await self._guard(
+            "connection_opened",
+            self._open_script(
+                keys=[self._conn_key(client), rate_key],
+                args=[member, self._lease_ms, self._rate_ttl(window)],
+            ),
+        )
+        if self._closed:
+            # Counted after close(): give it back at once, nobody will.
+            await self._guard("connection_opened", self.client.zrem(self._conn_key(client), member))
+        else:
+            self._slots.setdefault(client, []).append(member)
+            self._start_refresher()
         return ConnectionCounts(int(concurrent), int(rate))
 
     async def connection_closed(self, client: str) -> None:
-        await self._guard("connection_closed", self._close_script(keys=[self._conn_key(client)]))
+        # Any of this process's slots for the client will do: they are alike.
+        held = self._slots.get(client)
+        if not held:
+            return
+        member = held.pop()
+        if not held:
+            del self._slots[client]
+        # If this fails, the member is no longer refreshed: it expires.
+        await self._guard("connection_closed", self.client.zrem(self._conn_key(client), member))
 
     async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
         key = self._rate_key(kind, client, now, window)
@@ -374,8 +457,89 @@ class RedisStore:
         value = await self._guard("peek", self.client.get(key))
         return int(value) if value is not None else 0
 
+    async def refresh(self) -> None:
+        """Push the expiry of this process's slots ``connection_ttl`` ahead
+        (the background task calls this; tests may too)."""
+        held = {client: list(members) for client, members in self._slots.items() if members}
+        if not held:
+            return
+
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for client, members in held.items():
+                    await self._refresh_script(
+                        keys=[self._conn_key(client)], args=[self._lease_ms, *members], client=pipe
+                    )
+                return await pipe.execute()
+
+        await self._guard("refresh", run())
+
+    def _start_refresher(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.connection_ttl / 3)
+            try:
+                await self.refresh()
+            except StateStoreError as e:
+                # One line when it starts failing, one when it recovers: not
+                # a line every few seconds for as long as Redis is away.
+                if not self._refresh_failing:
+                    log.error(
+                        "%s; open connections will be forgotten in %gs", e, self.connection_ttl
+                    )
+                self._refresh_failing = True
+            else:
+                if self._refresh_failing:
+                    log.warning("state store %s answers again", self.description)
+                self._refresh_failing = False
+
     async def close(self) -> None:
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        held, self._slots = self._slots, {}
+        if held:
+
+            async def run() -> list[Any]:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for client, members in held.items():
+                        pipe.zrem(self._conn_key(client), *members)
+                    return await pipe.execute()
+
+            try:
+                await self._guard("close", run())
+            except StateStoreError as e:
+                # Not worth failing a shutdown over: they expire on their own.
+                count = sum(len(members) for members in held.values())
+                log.warning("%s; %d connection slots expire in %gs", e, count, self.connection_ttl)
         await self._guard("close", self.client.aclose())
+
+
+def _take_ttl(url: str, default: float) -> tuple[str, float]:
+    """``url`` without its ``connection_ttl`` parameter, and that parameter's value."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    ttl = default
+    rest = []
+    for name, value in query:
+        if name == "connection_ttl":
+            try:
+                ttl = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"connection_ttl must be a number of seconds, not {value!r}"
+                ) from None
+            if not 0 < ttl < math.inf:
+                raise ValueError(f"connection_ttl must be positive, not {value!r}")
+        else:
+            rest.append((name, value))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), ttl
 
 
 def store_from_url(url: str | None, *, key_prefix: str = "mailpolicy:") -> StateStore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import ssl
 import sys
@@ -38,6 +39,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--maildir", metavar="DIR", help="local delivery root (default: delivery.maildir)"
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the delivery ledger lives (default: MAILDIR/.mailpolicy); best on "
+        "another file system than the Maildirs (docs/delivery.md)",
     )
     p.add_argument(
         "--proxy-protocol",
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters.gateway import GatewayDelivery
     from ..adapters.logs import configure_logging
     from ..adapters.server import MailServer, listeners_from_settings, tls_context
-    from ..adapters.state import store_from_url
+    from ..adapters.state import RedisStore, StateStoreError, store_from_url
     from ..config import PolicyError, load_settings
     from ..policy import compile_policy
 
@@ -168,9 +175,20 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"mailpolicy: --capture {args.capture}: {e}", file=sys.stderr)
             return 2
-    delivery = GatewayDelivery(settings, resolver, maildir_root=args.maildir)
+    delivery = GatewayDelivery(
+        settings, resolver, maildir_root=args.maildir, state_dir=args.state_dir
+    )
 
     async def main() -> int:
+        if isinstance(store, RedisStore):
+            # Better a clear refusal to start than a 4xx for every client.
+            try:
+                await store.ping()
+            except StateStoreError as e:
+                print(f"mailpolicy: --state: {e}", file=sys.stderr)
+                with contextlib.suppress(StateStoreError):
+                    await store.close()
+                return 2
         server = MailServer(
             policy,
             resolver,
