@@ -284,6 +284,11 @@ async def run_connection(
                 else:
                     deadlines.received(conn, len(data))
                     conn.receive_data(data)
+            elif isinstance(event, CommandReceived):
+                if observer is not None:
+                    observer.command(event.line, event.pending)
+            elif isinstance(event, Decided):
+                log_decision(conn.session, event)
             elif isinstance(event, Spool):
                 spool.append(event.data)
             elif isinstance(event, NeedSpooled):
@@ -318,11 +323,6 @@ async def run_connection(
                 except Exception as e:
                     log.exception("delivery failed for queue id %s", event.submission.queue_id)
                     conn.failed(f"{type(e).__name__}: {e}")
-            elif isinstance(event, Decided):
-                log_decision(conn.session, event)
-            elif isinstance(event, CommandReceived):
-                if observer is not None:
-                    observer.command(event.line, event.pending)
             elif isinstance(event, Authenticated):
                 if observer is not None:
                     observer.authenticated(event.user, event.ok)
@@ -364,6 +364,13 @@ async def _count(conn: Connection, need: NeedCount, services: Services) -> None:
 def log_decision(session: Session, event: Decided) -> None:
     """One log line per decision, with its facts as structured fields."""
     verdict = event.verdict
+    # a plain acceptance is a debug line: build nothing unless it is shown
+    if (
+        verdict.action is Action.ACCEPT
+        and event.stage != "delivery"
+        and not decisions.isEnabledFor(logging.DEBUG)
+    ):
+        return
     stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
     fields: dict[str, object] = {"client": str(session.client_ip), "stage": stage}
     if stage == "delivery":

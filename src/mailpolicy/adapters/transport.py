@@ -38,6 +38,15 @@ _PROXY_TIMEOUT = 10.0
 _HANDSHAKE_TIMEOUT = 30.0
 
 
+#: what a read's waiter holds when its time ran out
+_TIMED_OUT = object()
+
+
+def _expire(waiter: asyncio.Future[object]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
 class _Tls:
     """A server-side TLS session over memory buffers."""
 
@@ -116,7 +125,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._eof = False
         self._stopping = False
         self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[object] | None = None
         self._tls: _Tls | None = None
         self._handshake: asyncio.Future[bool] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -170,13 +179,17 @@ class SmtpProtocol(asyncio.Protocol):
         while not self._chunks and not self._eof:
             if self._stopping:
                 return SHUTDOWN
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            # a timer that resolves the waiter costs less than wait_for's task
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                return None
+                if await waiter is _TIMED_OUT:
+                    return None
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         if not self._chunks:
             return b""
         data = b"".join(self._chunks)
