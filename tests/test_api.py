@@ -66,3 +66,37 @@ def test_the_core_imports_no_adapter_and_does_no_io() -> None:
             assert top.split(".")[0] not in forbidden_modules or imp.startswith("."), (
                 f"{f.relative_to(SRC)} imports {imp}"
             )
+
+
+def test_envelopes_that_lack_what_their_stage_is_about_are_refused() -> None:
+    import pytest
+
+    from mailpolicy import Envelope, Stage
+
+    with pytest.raises(ValueError, match="stage 'rcpt' needs 'recipient'"):
+        Envelope(Stage.RCPT, sender="a@example.org")
+    with pytest.raises(ValueError, match="stage 'mail' needs 'sender'"):
+        Envelope(Stage.MAIL)
+    with pytest.raises(ValueError, match="stage 'end_of_data' needs 'message'"):
+        Envelope(Stage.END_OF_DATA, sender="a@example.org")
+    with pytest.raises(TypeError, match="not one string"):
+        Envelope(Stage.RCPT, sender="", recipient="b@example.com", recipients="abcdef")
+    # a stage may be named by its value, as in JSON
+    assert Envelope("rcpt", sender="", recipient="b@example.com").stage is Stage.RCPT
+    assert Envelope("RCPT", sender="", recipient="b@example.com").stage is Stage.RCPT
+    with pytest.raises(ValueError, match="unknown stage 'rcpt_to'; one of: connect"):
+        Envelope("rcpt_to", recipient="b@example.com")
+
+
+def test_evaluate_wants_a_compiled_policy() -> None:
+    import pytest
+
+    import mailpolicy
+    from mailpolicy import Envelope, Session, Stage
+
+    settings = mailpolicy.settings_from_mapping({})
+    env = Envelope(Stage.RCPT, sender="a@example.org", recipient="b@example.com")
+    with pytest.raises(TypeError, match=r"got Settings \(compile it: mailpolicy.compile_policy"):
+        mailpolicy.evaluate(settings, Session("192.0.2.1"), env)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected a compiled Policy"):
+        mailpolicy.decide(settings, Session("192.0.2.1"), env)  # type: ignore[arg-type]

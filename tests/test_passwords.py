@@ -165,3 +165,33 @@ def test_verify_round_trip(password: str, other: str, ln: int) -> None:
 def test_arbitrary_text_never_raises(stored: str) -> None:
     assert verify_password("pw", stored) in (True, False)
     assert is_password_hash(stored) in (True, False)
+
+
+def test_an_unknown_user_costs_a_real_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Timing must not tell which user names exist: a login for an unknown
+    # user verifies against a dummy hash as costly as the accounts' hashes.
+    from mailpolicy import passwords as pw
+    from mailpolicy import policy as policy_module
+    from mailpolicy.config import settings_from_mapping
+    from mailpolicy.policy import compile_policy
+
+    cheap, dear = pw.hash_password("a", ln=4), pw.hash_password("b", ln=10)
+    policy = compile_policy(
+        settings_from_mapping(
+            {"accounts": {"a": {"password_hash": cheap}, "b": {"password_hash": dear}}}
+        )
+    )
+    checked: list[str] = []
+    real = pw.verify_password
+
+    def spy(password: str, stored: str) -> bool:
+        checked.append(stored)
+        return real(password, stored)
+
+    monkeypatch.setattr(policy_module, "verify_password", spy)
+    assert policy.check_password("nobody", "b") is False
+    assert policy.check_password("nobody", "guess") is False
+    assert len(checked) == 2 and checked[0] == checked[1]  # made once, kept
+    assert checked[0].startswith("$scrypt$ln=10,r=8,p=1$")  # the costliest account's cost
+    assert checked[0] not in (cheap, dear)
+    assert policy.check_password("b", "b") is True

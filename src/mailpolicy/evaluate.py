@@ -183,9 +183,17 @@ class _Need:
         )
 
 
+def _not_a_policy(value: object) -> str:
+    what = type(value).__name__
+    hint = " (compile it: mailpolicy.compile_policy(settings))" if what == "Settings" else ""
+    return f"expected a compiled Policy, got {what}{hint}"
+
+
 def _walk(
     policy: Policy, session: Session, envelope: Envelope, memo: Memo | None
 ) -> Verdict | _Need:
+    if type(policy) is not Policy:
+        raise TypeError(_not_a_policy(policy))
     store: dict[object, object] = {} if memo is None else memo._for(policy, session)
     ctx = Context(policy.shared, session, envelope, store)
     need: _Need | None = None

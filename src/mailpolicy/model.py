@@ -290,6 +290,24 @@ def _strings(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _addresses(values: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise TypeError(
+            f"recipients is a sequence of addresses, not one string: ({values!r},), not {values!r}"
+        )
+    return tuple(values)
+
+
+def _stage(value: Stage | str) -> Stage:
+    if type(value) is Stage:
+        return value
+    try:
+        return Stage(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        names = ", ".join(s.value for s in Stage)
+        raise ValueError(f"unknown stage {value!r}; one of: {names}") from None
+
+
 def _lower_name(name: str) -> str:
     return name.lower().rstrip(".")
 
@@ -459,14 +477,32 @@ class Envelope:
     are then judged by their IDNA form.
     """
 
-    stage: Stage
+    stage: Stage = attrs.field(converter=_stage)
     sender: str | None = None
     recipient: str | None = None
-    recipients: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    recipients: tuple[str, ...] = attrs.field(default=(), converter=_addresses)
     declared_size: int | None = None
     message: MessageFacts | None = None
     discard: str | None = None
     smtputf8: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        # An envelope that lacks what its stage is about would pass every
+        # rule that looks for it: refuse it instead of accepting by accident.
+        missing = _NEEDED.get(self.stage)
+        if missing is not None and getattr(self, missing) is None:
+            raise ValueError(
+                f"an Envelope at stage {self.stage.value!r} needs {missing!r} "
+                f"(Envelope(Stage.{self.stage.name}, {missing}=...))"
+            )
+
+
+#: what an envelope at each stage is about (see Envelope.__attrs_post_init__)
+_NEEDED: Final[Mapping[Stage, str]] = {
+    Stage.MAIL: "sender",
+    Stage.RCPT: "recipient",
+    Stage.END_OF_DATA: "message",
+}
 
 
 class Action(enum.Enum):

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
 import re
+import secrets
+from collections.abc import Iterable
 from typing import Final
 
 __all__ = ["MAX_MEMORY", "hash_password", "is_password_hash", "verify_password"]
@@ -121,3 +124,18 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, MemoryError):
         return False
     return hmac.compare_digest(candidate, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _dummy(ln: int, r: int, p: int) -> str:
+    return hash_password(secrets.token_urlsafe(16), ln=ln, r=r, p=p)
+
+
+def dummy_hash_like(stored: Iterable[str]) -> str:
+    """A hash of a random password that costs as much as the costliest of
+    ``stored``: verify an unknown user's password against it, so that a
+    failed login takes as long for a user that does not exist as for one
+    that does."""
+    costs = [parsed[:3] for text in stored if (parsed := _parse(text)) is not None]
+    ln, r, p = max(costs, key=lambda c: _memory(*c) * c[2], default=(14, 8, 1))
+    return _dummy(ln, r, p)

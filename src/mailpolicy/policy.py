@@ -11,6 +11,7 @@ all, so a disabled check costs nothing, not even a DNS lookup.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -19,7 +20,7 @@ import attrs
 
 from .lookup import DomainTable, NetworkTable
 from .model import Session, Stage
-from .passwords import verify_password
+from .passwords import dummy_hash_like, verify_password
 from .rules import Chain, Rule, Scope, Step
 from .rules.auth import Owners, RejectUnauthenticatedLocalSender, SenderMustMatchLogin
 from .rules.connection import RejectUnknownClientHostname, RejectUnknownReverseClientHostname
@@ -443,9 +444,21 @@ class Policy:
         return user in self._passwords
 
     def check_password(self, user: str, password: str) -> bool:
-        """Verify a login. Deliberately slow (scrypt): call it off the event loop."""
+        """Verify a login. Deliberately slow (scrypt): call it off the event
+        loop. An unknown user costs as much as a known one (a dummy hash of
+        the accounts' cost is checked), so timing does not tell who exists."""
         stored = self._passwords.get(user)
-        return stored is not None and verify_password(password, stored)
+        if stored is None:
+            dummy = _DUMMY_HASHES.get(self)
+            if dummy is None:
+                dummy = _DUMMY_HASHES[self] = dummy_hash_like(self._passwords.values())
+            verify_password(password, dummy)
+            return False
+        return verify_password(password, stored)
+
+
+#: each policy's dummy hash (made on the first login of an unknown user)
+_DUMMY_HASHES: weakref.WeakKeyDictionary[Policy, str] = weakref.WeakKeyDictionary()
 
 
 def compile_policy(settings: Settings) -> Policy:
