@@ -20,6 +20,7 @@ from mailpolicy.dialogue import (
     Deliver,
     NeedCount,
     NeedDns,
+    NeedRecipientCheck,
     NeedSpooled,
     NeedStamp,
     Send,
@@ -61,6 +62,8 @@ while True:
         counts[event.kind] = counts.get(event.kind, 0) + (0 if event.peek else 1)
         n = counts[event.kind]
         conn.counted((n, n) if event.kind == "connection" else n)
+    elif isinstance(event, NeedRecipientCheck):
+        conn.recipient_checked(None)  # this host can deliver to anyone
     elif isinstance(event, CheckPassword):
         conn.password_checked(policy.check_password(event.user, event.password))
     elif isinstance(event, StartTls):

@@ -25,6 +25,7 @@ from mailpolicy.dialogue import (
     MessageReceived,
     NeedCount,
     NeedDns,
+    NeedRecipientCheck,
     NeedStamp,
     Send,
     Stamp,
@@ -79,6 +80,8 @@ class Host:
         self.password_ok = password_ok
         self.tls_ok = tls_ok
         self.deliver = deliver or Reply(250, "2.0.0", "Ok: queued as Q1")
+        #: recipients the delivery refuses at RCPT, and how
+        self.undeliverable: dict[str, Reply] = {}
         self.events: list[Event] = []
         self.delivered: list[Deliver] = []
         self.asked_dns: list[frozenset[DnsQuery]] = []
@@ -104,6 +107,8 @@ class Host:
                 self.conn.dns_answers({q: self.dns.get(q, nx) for q in event.queries})
             elif isinstance(event, NeedCount):
                 self.conn.counted(self.counts(event))
+            elif isinstance(event, NeedRecipientCheck):
+                self.conn.recipient_checked(self.undeliverable.get(event.recipient))
             elif isinstance(event, CheckPassword):
                 self.conn.password_checked(self.password_ok)
             elif isinstance(event, StartTls):
@@ -455,10 +460,24 @@ def test_a_failed_delivery_is_a_temporary_error() -> None:
     while not isinstance(event := conn.next_event(), Deliver):
         if isinstance(event, NeedStamp):
             conn.stamped(Stamp(0.0, "Q9"))
+        elif isinstance(event, NeedRecipientCheck):
+            conn.recipient_checked(None)
     conn.failed("disk full")
     [reply] = host.run()
     assert reply.data == b"451 4.3.0 Error: queue file write error\r\n"
     assert host.codes(b"NOOP\r\n") == [(250, "2.0.0")]
+
+
+def test_the_delivery_may_refuse_a_recipient_at_rcpt() -> None:
+    host = connect()
+    host.undeliverable["x@example.com"] = Reply(550, "5.1.1", "<x@example.com>: no mailbox")
+    host.run(b"EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\n")
+    [refused] = host.run(b"RCPT TO:<x@example.com>\r\n")
+    assert refused.data == b"550 5.1.1 <x@example.com>: no mailbox\r\n"
+    assert refused.record.verdict is not None and refused.record.verdict.rule == "delivery"
+    assert host.codes(b"RCPT TO:<alice@example.com>\r\nDATA\r\n") == [(250, "2.1.5"), (354, None)]
+    asked = [e.recipient for e in host.events if isinstance(e, NeedRecipientCheck)]
+    assert asked == ["x@example.com", "alice@example.com"]
 
 
 def test_answering_out_of_turn_is_an_error() -> None:

@@ -416,3 +416,42 @@ def test_no_doc_help_or_docstring_sends_a_user_to_files_they_do_not_have() -> No
     ]
     assert offenders == []
     assert ROOT.joinpath("docs", "replay-format.md").is_file()
+
+
+@pytest.mark.timeout(30)
+def test_a_local_address_too_long_for_a_mailbox_is_refused_at_rcpt(
+    serve: ServerStarter, tmp_path: Path
+) -> None:
+    from mailpolicy.adapters.dns import StaticZone
+    from mailpolicy.adapters.gateway import GatewayDelivery
+
+    settings = make_settings()
+    delivery = GatewayDelivery(settings, StaticZone.from_mapping({}), maildir_root=tmp_path / "md")
+    server = serve(settings, delivery=delivery)
+    with Client(server.port()) as c:
+        c.expect()
+        c.cmd("EHLO c.example.org")
+        c.cmd("MAIL FROM:<carol@example.org>")
+        answer = c.cmd("RCPT TO:<" + "a" * 300 + "@example.com>")
+        assert (answer.code, answer.enhanced) == (550, "5.1.1"), answer
+        assert "too long for a mailbox name" in answer.text
+        assert c.cmd("RCPT TO:<alice@example.com>").code == 250  # the session goes on
+    delivery.ledger.close()
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        policy = POLICY.replace("127.0.0.1:2599", f"127.0.0.1:{port}")
+        done = subprocess.run(
+            _serve_command(tmp_path, policy, "--maildir", str(tmp_path / "md")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("mailpolicy:")]
+    assert errors == [f"mailpolicy: cannot listen: smtp 127.0.0.1:{port}: Address already in use"]

@@ -33,6 +33,7 @@ from ..dialogue import (
     MessageReceived,
     NeedCount,
     NeedDns,
+    NeedRecipientCheck,
     NeedSpooled,
     NeedStamp,
     ReplyRecord,
@@ -67,7 +68,12 @@ decisions = logging.getLogger("mailpolicy.decisions")
 
 class Delivery(Protocol):
     """Where accepted messages go. Return the reply for the end of DATA:
-    250 only once the message is safe; 4xx makes the client retry."""
+    250 only once the message is safe; 4xx makes the client retry.
+
+    A delivery may also have ``check_recipient(address) -> Reply | None``:
+    called at RCPT once the policy accepts, it refuses at once an address it
+    can never deliver (see :class:`~.gateway.GatewayDelivery`).
+    """
 
     async def deliver(self, submission: Submission) -> Reply: ...
 
@@ -305,6 +311,9 @@ async def run_connection(
                     conn.failed(f"{type(e).__name__}: {e}")
             elif isinstance(event, NeedCount):
                 await _count(conn, event, services)
+            elif isinstance(event, NeedRecipientCheck):
+                check = getattr(services.delivery, "check_recipient", None)
+                conn.recipient_checked(None if check is None else check(event.recipient))
             elif isinstance(event, CheckPassword):
                 try:
                     ok = await asyncio.to_thread(policy.check_password, event.user, event.password)

@@ -34,12 +34,13 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from .. import routing
 from ..dialogue import Submission
 from ..model import IPAddress, NextHop, Reply, Route, RouteKind
 from ..settings import Settings
 from .dns import Resolver
 from .ledger import DeliveryLedger, LedgerError, message_digest
-from .maildir import MaildirDelivery, delivery_headers
+from .maildir import MaildirDelivery, delivery_headers, mailbox_name
 from .relay import relay
 from .routing import resolve_routes
 
@@ -83,6 +84,18 @@ class GatewayDelivery:
         self.our_addresses = frozenset(our_addresses)
         self.relay_timeout = relay_timeout
         self.env = env
+
+    def check_recipient(self, recipient: str) -> Reply | None:
+        """Refuse at RCPT a local recipient that can never have a Maildir
+        (an address too long for a folder name), instead of after DATA."""
+        routes = routing.route(self.settings, "", [recipient], {}, rng=self.rng)
+        for r in routes:
+            if r.kind is RouteKind.LOCAL and r.mailbox is not None:
+                try:
+                    mailbox_name(r.mailbox)
+                except ValueError as e:
+                    return Reply(550, "5.1.1", f"<{recipient}>: Recipient address rejected: {e}")
+        return None
 
     async def deliver(self, submission: Submission) -> Reply:
         s = submission

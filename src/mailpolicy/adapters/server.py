@@ -210,7 +210,13 @@ class MailServer:
         for listener in self.listeners:
             if listener.tls == "implicit" and self.tls is None:
                 raise ValueError(f"{listener.name}: implicit TLS needs server.tls_cert and tls_key")
-            for sock in await _listening_sockets(listener.host, listener.port, backlog):
+            try:
+                socks = await _listening_sockets(listener.host, listener.port, backlog)
+            except OSError as e:
+                raise OSError(
+                    e.errno, f"{listener.name} {listener.host}:{listener.port}: {e.strerror or e}"
+                ) from None
+            for sock in socks:
                 addr = sock.getsockname()
                 self.bound.append((listener, (str(addr[0]), int(addr[1]))))
                 self._sockets.append(sock)

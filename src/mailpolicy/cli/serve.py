@@ -200,11 +200,6 @@ def run(args: argparse.Namespace) -> int:
             proxy_protocol=args.proxy_protocol,
             observer=capture.observer if capture is not None else None,
         )
-        try:
-            await server.start()
-        except (OSError, ValueError) as e:
-            log.error("cannot listen: %s", e)
-            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         stopping: list[asyncio.Future[None]] = []
@@ -217,8 +212,20 @@ def run(args: argparse.Namespace) -> int:
                     task.cancel()
             stop.set()
 
+        # Before listening: a client (or a supervisor) may act as soon as the
+        # port accepts, and a SIGTERM must then already stop us gracefully.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        try:
+            await server.start()
+        except (OSError, ValueError) as e:
+            # one line naming the listener: a port in use, an address not ours
+            print(
+                f"mailpolicy: cannot listen: {e.strerror if isinstance(e, OSError) else e}",
+                file=sys.stderr,
+            )
+            await server.stop(grace=0)
+            return 2
         # MailServer.start has logged each listener (a log record, so that
         # --log-format json stays one object a line).
         await stop.wait()

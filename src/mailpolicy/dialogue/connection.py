@@ -68,6 +68,7 @@ from .events import (
     MessageReceived,
     NeedCount,
     NeedDns,
+    NeedRecipientCheck,
     NeedSpooled,
     NeedStamp,
     ReplyRecord,
@@ -158,7 +159,16 @@ class _TooLong:
 
 _TOO_LONG: Final = _TooLong()
 
-_NEEDS = (NeedDns, NeedCount, CheckPassword, StartTls, NeedStamp, NeedSpooled, Deliver)
+_NEEDS = (
+    NeedDns,
+    NeedRecipientCheck,
+    NeedCount,
+    CheckPassword,
+    StartTls,
+    NeedStamp,
+    NeedSpooled,
+    Deliver,
+)
 
 Steps = Generator[Event, Any, None]
 
@@ -296,6 +306,10 @@ class Connection:
         if isinstance(self._pending, NeedCount) and self._pending.kind == "connection":
             self.connection_counted = True
         self._give(NeedCount, value)
+
+    def recipient_checked(self, refusal: Reply | None) -> None:
+        """A :class:`NeedRecipientCheck`'s answer: ``None``, or the refusal."""
+        self._give(NeedRecipientCheck, refusal)
 
     def password_checked(self, ok: bool) -> None:
         self._give(CheckPassword, ok)
@@ -742,6 +756,22 @@ class Connection:
             return
         if verdict.action is Action.DISCARD and tx.discard is None:
             tx.discard = verdict
+        if tx.discard is None:
+            # a permanent reason the delivery already knows: refuse it now,
+            # not after the client sent the whole message
+            try:
+                refusal: Reply | None = yield NeedRecipientCheck(rcpt)
+            except HostFailure:
+                refusal = None  # the delivery will say at the end of DATA
+            if refusal is not None:
+                refused_by = Verdict(
+                    Action.DEFER if refusal.temporary else Action.REJECT,
+                    refusal,
+                    "delivery",
+                    (Evidence("recipient", rcpt),),
+                )
+                yield from self._refuse(Stage.RCPT, refused_by, sender=tx.sender, recipient=rcpt)
+                return
         tx.rcpts.append(rcpt)
         yield from self._say(R.OK_RCPT, verdict if verdict.rule else None)
 

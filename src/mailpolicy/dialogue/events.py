@@ -7,7 +7,8 @@ Every value :meth:`Connection.next_event` returns is one of these. Three kinds:
   The host acts and asks for the next event.
 * **needs**: :data:`NEED_DATA` (read from the client, then
   :meth:`~Connection.receive_data`), :class:`NeedDns`, :class:`NeedCount`,
-  :class:`CheckPassword`, :class:`StartTls`, :class:`NeedStamp`,
+  :class:`NeedRecipientCheck`, :class:`CheckPassword`, :class:`StartTls`,
+  :class:`NeedStamp`,
   :class:`NeedSpooled` and :class:`Deliver`. The host does the I/O and hands
   the result back with the matching method (:meth:`~Connection.dns_answers`,
   :meth:`~Connection.counted`, ...) or :meth:`~Connection.failed`, before it
@@ -42,6 +43,7 @@ __all__ = [
     "NeedCount",
     "NeedData",
     "NeedDns",
+    "NeedRecipientCheck",
     "NeedSpooled",
     "NeedStamp",
     "ReplyRecord",
@@ -126,6 +128,15 @@ class NeedCount:
     client: str
     window: int
     peek: bool = False
+
+
+@attrs.frozen
+class NeedRecipientCheck:
+    """The policy accepts ``recipient``: can it be delivered at all?
+    ``recipient_checked(None)``, or the reply that refuses it now rather
+    than after the message (a local address too long for a mailbox)."""
+
+    recipient: str
 
 
 @attrs.frozen
@@ -243,6 +254,7 @@ Event = (
     | NeedData
     | NeedDns
     | NeedCount
+    | NeedRecipientCheck
     | CheckPassword
     | StartTls
     | NeedStamp
