@@ -455,3 +455,28 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("mailpolicy:")]
     assert errors == [f"mailpolicy: cannot listen: smtp 127.0.0.1:{port}: Address already in use"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--state", "bogus://x"], "unknown state store URL 'bogus://x'"),
+        (["--dns", "{tmp}/missing-zone.json"], "{tmp}/missing-zone.json: "),
+        (["--dns", "{tmp}/bad-zone.json"], "{tmp}/bad-zone.json: "),
+    ],
+)
+def test_start_up_errors_are_one_line_naming_the_value(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    (tmp_path / "bad-zone.json").write_text('{"example.com": {"A": ["not an address"]}}')
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = subprocess.run(
+        _serve_command(tmp_path, POLICY, "--maildir", str(tmp_path / "md"), *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("mailpolicy:")]
+    assert len(errors) == 1 and expected.replace("{tmp}", str(tmp_path)) in errors[0], errors
