@@ -19,6 +19,7 @@ import attrs
 from .model import IPAddress, IPNetwork, Networks
 
 __all__ = [
+    "VERIFIED_SECURITY",
     "Account",
     "AdvancedSettings",
     "ConnectionPolicy",
@@ -38,7 +39,6 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SmtpAuthSettings",
-    "VERIFIED_SECURITY",
     "normalize_domain",
 ]
 
