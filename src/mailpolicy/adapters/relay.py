@@ -265,9 +265,7 @@ async def relay(
                 message, sender, order, next_hops, limits, env, resolver, dns, final, last
             )
     except TimeoutError:
-        reply = Reply(
-            451, "4.4.7", f"delivery attempt took longer than {time_limit:g} s, try again later"
-        )
+        reply = Reply(451, "4.4.7", "delivery attempt reached its time limit, try again later")
         hop = last[-1] if last else None
         for r in order:
             if r not in final or final[r].temporary:
