@@ -541,3 +541,46 @@ def test_serve_dns_delivers_to_an_mx_only_the_zone_knows_and_refuses_loops_and_n
     finally:
         c.close()
     assert hop.messages == [("a@example.com", ("bob@dest.example",))]
+
+
+# ---------------------------------------------------------------------------
+# Local delivery leaves a trace that replay --mbox can read back
+
+
+def test_delivered_mail_carries_its_trace_and_can_be_judged_again(tmp_path: Path) -> None:
+    import email
+
+    from mailpolicy.adapters.mbox import judge_message, read_trace
+    from mailpolicy.dialogue.message import received_header
+    from mailpolicy.policy import compile_policy
+
+    settings = _settings(25)
+    session = Session("192.0.2.10", helo="client.example.org", esmtp=True)
+    received = received_header(session, "gw.example.com", ("bob@example.com",), "Q1", 0)
+    assert received.startswith(b"Received: from client.example.org (unknown [192.0.2.10])")
+    assert b"+0000 (UTC)" in received
+
+    async def go() -> None:
+        gateway = GatewayDelivery(settings, StaticZone.from_mapping({}), maildir_root=tmp_path)
+        try:
+            sub = Submission(
+                "carol@example.org",
+                ("bob@example.com",),
+                received + MESSAGE,
+                MESSAGE,
+                "Q1",
+                session,
+            )
+            assert (await gateway.deliver(sub)).code == 250
+        finally:
+            gateway.ledger.close()
+
+    asyncio.run(go())
+    (path,) = (tmp_path / "bob@example.com" / "new").iterdir()
+    stored = path.read_bytes()
+    assert stored.startswith(b"Return-Path: <carol@example.org>\nDelivered-To: bob@example.com\n")
+    trace = read_trace(email.message_from_bytes(stored), "gw.example.com")
+    assert (trace.sender, trace.recipients) == ("carol@example.org", ("bob@example.com",))
+    assert str(trace.client_ip) == "192.0.2.10"
+    (verdict,) = judge_message(compile_policy(settings), trace)
+    assert not verdict.verdict.action.refuses
