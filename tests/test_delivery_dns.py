@@ -584,3 +584,26 @@ def test_delivered_mail_carries_its_trace_and_can_be_judged_again(tmp_path: Path
     assert str(trace.client_ip) == "192.0.2.10"
     (verdict,) = judge_message(compile_policy(settings), trace)
     assert not verdict.verdict.action.refuses
+
+
+@pytest.mark.timeout(30)
+def test_may_falls_back_to_plain_text_when_the_handshake_fails(
+    tmp_path: Path, port: int, next_hop: Callable[..., Recorder], tls_certificate: Certificate
+) -> None:
+    # the hop demands a client certificate: every handshake fails
+    context = tls_certificate.server_context()
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(str(tls_certificate.cert))
+    hop = next_hop("127.0.0.2", port, tls=context)
+    zone = {"dest.example": {"A": ["127.0.0.2"]}}
+    may = _deliver(_settings(port), StaticZone.from_mapping(zone), tmp_path, ("bob@dest.example",))
+    assert may.code == 250, may
+    assert hop.messages == [("a@example.com", ("bob@dest.example",))]
+    encrypt = _deliver(
+        _settings(port, {"delivery": {"mx_security": "encrypt"}}),
+        StaticZone.from_mapping(zone),
+        tmp_path / "again",
+        ("carol@dest.example",),
+    )
+    assert encrypt.code == 451, encrypt
+    assert "(security encrypt)" in encrypt.text

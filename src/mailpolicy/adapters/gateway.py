@@ -16,7 +16,9 @@ What the client is told at the end of DATA (one reply for all recipients):
   ``451``. A message to one recipient needs no ledger (nothing can be half
   done), as with Postfix; only a crash between its delivery and our ``250``
   makes a copy too many (RFC 1047), never a lost one;
-* the rest failed permanently (null MX, no such domain, a next hop's 5xx):
+* the rest failed permanently (a next hop's 5xx; a null MX, a domain that
+  does not exist or an MX that is ourselves are refused at RCPT already by
+  :meth:`GatewayDelivery.check_recipient`, unless the DNS failed then):
   when nothing was delivered, the first permanent reply, and the client
   bounces the message; when some recipients got it, ``250`` (a refusal would
   make the client bounce a message that was partly delivered) and the message

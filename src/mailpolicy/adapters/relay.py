@@ -520,7 +520,12 @@ class _Attempt:
             return await self._converse(client, password)
         except _TlsFailed as exc:
             cause = exc.__cause__
-            reason = _tls_reason(cause) if isinstance(cause, ssl.SSLError) else str(cause)
+            if isinstance(cause, ssl.SSLError):
+                reason = _tls_reason(cause)
+            elif isinstance(cause, aiosmtplib.SMTPResponseException):
+                reason = f"{cause.code} {cause.message}"
+            else:
+                reason = f"{type(cause).__name__}: {cause} while {self.stage}"
             if level == "may" and not self.plain:
                 self.retry_plain = True
                 log.info("relay via %s: TLS failed (%s), trying again without TLS", name, reason)
@@ -578,11 +583,18 @@ class _Attempt:
             self.stage = "starting TLS"
             try:
                 await client.starttls(server_hostname=hop.host)
-            except ssl.SSLError as exc:
+                # RFC 3207: forget what was learnt before TLS, and ask again.
+                # (With TLS 1.3 a hop that dislikes the handshake says so only
+                # now, by hanging up: still a failed TLS set-up.)
+                self.stage = "sending EHLO after STARTTLS"
+                await _ehlo(client)
+            except (
+                ssl.SSLError,
+                aiosmtplib.SMTPServerDisconnected,
+                aiosmtplib.SMTPResponseException,
+                ConnectionError,
+            ) as exc:
                 raise _TlsFailed() from exc
-            # RFC 3207: forget what was learnt before TLS, and ask again.
-            self.stage = "sending EHLO"
-            await _ehlo(client)
         elif required:
             return self._local_failure(
                 "4.7.4",
