@@ -607,3 +607,36 @@ def test_may_falls_back_to_plain_text_when_the_handshake_fails(
     )
     assert encrypt.code == 451, encrypt
     assert "(security encrypt)" in encrypt.text
+
+
+def test_mail_server_tells_the_gateway_its_addresses(tmp_path: Path) -> None:
+    import ipaddress
+
+    from mailpolicy.adapters.server import Listener, MailServer
+    from mailpolicy.policy import compile_policy
+
+    settings = _settings(25)
+    zone = StaticZone.from_mapping(
+        {"loop.example": {"MX": ["10 mx.loop.example"]}, "mx.loop.example": {"A": ["127.0.0.1"]}}
+    )
+
+    async def go() -> tuple[frozenset[object], Reply | None]:
+        gateway = GatewayDelivery(settings, zone, maildir_root=tmp_path)
+        server = MailServer(
+            compile_policy(settings),
+            zone,
+            delivery=gateway,
+            listeners=[Listener("smtp", "127.0.0.1", 0)],
+        )
+        await server.start()
+        try:
+            return frozenset(gateway.our_addresses), await gateway.check_recipient("x@loop.example")
+        finally:
+            await server.stop(grace=0)
+            gateway.ledger.close()
+
+    ours, refusal = asyncio.run(go())
+    assert ipaddress.ip_address("127.0.0.1") in ours
+    assert refusal is not None
+    assert (refusal.code, refusal.enhanced) == (554, "5.4.6")
+    assert "loops back to myself" in refusal.text

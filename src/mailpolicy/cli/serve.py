@@ -120,7 +120,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..adapters.dns import LiveResolver, Resolver, StaticZone, ZoneError
     from ..adapters.gateway import GatewayDelivery
-    from ..adapters.interfaces import listening_addresses
     from ..adapters.logs import configure_logging
     from ..adapters.server import MailServer, listeners_from_settings, tls_context
     from ..adapters.state import RedisStore, StateStoreError, store_from_url
@@ -227,8 +226,6 @@ def run(args: argparse.Namespace) -> int:
             )
             await server.stop(grace=0)
             return 2
-        # An MX pointing at one of our listeners is a loop (554 5.4.6).
-        delivery.add_our_addresses(listening_addresses(addr for _, addr in server.bound))
         # MailServer.start has logged each listener (a log record, so that
         # --log-format json stays one object a line).
         await stop.wait()
