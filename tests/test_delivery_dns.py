@@ -293,6 +293,7 @@ def test_tls_levels_with_a_self_signed_next_hop(
     delivered: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO", logger="mailpolicy.adapters.relay")
     cert, key = _mx_cert(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -317,6 +318,9 @@ def test_tls_levels_with_a_self_signed_next_hop(
         assert reply.code == 451, reply
         assert f"(security {level}): certificate verify failed: self-signed" in reply.text
         assert hop.messages == []
+        # the log names the host, its address, the level and the reason
+        assert f"relay via mx1.dest.example[127.0.0.2]:{port} (security {level})" in caplog.text
+        assert "self-signed certificate" in caplog.text
 
 
 @pytest.mark.timeout(30)
@@ -640,3 +644,52 @@ def test_mail_server_tells_the_gateway_its_addresses(tmp_path: Path) -> None:
     assert refusal is not None
     assert (refusal.code, refusal.enhanced) == (554, "5.4.6")
     assert "loops back to myself" in refusal.text
+
+
+@pytest.mark.timeout(30)
+def test_the_connect_timeout_moves_on_to_the_next_mx(
+    tmp_path: Path,
+    port: int,
+    next_hop: Callable[..., Recorder],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="mailpolicy.adapters.relay")
+    # a listener whose queue is full: Linux drops further SYNs, the connect hangs
+    full = socket.socket()
+    full.bind(("127.0.0.2", port))
+    full.listen(0)
+    queued = []
+    for _ in range(2):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.2", port))
+        queued.append(s)
+    time.sleep(0.2)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        probe.connect(("127.0.0.2", port))
+    except TimeoutError:
+        pass
+    else:
+        pytest.skip("this kernel does not drop SYNs for a full listen queue")
+    finally:
+        probe.close()
+    try:
+        second = next_hop("127.0.0.3", port)
+        settings = _settings(
+            port, {"delivery": {"connect_timeout_seconds": 0.5, "reply_timeout_seconds": 30}}
+        )
+        start = time.monotonic()
+        reply = _deliver(settings, StaticZone.from_mapping(ZONE), tmp_path, ("bob@dest.example",))
+        took = time.monotonic() - start
+    finally:
+        for s in queued:
+            s.close()
+        full.close()
+    assert reply.code == 250, reply
+    assert second.messages == [("a@example.com", ("bob@dest.example",))]
+    assert took < 5
+    assert "connect to mx1.dest.example[127.0.0.2]" in caplog.text
+    assert "timed out after 0.5 s" in caplog.text
