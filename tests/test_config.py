@@ -593,7 +593,7 @@ REFUSED: list[tuple[Any, str, str]] = [
     (
         {"delivery": {"relay_host": {"host": "h.example", "security": "ssl"}}},
         "delivery.relay_host.security",
-        '"none", "starttls", "tls"',
+        '"none", "may", "encrypt", "verify", "secure", "starttls", "tls"',
     ),
     (
         {"delivery": {"relay_host": {"host": "h.example", "username": "u"}}},

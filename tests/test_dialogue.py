@@ -155,7 +155,7 @@ def test_a_whole_transaction_as_bytes() -> None:
         "Q1",
     )
     assert sub.content == b"Subject: hi\r\n\r\n.leading dot\r\nbody\r\n"
-    assert sub.message.startswith(b"Received: from client.example.org ([192.0.2.10])\r\n")
+    assert sub.message.startswith(b"Received: from client.example.org (unknown [192.0.2.10])\r\n")
     assert sub.message.endswith(sub.content)
     assert host.run(b"QUIT\r\n")[0].data == b"221 2.0.0 Bye\r\n"
     assert isinstance(host.events[-1], Close)

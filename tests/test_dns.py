@@ -572,7 +572,7 @@ def test_cli_route_json(files: tuple[Path, Path]) -> None:
     carol = lines[1]
     assert carol["kind"] == "smtp"
     assert {h["host"] for h in carol["next_hops"][:2]} == {"mx1.example.net", "mx2.example.net"}
-    assert carol["next_hops"][2] == {"host": "backup.example.net", "port": 25, "security": "none"}
+    assert carol["next_hops"][2] == {"host": "backup.example.net", "port": 25, "security": "may"}
     assert lines[2]["next_hops"] == [
         {"host": "gw.partner.example", "port": 587, "security": "starttls"}
     ]
@@ -614,7 +614,7 @@ def test_cli_route_text(files: tuple[Path, Path]) -> None:
     )  # fmt: skip
     assert status == 0
     assert out.splitlines()[0] == "bob@example.com: local bob@example.com"
-    assert out.splitlines()[2] == "eve@corp.example: smtp exchange.corp.example:25 (none)"
+    assert out.splitlines()[2] == "eve@corp.example: smtp exchange.corp.example:25 (may)"
 
 
 def test_cli_route_live_resolver_from_policy(tmp_path: Path) -> None:

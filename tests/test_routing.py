@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -273,7 +274,7 @@ def test_inbound_domain_goes_to_its_mx_even_in_relay_mode() -> None:
     for rcpt in ("eve@corp.example", "eve@sub.corp.example"):
         r = one(s, rcpt)
         assert r.kind is RouteKind.SMTP
-        assert r.next_hops == (NextHop("exchange.corp.example"),)
+        assert r.next_hops == (NextHop("exchange.corp.example", 25, "may"),)
         assert "relay.inbound_domains" in r.reason
 
 
@@ -324,10 +325,19 @@ def test_mixed_routes_for_one_message() -> None:
 # direct delivery, RFC 5321 section 5
 
 
-def test_direct_mx_in_preference_order_on_port_25_without_tls_requirement() -> None:
+def test_direct_mx_in_preference_order_on_port_25_with_opportunistic_tls() -> None:
     r = one(make_settings(), "bob@example.net")
-    assert r.next_hops == (NextHop("mx1.example.net"), NextHop("mx2.example.net"))
-    assert all(h.port == 25 and h.security == "none" for h in r.next_hops)
+    assert r.next_hops == (
+        NextHop("mx1.example.net", 25, "may"),
+        NextHop("mx2.example.net", 25, "may"),
+    )
+
+
+def test_mx_hops_take_mx_port_and_mx_security() -> None:
+    s = make_settings()
+    s = attrs.evolve(s, delivery=attrs.evolve(s.delivery, mx_port=2526, mx_security="verify"))
+    r = one(s, "bob@example.net")
+    assert [(h.port, h.security) for h in r.next_hops] == [(2526, "verify"), (2526, "verify")]
     assert "MX of example.net" in r.reason
 
 
@@ -351,7 +361,7 @@ def test_no_mx_uses_implicit_mx_from_a_or_aaaa() -> None:
     for domain in ("nomx.example", "v6only.example"):
         r = one(make_settings(), f"y@{domain}")
         assert r.kind is RouteKind.SMTP
-        assert r.next_hops == (NextHop(domain),)
+        assert r.next_hops == (NextHop(domain, 25, "may"),)
         assert "implicit MX" in r.reason
 
 
@@ -496,9 +506,9 @@ def test_duplicate_mx_host_keeps_its_best_preference() -> None:
 
 def test_address_literal() -> None:
     r = one(make_settings(), "v@[192.0.2.5]")
-    assert r.next_hops == (NextHop("192.0.2.5"),)
+    assert r.next_hops == (NextHop("192.0.2.5", 25, "may"),)
     r = one(make_settings(), "v@[IPv6:2001:db8::5]")
-    assert r.next_hops == (NextHop("2001:db8::5"),)
+    assert r.next_hops == (NextHop("2001:db8::5", 25, "may"),)
     r = one(make_settings(), "v@[192.0.2.5]", our_addresses=frozenset({"192.0.2.5"}))
     assert r.error is not None and r.error.enhanced == "5.4.6"
     r = one(make_settings(), "v@[not-an-ip]")

@@ -165,9 +165,9 @@ MESSAGE = (
 
 RECEIVED = re.compile(
     rb"\AReturn-Path: <(?P<sender>[^>\r\n]*)>\r\nDelivered-To: alice@example\.com\r\n"
-    rb"Received: from (?P<helo>\S+) \(\[127\.0\.0\.1\]\)\r\n"
+    rb"Received: from (?P<helo>\S+) \(unknown \[127\.0\.0\.1\]\)\r\n"
     rb"\tby mx\.example\.com \(mailpolicy\) with (?P<proto>E?SMTPS?A?) id (?P<id>[0-9A-F]+)\r\n"
-    rb"\tfor <alice@example\.com>; [^\r\n]+\r\n"
+    rb"\tfor <alice@example\.com>; [^\r\n]+ \+0000 \(UTC\)\r\n"
 )
 
 
@@ -434,7 +434,7 @@ addresses = ["alice@example.com"]
     assert len(hop.messages) == 3
     for sender, rcpts, content in hop.messages:
         assert (sender, rcpts) == ("alice@example.com", ("bob@remote.example",))
-        assert content.startswith(b"Received: from c.example.org ([127.0.0.1])\r\n")
+        assert content.startswith(b"Received: from c.example.org (unknown [127.0.0.1])\r\n")
         assert b"with ESMTPSA id" in content.split(b"\r\n", 2)[1]
 
     # no AUTH, no relay (swaks: 24, no recipient accepted)

@@ -670,7 +670,7 @@ def test_authenticated_client_relays_and_unauthenticated_is_denied(
     [(sender, rcpts, content)] = hop.messages
     assert (sender, rcpts) == ("alice@example.com", ("bob@remote.example",))
     head, _, rest = content.partition(b"\r\n\t")
-    assert head.startswith(b"Received: from client.example.org ([127.0.0.1])")
+    assert head.startswith(b"Received: from client.example.org (unknown [127.0.0.1])")
     assert b"with ESMTPSA id" in rest  # TLS and AUTH, RFC 3848
     assert content.endswith(MESSAGE)
 
@@ -764,7 +764,7 @@ def test_relay_answers_250_only_after_the_next_hop_has_it(
     assert (answer.code, answer.enhanced) == (250, "2.0.0")
     [(sender, rcpts, content)] = hop.messages
     assert (sender, rcpts) == ("alice@example.com", ("bob@remote.example",))
-    assert content.startswith(b"Received: from client.example.org ([127.0.0.1])\r\n")
+    assert content.startswith(b"Received: from client.example.org (unknown [127.0.0.1])\r\n")
     assert content.endswith(MESSAGE)  # dots unstuffed and stuffed again on the way
 
 

@@ -67,6 +67,7 @@ from .settings import (
     RelayHost,
     RelaySettings,
     Replies,
+    Security,
     SecuritySettings,
     SenderPolicy,
     ServerSettings,
@@ -981,6 +982,14 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise _Refused(f"{json.dumps(text)} is not an IP address or CIDR network") from None
 
 
+def _ip_address(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    text = _string(value).strip()
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise _Refused(f"{json.dumps(text)} is not an IP address") from None
+
+
 _PORT: Final = re.compile(r"[0-9]{1,5}")
 
 
@@ -1207,12 +1216,14 @@ _GENERAL: Final = _table(
     always=["hostname"],
 )
 
+_SECURITY_LEVEL: Final = _choice(*typing.get_args(Security))
+
 _RELAY_HOST: Final = _table(
     RelayHost,
     {
         "host": _scalar(_host),
         "port": _int(1, 65535),
-        "security": _choice("none", "starttls", "tls"),
+        "security": _SECURITY_LEVEL,
         "username": _scalar(_word),
         "password_env": _scalar(_env_name),
     },
@@ -1236,6 +1247,13 @@ _DELIVERY: Final = _table(
         "relay_host": _RELAY_HOST,
         "exceptions": _list(_EXCEPTION, unique="name"),
         "maildir": _scalar(_word),
+        "mx_security": _SECURITY_LEVEL,
+        "mx_port": _int(1, 65535),
+        "tls_ca_file": _scalar(_word),
+        "connect_timeout_seconds": _number(0, above=True),
+        "reply_timeout_seconds": _number(0, above=True),
+        "attempt_timeout_seconds": _number(0, above=True),
+        "our_addresses": _list(_scalar(_ip_address, str)),
     },
     check=_check_delivery,
 )

@@ -283,12 +283,12 @@ def _lists(settings: Settings) -> Iterator[Finding]:
 
 
 def _clear_credentials(key: str, host: RelayHost) -> Iterator[Finding]:
-    if host.username is not None and host.security == "none":
+    if host.username is not None and host.security in ("none", "may"):
         yield Finding(
             "warning",
             f"{key}.security",
-            f'is "none" with username {host.username!r}: the password would cross '
-            'the network in clear; use "starttls" or "tls"',
+            f'is "{host.security}" with username {host.username!r}: the password could '
+            'cross the network in clear; use "verify" or "tls"',
         )
 
 

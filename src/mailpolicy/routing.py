@@ -60,8 +60,10 @@ Direct delivery (RFC 5321 section 5.1, RFC 7505):
 * ``SERVFAIL`` or ``TIMEOUT`` where an answer matters: a temporary error,
   ``451 4.4.3``, never a bounce.
 
-Next hops for MX hosts are port 25 with security ``"none"``: opportunistic
-STARTTLS on the way is the delivery adapter's business, not a routing fact.
+Next hops for MX hosts (and the implicit MX, and address literals) get
+``delivery.mx_port`` (25) and ``delivery.mx_security`` (``"may"``). Their
+addresses are not part of the decision: the delivery adapter resolves each
+host through the same resolver (:mod:`mailpolicy.adapters.nexthops`).
 Relay hosts (mode or exception) are copied as configured: host, port,
 security and the credentials *reference* (user name and the name of the
 environment variable holding the password).
@@ -274,11 +276,15 @@ class _Router:
         self.rng = rng
         self.ours: frozenset[IPAddress] = frozenset(
             ipaddress.ip_address(a) if isinstance(a, str) else a for a in our_addresses
-        )
+        ) | frozenset(settings.delivery.our_addresses)
         self.hostname = settings.general.hostname
         self.local_domains = frozenset(settings.general.local_domains)
         self.missing: set[DnsQuery] = set()
         self._destinations: dict[str, _Hops] = {}
+
+    def _mx_hop(self, host: str) -> NextHop:
+        delivery = self.settings.delivery
+        return NextHop(host, delivery.mx_port, delivery.mx_security)
 
     # -- DNS access ------------------------------------------------------------
 
@@ -410,7 +416,7 @@ class _Router:
             )
         if ip in self.ours:
             return _Hops(f"address literal {domain} is ours", error=_loop(domain))
-        return _Hops(f"address literal {domain}, no MX lookup", hops=(NextHop(str(ip)),))
+        return _Hops(f"address literal {domain}, no MX lookup", hops=(self._mx_hop(str(ip)),))
 
     def _mx(self, domain: str) -> _Hops | None:
         found = self._answers(DnsQuery(domain, RType.MX))
@@ -471,7 +477,7 @@ class _Router:
             ordered.extend(group)
         if shuffled:
             notes.append("equal preferences in random order")
-        return _Hops("; ".join(notes), hops=tuple(NextHop(h) for h in ordered))
+        return _Hops("; ".join(notes), hops=tuple(self._mx_hop(h) for h in ordered))
 
     def _self_by_address(
         self, candidates: list[tuple[int, str]]
@@ -520,7 +526,7 @@ class _Router:
             mine = self._ours_in(a) or self._ours_in(aaaa)
             if mine is not None:
                 return _Hops(f"{why}; {mine} is our address", error=_loop(domain))
-            return _Hops(why, hops=(NextHop(domain),))
+            return _Hops(why, hops=(self._mx_hop(domain),))
         for rtype, res in ((RType.A, a), (RType.AAAA, aaaa)):
             if res.outcome.temporary:
                 return _Hops(

@@ -16,9 +16,10 @@ from typing import Literal
 
 import attrs
 
-from .model import IPNetwork, Networks
+from .model import IPAddress, IPNetwork, Networks
 
 __all__ = [
+    "VERIFIED_SECURITY",
     "Account",
     "AdvancedSettings",
     "ConnectionPolicy",
@@ -32,6 +33,7 @@ __all__ = [
     "RelayHost",
     "RelaySettings",
     "Replies",
+    "Security",
     "SecuritySettings",
     "SenderPolicy",
     "ServerSettings",
@@ -79,6 +81,10 @@ def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
         v if not isinstance(v, str) else ipaddress.ip_network(v.strip(), strict=False)
         for v in values
     )
+
+
+def _ip_tuple(values: Iterable[str | IPAddress]) -> tuple[IPAddress, ...]:
+    return tuple(ipaddress.ip_address(v.strip()) if isinstance(v, str) else v for v in values)
 
 
 def _network_list(values: Iterable[str | IPNetwork]) -> Networks:
@@ -130,7 +136,14 @@ class GeneralSettings:
         return self.banner.replace("$hostname", self.hostname)
 
 
-Security = Literal["none", "starttls", "tls"]
+#: how a next hop's connection is protected: Postfix's TLS security levels
+#: (``none``, ``may``, ``encrypt``, ``verify``, ``secure``), ``starttls`` (the
+#: older name here for ``verify``) and ``tls`` (implicit TLS from the first
+#: byte, verified: Postfix's ``smtp_tls_wrappermode``)
+Security = Literal["none", "may", "encrypt", "verify", "secure", "starttls", "tls"]
+
+#: the levels that check the certificate against the trust store and the name
+VERIFIED_SECURITY: frozenset[str] = frozenset({"verify", "secure", "starttls", "tls"})
 
 
 @attrs.frozen
@@ -165,6 +178,22 @@ class DeliverySettings:
     relay_host: RelayHost | None = None
     exceptions: tuple[DeliveryException, ...] = ()
     maildir: str = "maildir"
+    #: TLS for MX delivery (Postfix's smtp_tls_security_level)
+    mx_security: Security = "may"
+    #: the port MX hosts are reached on (Postfix: a transport next hop ``domain:port``)
+    mx_port: int = 25
+    #: the trust store for verified levels instead of the system's (smtp_tls_CAfile)
+    tls_ca_file: str | None = None
+    #: seconds to set up a TCP connection to one address (smtp_connect_timeout)
+    connect_timeout_seconds: float = 30
+    #: seconds to wait for each reply of a next hop (smtp_helo_timeout, smtp_*_timeout)
+    reply_timeout_seconds: float = 60
+    #: seconds for a whole delivery attempt of one message, every hop
+    #: included; kept below the client's patience at the end of DATA
+    attempt_timeout_seconds: float = 240
+    #: more addresses that are this server (behind NAT or a load balancer), for
+    #: spotting an MX that points back at us (Postfix's proxy_interfaces)
+    our_addresses: tuple[IPAddress, ...] = attrs.field(default=(), converter=_ip_tuple)
 
 
 @attrs.frozen

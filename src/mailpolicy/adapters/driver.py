@@ -11,6 +11,7 @@ optional :class:`SessionObserver` (``serve --capture``) what happened.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import secrets
@@ -70,7 +71,8 @@ class Delivery(Protocol):
     """Where accepted messages go. Return the reply for the end of DATA:
     250 only once the message is safe; 4xx makes the client retry.
 
-    A delivery may also have ``check_recipient(address) -> Reply | None``:
+    A delivery may also have ``check_recipient(address) -> Reply | None``
+    (or an ``async`` one):
     called at RCPT once the policy accepts, it refuses at once an address it
     can never deliver (see :class:`~.gateway.GatewayDelivery`).
     """
@@ -313,7 +315,10 @@ async def run_connection(
                 await _count(conn, event, services)
             elif isinstance(event, NeedRecipientCheck):
                 check = getattr(services.delivery, "check_recipient", None)
-                conn.recipient_checked(None if check is None else check(event.recipient))
+                refusal = None if check is None else check(event.recipient)
+                if inspect.isawaitable(refusal):  # it may ask the DNS
+                    refusal = await refusal
+                conn.recipient_checked(refusal)
             elif isinstance(event, CheckPassword):
                 try:
                     ok = await asyncio.to_thread(policy.check_password, event.user, event.password)

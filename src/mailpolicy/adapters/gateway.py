@@ -16,7 +16,9 @@ What the client is told at the end of DATA (one reply for all recipients):
   ``451``. A message to one recipient needs no ledger (nothing can be half
   done), as with Postfix; only a crash between its delivery and our ``250``
   makes a copy too many (RFC 1047), never a lost one;
-* the rest failed permanently (null MX, no such domain, a next hop's 5xx):
+* the rest failed permanently (a next hop's 5xx; a null MX, a domain that
+  does not exist or an MX that is ourselves are refused at RCPT already by
+  :meth:`GatewayDelivery.check_recipient`, unless the DNS failed then):
   when nothing was delivered, the first permanent reply, and the client
   bounces the message; when some recipients got it, ``250`` (a refusal would
   make the client bounce a message that was partly delivered) and the message
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from .. import routing
 from ..dialogue import Submission
-from ..model import IPAddress, NextHop, Reply, Route, RouteKind
+from ..model import DnsQuery, DnsResult, IPAddress, NextHop, Reply, Route, RouteKind
 from ..settings import Settings
 from .dns import Resolver
 from .ledger import DeliveryLedger, LedgerError, message_digest
@@ -44,7 +46,7 @@ from .maildir import MaildirDelivery, delivery_headers, mailbox_name
 from .relay import relay
 from .routing import resolve_routes
 
-__all__ = ["GatewayDelivery"]
+__all__ = ["MAX_REPLY_LINE", "GatewayDelivery", "fit_reply"]
 
 log = logging.getLogger("mailpolicy.delivery")
 
@@ -66,7 +68,7 @@ class GatewayDelivery:
         state_dir: str | os.PathLike[str] | None = None,
         rng: random.Random | None = None,
         our_addresses: Iterable[str | IPAddress] = (),
-        relay_timeout: float = 60,
+        relay_timeout: float | None = None,
         env: Mapping[str, str] = os.environ,
     ) -> None:
         self.settings = settings
@@ -81,27 +83,69 @@ class GatewayDelivery:
         # process still keeps its promise (digest -> lower-cased targets).
         self._remembered: dict[str, set[str]] = {}
         self.rng = rng or random.Random()
-        self.our_addresses = frozenset(our_addresses)
-        self.relay_timeout = relay_timeout
+        self.our_addresses: frozenset[str | IPAddress] = frozenset(our_addresses)
+        d = settings.delivery
+        #: seconds per reply of a next hop (delivery.reply_timeout_seconds)
+        self.relay_timeout = d.reply_timeout_seconds if relay_timeout is None else relay_timeout
         self.env = env
 
-    def check_recipient(self, recipient: str) -> Reply | None:
-        """Refuse at RCPT a local recipient that can never have a Maildir
-        (an address too long for a folder name), instead of after DATA."""
-        routes = routing.route(self.settings, "", [recipient], {}, rng=self.rng)
+    def add_our_addresses(self, addresses: Iterable[str | IPAddress]) -> None:
+        """More addresses that are this server (``serve`` adds its listeners'):
+        an MX that resolves to one of them is a loop (``554 5.4.6``)."""
+        self.our_addresses = self.our_addresses | frozenset(addresses)
+
+    async def check_recipient(self, recipient: str) -> Reply | None:
+        """Refuse at RCPT what can never be delivered, instead of after DATA:
+        a local recipient that can never have a Maildir (an address too long
+        for a folder name), and a destination the configured DNS already
+        rules out: a null MX (RFC 7505, ``556 5.1.10``, as Postfix's
+        ``reject_unknown_recipient_domain``), a domain that does not exist
+        (``replies.unknown_address``, 450 by default, as Postfix), an MX
+        that is ourselves (``554 5.4.6``). A temporary DNS failure refuses
+        nothing: the delivery decides. With a sender exception configured
+        the DNS is not consulted here (the route may depend on the sender,
+        which this check does not see)."""
+        if any(e.match == "sender" for e in self.settings.delivery.exceptions):
+            routes = routing.route(self.settings, "", [recipient], {}, rng=self.rng)
+        else:
+            routes = await resolve_routes(
+                self.settings, "", [recipient], self.resolver, self.rng, self.our_addresses
+            )
         for r in routes:
             if r.kind is RouteKind.LOCAL and r.mailbox is not None:
                 try:
                     mailbox_name(r.mailbox)
                 except ValueError as e:
                     return Reply(550, "5.1.1", f"<{recipient}>: Recipient address rejected: {e}")
+            elif r.kind is RouteKind.ERROR and r.error is not None and not r.error.temporary:
+                return self._refusal(recipient, r.error)
         return None
+
+    def _refusal(self, recipient: str, error: Reply) -> Reply:
+        prefix = f"<{recipient}>: Recipient address rejected: "
+        if error.enhanced == "5.4.4":
+            # no such domain: Postfix's unknown_address_reject_code (450)
+            code = self.settings.replies.unknown_address
+            enhanced = f"{code // 100}.1.2"
+            return fit_reply(Reply(code, enhanced, prefix + "Domain not found"))
+        return fit_reply(Reply(error.code, error.enhanced, prefix + error.text))
 
     async def deliver(self, submission: Submission) -> Reply:
         s = submission
         digest = message_digest(s.sender, s.content)
+        loop = asyncio.get_running_loop()
+        limit = self.settings.delivery.attempt_timeout_seconds
+        deadline = loop.time() + limit
+        # every answer the decision used; the next hops' addresses reuse them
+        answers: dict[DnsQuery, DnsResult] = {}
         routes = await resolve_routes(
-            self.settings, s.sender, s.recipients, self.resolver, self.rng, self.our_addresses
+            self.settings,
+            s.sender,
+            s.recipients,
+            self.resolver,
+            self.rng,
+            self.our_addresses,
+            answers=answers,
         )
         # A route's target is the address that gets the copy: the recipient,
         # or what an external postmaster rewrote it to (one recipient may
@@ -150,6 +194,7 @@ class GatewayDelivery:
                 s, route.recipient, target, names.get(key), temporary, permanent
             ):
                 delivered.append(target)
+        d = self.settings.delivery
         for hops, rcpts in by_hops.items():
             result = await relay(
                 s.message,
@@ -157,8 +202,14 @@ class GatewayDelivery:
                 rcpts,
                 hops,
                 timeout=self.relay_timeout,
+                connect_timeout=d.connect_timeout_seconds,
+                # the whole attempt, all hops together, stays within the limit
+                time_limit=max(deadline - loop.time(), 0.001),
+                ca_file=d.tls_ca_file,
                 local_hostname=self.settings.general.hostname,
                 env=self.env,
+                resolver=self.resolver,
+                dns=answers,
             )
             delivered += [o.recipient for o in result if o.delivered]
             for o in result:
@@ -263,12 +314,14 @@ class GatewayDelivery:
         if temporary:
             rcpt, reply = temporary[0]
             log.warning("%s: deferred <%s>: %s", s.queue_id, rcpt, reply)
-            return Reply(451, "4.4.0", f"Error: delivery to <{rcpt}> deferred: {reply.text}")
+            text = f"Error: delivery to <{rcpt}> deferred: {_quoted(rcpt, reply.text)}"
+            return fit_reply(Reply(451, "4.4.0", text))
         if permanent and not delivered and not done:
             rcpt, reply = permanent[0]
             log.warning("%s: refused <%s>: %s", s.queue_id, rcpt, reply)
             code = reply.code if 500 <= reply.code < 600 else 550
-            return Reply(code, reply.enhanced or "5.0.0", f"<{rcpt}>: {reply.text}")
+            text = f"<{rcpt}>: {_quoted(rcpt, reply.text)}"
+            return fit_reply(Reply(code, reply.enhanced or "5.0.0", text))
         if permanent:
             await self._keep_undeliverable(s, permanent)
         return Reply(250, "2.0.0", f"Ok: queued as {s.queue_id}")
@@ -284,6 +337,33 @@ class GatewayDelivery:
         )
         for rcpt, reply in failures:
             log.warning("%s: undeliverable to <%s> (%s); kept in %s", s.queue_id, rcpt, reply, box)
+
+
+#: RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, CRLF included
+MAX_REPLY_LINE = 512
+
+
+def fit_reply(reply: Reply) -> Reply:
+    """``reply`` with its text cut (on a character boundary, marked with
+    ``...``) so that ``CODE ENHANCED TEXT<CRLF>`` fits in one 512-octet line.
+    A next hop's text is foreign: it may be long, or several lines joined."""
+    text = " ".join(reply.text.split())  # one line, whatever the hop sent
+    head = len(f"{reply.code} {reply.enhanced} " if reply.enhanced else f"{reply.code} ")
+    room = MAX_REPLY_LINE - head - 2
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) > room:
+        text = raw[: room - 3].decode("utf-8", "ignore") + "..."
+    return Reply(reply.code, reply.enhanced, text)
+
+
+def _quoted(rcpt: str, text: str) -> str:
+    """A next hop's text, quoted once: a hop that is itself a gateway put
+    ``<rcpt>: `` (or our deferral words) in front already; drop them, so a
+    chain of gateways does not repeat them at every level."""
+    for prefix in (f"<{rcpt}>: ", f"Error: delivery to <{rcpt}> deferred: "):
+        while text.lower().startswith(prefix.lower()):
+            text = text[len(prefix) :]
+    return text
 
 
 _LEDGER_DOWN = Reply(451, "4.3.0", "Error: delivery ledger not writable, try again later")

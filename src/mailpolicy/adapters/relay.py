@@ -61,16 +61,31 @@ That choice belongs to the server; this module reports the facts.
 
 Security levels
 ---------------
-``"none"`` means no TLS at all, even if the hop offers STARTTLS (Postfix's
-``smtp_tls_security_level = none``): the setting says what the operator asked
-for, and opportunistic TLS that fails on a broken certificate would turn
-"none" into a delivery failure. ``"starttls"``: STARTTLS is required; a hop
-that does not offer it is a temporary failure. ``"tls"``: implicit TLS from the
-first byte (port 465 style). With TLS the certificate is verified against the
-system trust store and the hop's name, unless ``tls_context`` says otherwise:
-credentials must not be handed to whoever answers. With ``"none"`` AUTH goes in
-the clear if the hop allows it; choose ``"starttls"`` or ``"tls"`` for a hop
-that needs a password.
+A hop's ``security`` is one of Postfix's TLS levels (docs/settings.md):
+``"none"`` means no TLS at all, even if the hop offers STARTTLS: the
+setting says what the operator asked for. ``"may"``: STARTTLS when offered,
+the certificate not checked; a failed handshake is tried once more on a new
+connection without TLS, as Postfix does. ``"encrypt"``: STARTTLS required,
+not checked. ``"verify"``, ``"secure"`` and ``"starttls"``: STARTTLS
+required, and the certificate verified against ``ca_file`` (else the system
+trust store) and the hop's *host name* (not the address connected to), unless
+``tls_context`` says otherwise: credentials must not be handed to whoever
+answers. ``"tls"``: implicit TLS from the first byte (port 465 style),
+verified. A hop that does not offer STARTTLS where it is required is
+temporary (``4.7.4``); a failed handshake is temporary (``4.7.5``) with the
+reason (an untrusted certificate, a name that does not match) in the reply
+and the log. AUTH goes in the clear with ``"none"`` or ``"may"`` if the hop
+allows it; choose a verified level for a hop that needs a password.
+
+Addresses and time limits
+-------------------------
+With a ``resolver`` each hop's host name is resolved through it (A, then
+AAAA: :mod:`.nexthops`) and every address is tried in order, each as its own
+connection, before the next hop; the operating system's resolver is never
+asked. Without one, aiosmtplib connects by name (for library callers).
+``connect_timeout`` bounds setting up one TCP connection, ``timeout`` each
+reply (the TLS handshake included) and ``time_limit`` the whole call: when it
+runs out the recipients still pending are temporary (``4.4.7``).
 
 Passwords
 ---------
@@ -83,18 +98,24 @@ whose text names the variable.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import re
+import socket
 import ssl
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import typing
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Literal
 
 import aiosmtplib
 import attrs
 
-from ..model import NextHop, Reply
+from ..model import DnsQuery, DnsResult, NextHop, Reply
+from ..settings import VERIFIED_SECURITY, Security
+from .dns import Resolver
+from .nexthops import HopAddresses, resolve_hops
 
 __all__ = [
     "RecipientOutcome",
@@ -199,16 +220,25 @@ async def relay(
     local_hostname: str | None = None,
     tls_context: ssl.SSLContext | None = None,
     env: Mapping[str, str] = os.environ,
+    resolver: Resolver | None = None,
+    dns: MutableMapping[DnsQuery, DnsResult] | None = None,
+    connect_timeout: float | None = None,
+    time_limit: float | None = None,
+    ca_file: str | None = None,
 ) -> RelayResult:
     """Send ``message`` from ``sender`` to ``recipients`` through ``next_hops``.
 
     Hops are tried in order, each with the recipients still pending (see the
-    module documentation for what is pending). ``sender`` is the envelope
-    sender without angle brackets (``""`` for the null sender). ``timeout`` is
-    the limit for connecting and for each reply, the one to the end of DATA
-    included. ``local_hostname`` is our EHLO name (default: this machine's
-    FQDN). ``tls_context`` replaces the default, verifying, client context
-    for hops with ``"starttls"`` or ``"tls"``. Passwords are read from ``env``.
+    module documentation for what is pending), and with a ``resolver`` each
+    address of each hop in order. ``sender`` is the envelope sender without
+    angle brackets (``""`` for the null sender). ``timeout`` is the limit for
+    each reply, the one to the end of DATA included; ``connect_timeout``
+    (default: ``timeout``) for setting up one connection; ``time_limit``
+    (default: none) for the whole call. ``local_hostname`` is our EHLO name
+    (default: this machine's FQDN). ``tls_context`` replaces the default,
+    verifying, client context of the verified levels; ``ca_file`` replaces
+    the system trust store in it. Passwords are read from ``env``. ``dns``
+    seeds the resolver's answers and receives the new ones.
 
     Duplicate recipients are relayed once. An empty ``next_hops`` makes every
     recipient temporary (``451 4.3.5``): a routing mistake must not bounce mail.
@@ -218,18 +248,82 @@ async def relay(
         raise ValueError("relay needs at least one recipient")
     order = list(dict.fromkeys(recipients))
     final: dict[str, RecipientOutcome] = {}
-    pending = order
     if not next_hops:
         reply = Reply(451, "4.3.5", "no next hop to relay to")
         return RelayResult(RecipientOutcome(r, TEMPORARY, reply, None) for r in order)
-    for hop in next_hops:
-        attempt = _Attempt(hop, message, sender, pending, timeout, local_hostname, tls_context)
-        outcomes = await attempt.run(env)
-        final.update(outcomes)
-        pending = [r for r in pending if outcomes[r].temporary]
-        if not pending:
-            break
+    limits = _Limits(
+        timeout,
+        timeout if connect_timeout is None else connect_timeout,
+        local_hostname,
+        tls_context,
+        ca_file,
+    )
+    last: list[NextHop] = []
+    try:
+        async with asyncio.timeout(time_limit):
+            await _each_hop(
+                message, sender, order, next_hops, limits, env, resolver, dns, final, last
+            )
+    except TimeoutError:
+        reply = Reply(451, "4.4.7", "delivery attempt reached its time limit, try again later")
+        hop = last[-1] if last else None
+        for r in order:
+            if r not in final or final[r].temporary:
+                final[r] = RecipientOutcome(r, TEMPORARY, reply, hop)
+        log.warning("relay: %s", reply)
     return RelayResult(final[r] for r in order)
+
+
+@attrs.frozen
+class _Limits:
+    """How every attempt of one :func:`relay` call behaves."""
+
+    timeout: float
+    connect_timeout: float
+    local_hostname: str | None
+    tls_context: ssl.SSLContext | None
+    ca_file: str | None
+
+
+async def _each_hop(
+    message: bytes,
+    sender: str,
+    order: list[str],
+    next_hops: Sequence[NextHop],
+    limits: _Limits,
+    env: Mapping[str, str],
+    resolver: Resolver | None,
+    dns: MutableMapping[DnsQuery, DnsResult] | None,
+    final: dict[str, RecipientOutcome],
+    last: list[NextHop],
+) -> None:
+    """Fill ``final`` hop by hop, address by address (``last``: the hop tried last)."""
+    pending = order
+    if resolver is None:
+        targets = [HopAddresses(hop, (hop.host,)) for hop in next_hops]
+    else:
+        targets = list(await resolve_hops(next_hops, resolver, dns))
+    for target in targets:
+        last.append(target.hop)
+        if target.error is not None:
+            log.info("relay via %s: %s", _hop_name(target.hop), target.error)
+            for r in pending:
+                final[r] = RecipientOutcome(r, TEMPORARY, target.error, target.hop)
+            continue
+        for address in target.addresses:
+            connect_to = None if resolver is None else address
+            attempt = _Attempt(target.hop, connect_to, message, sender, pending, limits)
+            outcomes = await attempt.run(env)
+            if attempt.retry_plain:
+                # "may": a failed handshake is retried without TLS
+                attempt = _Attempt(
+                    target.hop, connect_to, message, sender, pending, limits, plain=True
+                )
+                outcomes = await attempt.run(env)
+            final.update(outcomes)
+            pending = [r for r in pending if outcomes[r].temporary]
+            if not pending:
+                return
 
 
 # ---------------------------------------------------------------------------
@@ -256,38 +350,69 @@ def _reply_from(code: int, message: str) -> Reply:
     return Reply(code, enhanced, " ".join(lines))
 
 
-def _hop_name(hop: NextHop) -> str:
+def _hop_name(hop: NextHop, address: str | None = None) -> str:
+    """``host:port``, or Postfix's ``host[address]:port`` when connecting to an address."""
+    if address is not None and address != hop.host:
+        return f"{hop.host}[{address}]:{hop.port}"
     host = f"[{hop.host}]" if ":" in hop.host else hop.host
     return f"{host}:{hop.port}"
 
 
 @functools.cache
-def _default_tls_context() -> ssl.SSLContext:
-    # Built once: loading the system trust store is not free, and an
-    # SSLContext is safe to share between connections.
-    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    # Built once per trust store: loading one is not free, and an SSLContext
+    # is safe to share between connections.
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+
+
+@functools.cache
+def _unverified_context() -> ssl.SSLContext:
+    # "may" and "encrypt": encryption without authentication, as Postfix's
+    # levels of those names (a passive eavesdropper learns nothing).
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """Why a handshake failed, in words: an untrusted certificate and a
+    name that does not match must not read the same."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    return str(exc.reason or exc)
+
+
+class _TlsFailed(Exception):
+    """A STARTTLS handshake failed (``__cause__`` says why)."""
 
 
 class _Attempt:
-    """One SMTP transaction with one hop, for the recipients still pending."""
+    """One SMTP transaction with one hop (at one address), for the recipients
+    still pending."""
 
     def __init__(
         self,
         hop: NextHop,
+        address: str | None,
         message: bytes,
         sender: str,
         recipients: Sequence[str],
-        timeout: float,
-        local_hostname: str | None,
-        tls_context: ssl.SSLContext | None,
+        limits: _Limits,
+        *,
+        plain: bool = False,
     ) -> None:
         self.hop = hop
+        self.address = address
         self.message = message
         self.sender = sender
         self.recipients = recipients
-        self.timeout = timeout
-        self.local_hostname = local_hostname
-        self.tls_context = tls_context
+        self.limits = limits
+        #: a "may" hop tried again without TLS
+        self.plain = plain
+        #: set when a "may" handshake failed: the caller tries once more, plain
+        self.retry_plain = False
+        self.name = _hop_name(hop, address)
         self.results: dict[str, RecipientOutcome] = {}
         self.stage = "connecting"
 
@@ -300,8 +425,9 @@ class _Attempt:
             if recipient not in self.results:
                 self._set(recipient, status, reply)
         log.info(
-            "relay via %s %s while %s: %s",
-            _hop_name(self.hop),
+            "relay via %s (security %s) %s while %s: %s",
+            self.name,
+            self.hop.security,
             status,
             self.stage,
             reply,
@@ -311,9 +437,23 @@ class _Attempt:
     def _local_failure(self, enhanced: str, text: str) -> dict[str, RecipientOutcome]:
         return self._rest(TEMPORARY, Reply(451, enhanced, text))
 
+    async def _connect(self) -> socket.socket:
+        """A TCP connection to ``address``, within the connect time limit."""
+        assert self.address is not None
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (self.address, self.hop.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     async def run(self, env: Mapping[str, str]) -> dict[str, RecipientOutcome]:
         hop = self.hop
-        name = _hop_name(hop)
+        name = self.name
         password: str | None = None
         if hop.username is not None:
             if hop.password_env is None:
@@ -327,18 +467,33 @@ class _Attempt:
                     f"password for {hop.username} at {name}: "
                     f"environment variable {hop.password_env} is not set",
                 )
-        if hop.security not in ("none", "starttls", "tls"):
+        if hop.security not in typing.get_args(Security):
             return self._local_failure("4.3.5", f"unknown security {hop.security!r} for {name}")
 
         use_tls = hop.security == "tls"
         context = None
-        if hop.security != "none":
-            context = self.tls_context or _default_tls_context()
+        if hop.security in VERIFIED_SECURITY:
+            context = self.limits.tls_context or _verifying_context(self.limits.ca_file)
+        elif hop.security in ("may", "encrypt"):
+            context = _unverified_context()
+        sock: socket.socket | None = None
+        if self.address is not None:
+            try:
+                sock = await self._connect()
+            except TimeoutError:
+                return self._local_failure(
+                    "4.4.1",
+                    f"connect to {name}: timed out after {self.limits.connect_timeout:g} s",
+                )
+            except OSError as exc:
+                return self._local_failure("4.4.1", f"connect to {name}: {exc.strerror or exc}")
         client = aiosmtplib.SMTP(
+            # the host name, not the address: TLS checks the certificate against it
             hostname=hop.host,
-            port=hop.port,
-            local_hostname=self.local_hostname,
-            timeout=self.timeout,
+            port=None if sock is not None else hop.port,
+            sock=sock,
+            local_hostname=self.limits.local_hostname,
+            timeout=self.limits.timeout,
             use_tls=use_tls,
             # Never on connect, not even opportunistically: _converse sends
             # STARTTLS itself when the hop's security asks for it.
@@ -359,9 +514,24 @@ class _Attempt:
         self, client: aiosmtplib.SMTP, password: str | None
     ) -> dict[str, RecipientOutcome]:
         """:meth:`_converse`, with every failure of the hop turned into outcomes."""
-        name = _hop_name(self.hop)
+        name = self.name
+        level = self.hop.security
         try:
             return await self._converse(client, password)
+        except _TlsFailed as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ssl.SSLError):
+                reason = _tls_reason(cause)
+            elif isinstance(cause, aiosmtplib.SMTPResponseException):
+                reason = f"{cause.code} {cause.message}"
+            else:
+                reason = f"{type(cause).__name__}: {cause} while {self.stage}"
+            if level == "may" and not self.plain:
+                self.retry_plain = True
+                log.info("relay via %s: TLS failed (%s), trying again without TLS", name, reason)
+            return self._local_failure(
+                "4.7.5", f"TLS with {name} failed (security {level}): {reason}"
+            )
         except aiosmtplib.SMTPAuthenticationError as exc:
             # The server's words only: aiosmtplib never echoes the secret.
             return self._local_failure(
@@ -377,7 +547,8 @@ class _Attempt:
         except aiosmtplib.SMTPConnectError as exc:
             if isinstance(exc.__cause__, ssl.SSLError):
                 return self._local_failure(
-                    "4.7.5", f"TLS with {name} failed: {exc.__cause__.reason or exc.__cause__}"
+                    "4.7.5",
+                    f"TLS with {name} failed (security {level}): {_tls_reason(exc.__cause__)}",
                 )
             return self._local_failure("4.4.1", f"connect to {name}: {exc.message}")
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
@@ -389,7 +560,9 @@ class _Attempt:
                 "4.4.2", f"conversation with {name} timed out while {self.stage}"
             )
         except ssl.SSLError as exc:
-            return self._local_failure("4.7.5", f"TLS with {name} failed: {exc.reason or exc}")
+            return self._local_failure(
+                "4.7.5", f"TLS with {name} failed (security {level}): {_tls_reason(exc)}"
+            )
         except aiosmtplib.SMTPException as exc:
             return self._local_failure("4.4.0", f"{name} while {self.stage}: {exc.message}")
         except OSError as exc:
@@ -399,21 +572,34 @@ class _Attempt:
         self, client: aiosmtplib.SMTP, password: str | None
     ) -> dict[str, RecipientOutcome]:
         hop = self.hop
-        name = _hop_name(hop)
+        name = self.name
         self.stage = "connecting"
         await client.connect()
         self.stage = "sending EHLO"
         await _ehlo(client)
-        if hop.security == "starttls":
-            if not client.supports_extension("starttls"):
-                return self._local_failure(
-                    "4.7.4", f"TLS is required, but was not offered by {name}"
-                )
+        required = hop.security in ("encrypt", "verify", "secure", "starttls")
+        wanted = required or (hop.security == "may" and not self.plain)
+        if wanted and client.supports_extension("starttls"):
             self.stage = "starting TLS"
-            await client.starttls(server_hostname=hop.host)
-            # RFC 3207: forget what was learnt before TLS, and ask again.
-            self.stage = "sending EHLO"
-            await _ehlo(client)
+            try:
+                await client.starttls(server_hostname=hop.host)
+                # RFC 3207: forget what was learnt before TLS, and ask again.
+                # (With TLS 1.3 a hop that dislikes the handshake says so only
+                # now, by hanging up: still a failed TLS set-up.)
+                self.stage = "sending EHLO after STARTTLS"
+                await _ehlo(client)
+            except (
+                ssl.SSLError,
+                aiosmtplib.SMTPServerDisconnected,
+                aiosmtplib.SMTPResponseException,
+                ConnectionError,
+            ) as exc:
+                raise _TlsFailed() from exc
+        elif required:
+            return self._local_failure(
+                "4.7.4",
+                f"TLS is required (security {hop.security}), but was not offered by {name}",
+            )
         if password is not None and hop.username is not None:
             self.stage = "authenticating"
             if not client.supports_extension("auth"):

@@ -27,6 +27,7 @@ from ..policy import Policy
 from ..settings import Settings
 from .dns import Resolver
 from .driver import AcceptAllDelivery, Delivery, Services, SessionObserver
+from .interfaces import listening_addresses
 from .state import MemoryStore, StateStore
 from .transport import SmtpProtocol
 
@@ -232,6 +233,11 @@ class MailServer:
                     if self.tls
                     else "plain",
                 )
+        # A delivery that routes mail must know where we listen: an MX that
+        # points at one of these addresses is a loop (554 5.4.6).
+        add = getattr(self.delivery, "add_our_addresses", None)
+        if add is not None:
+            add(listening_addresses(addr for _, addr in self.bound))
 
     async def _accept(self, sock: socket.socket, listener: Listener) -> None:
         """Our own accept loop (public asyncio API only): it stops taking

@@ -3,16 +3,25 @@ the facts the policy judges (pure functions of bytes)."""
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
+import ipaddress
 from email.utils import formatdate
 
 import attrs
 
-from ..model import MessageFacts, Session
+from ..addresses import is_valid_hostname
+from ..model import DnsQuery, MessageFacts, RType, Session
 from ..settings import GeneralSettings
 
-__all__ = ["DataReader", "header_safe", "message_facts", "received_header"]
+__all__ = [
+    "DataReader",
+    "header_safe",
+    "message_facts",
+    "received_header",
+    "verified_client_name",
+]
 
 _END = b"\r\n.\r\n"
 
@@ -121,20 +130,46 @@ def header_safe(text: str) -> str:
     return cleaned.translate(_NEUTER)
 
 
+def verified_client_name(session: Session) -> str:
+    """The client's forward-confirmed name from the DNS answers the session
+    already gathered (PTR, then A/AAAA of that name listing the address), as
+    Postfix puts it in ``Received:``; ``unknown`` when there is none or it
+    was never looked up (no DNS question is asked for a header)."""
+    ip = session.client_ip
+    text = str(ip)
+    ptr = session.dns.get(DnsQuery.of(text, RType.PTR))
+    if ptr is None or not ptr.found:
+        return "unknown"
+    name = ptr.records[0].lower().rstrip(".")
+    if not is_valid_hostname(name):
+        return "unknown"
+    fwd = session.dns.get(DnsQuery.of(name, RType.A if ip.version == 4 else RType.AAAA))
+    if fwd is None or not fwd.found:
+        return "unknown"
+    for record in fwd.records:
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(record.strip()) == ip:
+                return header_safe(name)
+    return "unknown"
+
+
 def received_header(
     session: Session, hostname: str, rcpts: tuple[str, ...], queue_id: str, now: float
 ) -> bytes:
-    """Our ``Received:`` header, as Postfix words it."""
+    """Our ``Received:`` header, as Postfix words it: ``from HELO (NAME
+    [IP])`` with the verified client name or ``unknown``, and a numeric zone
+    (``+0000 (UTC)``)."""
     helo = header_safe(session.helo or "unknown")
     proto = "ESMTP" if session.esmtp else "SMTP"
     if session.tls:
         proto += "S"
     if session.auth_user is not None:
         proto += "A"
-    date = formatdate(now, localtime=False)
+    date = formatdate(now, localtime=False, usegmt=False).replace("-0000", "+0000") + " (UTC)"
     for_part = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+    name = verified_client_name(session)
     text = (
-        f"Received: from {helo} ([{session.client_ip}])\r\n"
+        f"Received: from {helo} ({name} [{session.client_ip}])\r\n"
         f"\tby {hostname} (mailpolicy) with {proto} id {queue_id}{for_part};"
         f" {date}\r\n"
     )
