@@ -114,6 +114,9 @@ class GeneralSettings:
     disable_auto_forwarding: bool = False
     external_postmasters: tuple[str, ...] = attrs.field(default=(), converter=_lower)
     smtp_auth: SmtpAuthSettings = SmtpAuthSettings()
+    #: observe every observable rule: log and count what it would refuse,
+    #: refuse nothing (relay control and the protocol are never observed)
+    observe: bool = False
 
     @property
     def max_message_size(self) -> int:
@@ -193,6 +196,8 @@ class ListRule:
     helo: tuple[str, ...] = attrs.field(default=(), converter=_domains)
     sender: tuple[str, ...] = attrs.field(default=(), converter=_lower)
     recipient: tuple[str, ...] = attrs.field(default=(), converter=_lower)
+    #: log and count what this rule would refuse, without refusing
+    observe: bool = False
 
     def criteria(self) -> tuple[str, ...]:
         """The names of the criteria this rule uses, in Postfix's order."""
@@ -210,6 +215,7 @@ class SenderPolicy:
     reject_non_fqdn_sender: bool = False
     reject_unknown_sender_domain: bool = False
     reject_unauthenticated_local_sender: bool = False
+    observe: bool = False
 
 
 @attrs.frozen
@@ -223,6 +229,15 @@ class ConnectionPolicy:
     max_message_rate_per_client: int = 0
     max_recipient_rate_per_client: int = 0
     rate_window_seconds: int = 60
+    #: messages (MAIL) / recipients (RCPT) per window per SASL login, per
+    #: sender domain, per recipient domain, and for the whole server (0: off)
+    max_message_rate_per_user: int = 0
+    max_recipient_rate_per_user: int = 0
+    max_message_rate_per_sender_domain: int = 0
+    max_recipient_rate_per_recipient_domain: int = 0
+    max_message_rate_global: int = 0
+    max_recipient_rate_global: int = 0
+    observe: bool = False
 
 
 @attrs.frozen
@@ -254,6 +269,7 @@ class AdvancedSettings:
     reject_unknown_recipient_domain: bool = False
     disable_vrfy: bool = True
     dnsbl: tuple[DnsblZone, ...] = ()
+    observe: bool = False
 
 
 @attrs.frozen

@@ -15,7 +15,24 @@ import sys
 from collections.abc import Sequence
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMANDS: tuple[str, ...] = ("serve", "replay", "diff", "check", "route", "hash_password")
+COMMANDS: tuple[str, ...] = (
+    "serve",
+    "reload",
+    "replay",
+    "diff",
+    "check",
+    "route",
+    "hash_password",
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mailpolicy")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mailpolicy",
         description="SMTP policy decisions that answer like Postfix.",
     )
+    parser.add_argument("--version", action="version", version=f"mailpolicy {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

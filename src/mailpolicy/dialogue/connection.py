@@ -71,6 +71,7 @@ from .events import (
     NeedRecipientCheck,
     NeedSpooled,
     NeedStamp,
+    Observed,
     ReplyRecord,
     Send,
     Spool,
@@ -100,6 +101,8 @@ COMMAND_LINE_LIMIT: Final = 1001
 SASL_LINE_LIMIT: Final = 12288
 #: rounds of DNS questions for one decision (the PTR, then its forward name)
 MAX_DNS_ROUNDS: Final = 4
+#: counter kinds counted per NeedCount.key (login, domain, "*"), not per client
+_KEYED: Final = ("user_", "sender_domain_", "recipient_domain_", "global_")
 #: commands after which RFC 2920 forbids sending more before the reply
 LAST_IN_GROUP: Final = frozenset(
     {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP", "AUTH", "STARTTLS"}
@@ -388,25 +391,44 @@ class Connection:
             for _ in range(MAX_DNS_ROUNDS):
                 result = decide(self.policy, self.session, envelope, self.memo)
                 if isinstance(result, Verdict):
-                    return result
+                    break
                 answers = yield NeedDns(result.queries)
                 self.session = self.session.with_dns(answers)
-            return evaluate(self.policy, self.session, envelope, self.memo)
+            else:
+                result = evaluate(self.policy, self.session, envelope, self.memo)
+            if result.observed:
+                yield Observed(envelope.stage, result)
+            return result
         except HostFailure as e:
             why = Evidence("dns", "resolver failed", matched=str(e))
         except Exception as e:  # a bug must defer, never accept
             why = Evidence("error", f"{type(e).__name__}: {e}")
         return Verdict(Action.DEFER, R.TEMP_FAILURE, "internal.error", (why,))
 
-    def _count(self, kind: str, stage: Stage) -> Generator[Event, Any, int]:
-        """Count ``kind`` when the policy judges it at ``stage`` (else 0).
-        Raises HostFailure when the store fails."""
-        field = "message_rate" if kind == "message" else "recipient_rate"
-        if field not in self.policy.counters(stage):
-            return 0
+    def _count(self, stage: Stage, keys: Mapping[str, str | None]) -> Generator[Event, Any, None]:
+        """Count what the policy judges at ``stage`` (``keys``: each counter
+        kind and what it is counted for; None: not counted, e.g. no login)
+        and put the counts in the session's counters. Raises HostFailure
+        when the store fails."""
+        wanted = self.policy.counters(stage)
+        if not wanted:
+            return
         window = self.policy.settings.security.connection_policy.rate_window_seconds
-        value = yield NeedCount(kind, str(self.session.client_ip), window)  # type: ignore[arg-type]
-        return int(value)
+        client = str(self.session.client_ip)
+        counts: dict[str, int] = {}
+        for kind, key in keys.items():
+            field = f"{kind}_rate"
+            if field not in wanted:
+                continue
+            if key is None:  # nothing to count for (no login, the null sender)
+                counts[field] = 0
+                continue
+            keyed = key if kind.startswith(_KEYED) else None
+            need = NeedCount(kind, client, window, key=keyed)  # type: ignore[arg-type]
+            counts[field] = int((yield need))
+        if counts:
+            counters = attrs.evolve(self.session.counters, **counts)
+            self.session = attrs.evolve(self.session, counters=counters)
 
     def _refuse(self, stage: Stage, verdict: Verdict, **facts: object) -> Steps:
         yield Decided(stage, verdict, facts)
@@ -699,21 +721,25 @@ class Connection:
         if refused is not None:
             yield from self._say(refused)
             return
+        client = str(self.session.client_ip)
+        keys = {
+            "message": client,
+            "user_message": self.session.auth_user,
+            "sender_domain_message": address.domain or None,
+            "global_message": "*",
+        }
         try:
-            rate = yield from self._count("message", Stage.MAIL)
+            yield from self._count(Stage.MAIL, keys)
         except HostFailure:
             yield from self._say(R.TEMP_FAILURE)
             return
-        if rate:
-            counters = attrs.evolve(self.session.counters, message_rate=rate)
-            self.session = attrs.evolve(self.session, counters=counters)
         sender = address.written
         verdict = yield from self._judge(Envelope(Stage.MAIL, sender=sender, declared_size=size))
         if verdict.action.refuses:
             yield from self._refuse(Stage.MAIL, verdict, sender=sender)
             return
         self._tx = _Transaction(sender, "SMTPUTF8" in params, size)
-        yield from self._say(R.OK_MAIL, verdict if verdict.rule else None)
+        yield from self._say(R.OK_MAIL, verdict if verdict.rule or verdict.observed else None)
 
     def cmd_rcpt(self, arg: str) -> Steps:
         refused = self._out_of_sequence("RCPT")
@@ -730,14 +756,18 @@ class Connection:
         if refused is not None:
             yield from self._say(refused)
             return
+        client = str(self.session.client_ip)
+        keys = {
+            "recipient": client,
+            "user_recipient": self.session.auth_user,
+            "recipient_domain_recipient": address.domain or None,
+            "global_recipient": "*",
+        }
         try:
-            rate = yield from self._count("recipient", Stage.RCPT)
+            yield from self._count(Stage.RCPT, keys)
         except HostFailure:
             yield from self._say(R.TEMP_FAILURE)
             return
-        if rate:
-            counters = attrs.evolve(self.session.counters, recipient_rate=rate)
-            self.session = attrs.evolve(self.session, counters=counters)
         rcpt = address.written
         envelope = Envelope(
             Stage.RCPT,
@@ -773,7 +803,7 @@ class Connection:
                 yield from self._refuse(Stage.RCPT, refused_by, sender=tx.sender, recipient=rcpt)
                 return
         tx.rcpts.append(rcpt)
-        yield from self._say(R.OK_RCPT, verdict if verdict.rule else None)
+        yield from self._say(R.OK_RCPT, verdict if verdict.rule or verdict.observed else None)
 
     def cmd_data(self, arg: str) -> Steps:
         if arg:
