@@ -48,6 +48,7 @@ from .model import (
 from .policy import Policy
 from .rules import Decision, NeedDns, Outcome, Scope, Step
 from .rules.context import Context
+from .settings import reply_text
 
 __all__ = ["Lookups", "Memo", "decide", "decide_with", "evaluate", "lookups"]
 
@@ -200,7 +201,7 @@ def _walk(
     pending: Decision | None = None
     white: Decision | None = None
     seen: list[Decision] | None = None
-    observed = policy.observed
+    observed, texts = policy.observed, policy.texts
     discard = envelope.discard
     for chain in policy.chains[envelope.stage]:
         if discard is not None and chain.restriction:
@@ -237,12 +238,16 @@ def _walk(
                 break
             if step.observe and outcome is not _ACCEPT and d.rule in observed:
                 # observe mode: remembered, and the walk goes on as if it passed
+                if d.rule in texts:
+                    d = _reworded(d, texts[d.rule])
                 if seen is None:
                     seen = [d]
                 else:
                     seen.append(d)
                 continue
             if outcome is _DEFER_IF_PERMIT:
+                if pending is None and d.rule in texts:
+                    d = _reworded(d, texts[d.rule])
                 pending = pending or d
                 continue
             if need is not None:
@@ -251,10 +256,19 @@ def _walk(
                 return need
             if outcome is _ACCEPT:
                 return _accept(pending, None, seen)
+            if d.rule in texts:
+                d = _reworded(d, texts[d.rule])
             return _verdict(_FINAL[outcome], d, seen)
     if need is not None:
         return need
     return _accept(pending, white, seen)
+
+
+def _reworded(d: Decision, text: str) -> Decision:
+    """``d`` with its table's ``text`` override (codes unchanged)."""
+    if d.reply is None:
+        return d
+    return attrs.evolve(d, reply=attrs.evolve(d.reply, text=reply_text(d.reply.text, text)))
 
 
 def _observed(seen: list[Decision] | None) -> tuple[Verdict, ...]:

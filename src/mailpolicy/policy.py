@@ -458,6 +458,17 @@ class _Compiled:
     chains: dict[Stage, tuple[Chain, ...]]
     counters: dict[Stage, frozenset[str]]
     observed: frozenset[str]
+    texts: dict[str, str]
+
+
+def _texts(b: _Build, row: Row) -> str | None:
+    """The ``text`` override for ``row`` in its table, if any."""
+    table, _, name = row.key.rpartition(".")
+    pairs = getattr(_setting(b.settings, table), "text", ())
+    for key, text in pairs if isinstance(pairs, tuple) else ():
+        if key == name:
+            return str(text)
+    return None
 
 
 def _compile(b: _Build) -> _Compiled:
@@ -465,6 +476,7 @@ def _compile(b: _Build) -> _Compiled:
     restriction: dict[tuple[Stage, str], bool] = {}
     counters: dict[Stage, set[str]] = {stage: set() for stage in Stage}
     observed: set[str] = set()
+    texts: dict[str, str] = {}
     slot = 0
     for row in TABLE:
         if restriction.setdefault((row.stage, row.chain), row.restriction) != row.restriction:
@@ -475,6 +487,9 @@ def _compile(b: _Build) -> _Compiled:
         rules = built if isinstance(built, tuple) else (built,)
         names = _observed_names(b, row, rules)
         observed |= names
+        text = _texts(b, row)
+        if text is not None:
+            texts.update((rule.name, text) for rule in rules)
         steps = grouped[row.stage].setdefault(row.chain, [])
         for rule in rules:
             steps.append(Step(rule, row.scope, row.white, slot, observe=bool(names)))
@@ -491,6 +506,7 @@ def _compile(b: _Build) -> _Compiled:
         },
         {stage: frozenset(names) for stage, names in counters.items()},
         frozenset(observed),
+        texts,
     )
 
 
@@ -511,6 +527,8 @@ class Policy:
     #: the rules (decision names: settings keys, ``security.lists.NAME``)
     #: in observe mode: what they would refuse is logged, counted and let by
     observed: frozenset[str] = frozenset()
+    #: reply texts by rule name (the tables' ``text`` overrides)
+    texts: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
     def counters(self, stage: Stage) -> frozenset[str]:
         """The :class:`~mailpolicy.model.Counters` fields the enabled rules of
@@ -588,4 +606,5 @@ def compile_policy(settings: Settings) -> Policy:
         passwords,
         MappingProxyType(compiled.counters),
         compiled.observed,
+        MappingProxyType(compiled.texts),
     )

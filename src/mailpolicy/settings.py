@@ -38,6 +38,7 @@ __all__ = [
     "Settings",
     "SmtpAuthSettings",
     "normalize_domain",
+    "reply_text",
 ]
 
 MIB = 1_048_576
@@ -81,6 +82,26 @@ def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
     )
 
 
+def _texts(values: Iterable[tuple[str, str]] | dict[str, str]) -> tuple[tuple[str, str], ...]:
+    # a mapping, kept as pairs so that settings stay hashable
+    return tuple(values.items()) if isinstance(values, dict) else tuple(values)
+
+
+def reply_text(original: str, override: str) -> str:
+    """A refusal's text with a table's ``text`` override: Postfix's
+    ``<address>: Sender address rejected:`` (any ``... rejected:``) prefix
+    is kept, as for an access map's REJECT text, and so is a leading
+    ``<address>:``; the rest is replaced."""
+    head, sep, _ = original.partition(" rejected: ")
+    if sep:
+        return f"{head}{sep}{override}"
+    if original.startswith("<"):
+        address, sep, _ = original.partition(">: ")
+        if sep:
+            return f"{address}{sep}{override}"
+    return override
+
+
 def _network_list(values: Iterable[str | IPNetwork]) -> Networks:
     return Networks.of(values)
 
@@ -96,6 +117,9 @@ class SmtpAuthSettings:
     )
     sender_must_match_login: bool = False
     no_plaintext_without_tls: bool = True
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -114,6 +138,9 @@ class GeneralSettings:
     disable_auto_forwarding: bool = False
     external_postmasters: tuple[str, ...] = attrs.field(default=(), converter=_lower)
     smtp_auth: SmtpAuthSettings = SmtpAuthSettings()
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
     #: observe every observable rule: log and count what it would refuse,
     #: refuse nothing (relay control and the protocol are never observed)
     observe: bool = False
@@ -176,6 +203,9 @@ class RelaySettings:
 
     trusted_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
     inbound_domains: tuple[str, ...] = attrs.field(default=(), converter=_domains)
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -216,6 +246,9 @@ class SenderPolicy:
     reject_unknown_sender_domain: bool = False
     reject_unauthenticated_local_sender: bool = False
     observe: bool = False
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -238,6 +271,9 @@ class ConnectionPolicy:
     max_message_rate_global: int = 0
     max_recipient_rate_global: int = 0
     observe: bool = False
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -270,6 +306,9 @@ class AdvancedSettings:
     disable_vrfy: bool = True
     dnsbl: tuple[DnsblZone, ...] = ()
     observe: bool = False
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
