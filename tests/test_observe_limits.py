@@ -313,3 +313,42 @@ def test_accounts_helper_still_builds_a_policy() -> None:
     assert "user_recipient_rate" in policy.counters(Stage.RCPT)
     verdict = judge(policy, rcpt("r@example.com"))
     assert verdict.action is Action.ACCEPT
+
+
+def test_rates_to_count_keys_each_count_on_what_it_limits() -> None:
+    from mailpolicy import RateCount, rates_to_count
+
+    policy = make_policy(
+        _limits(
+            max_message_rate_per_client=5,
+            max_message_rate_per_user=5,
+            max_message_rate_per_sender_domain=5,
+            max_message_rate_global=5,
+        )
+    )
+    sess = session(auth_user="alice")
+    assert rates_to_count(policy, Stage.MAIL, sess, "a@Mail.Example.") == [
+        RateCount("message", str(sess.client_ip), "message_rate"),
+        RateCount("user_message", "alice", "user_message_rate"),
+        RateCount("sender_domain_message", "mail.example", "sender_domain_message_rate"),
+        RateCount("global_message", "*", "global_message_rate"),
+    ]
+    # no login, the null sender: nothing to count them for
+    assert [r.key for r in rates_to_count(policy, Stage.MAIL, session(), "")][1:3] == [None, None]
+    assert rates_to_count(policy, Stage.RCPT, sess, "r@example.com") == []
+
+
+def test_mailpolicy_version() -> None:
+    import subprocess
+    import sys
+
+    import mailpolicy
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mailpolicy", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout == f"mailpolicy {mailpolicy.__version__}\n"

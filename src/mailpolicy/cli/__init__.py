@@ -27,12 +27,9 @@ COMMANDS: tuple[str, ...] = (
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from .. import __version__
 
-    try:
-        return version("mailpolicy")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ from typing import Any, Final
 import attrs
 
 from ..addresses import AddressError, parse_mail_from, parse_rcpt_to
+from ..counting import rates_to_count
 from ..evaluate import Memo, decide, evaluate
 from ..model import (
     Action,
@@ -101,8 +102,6 @@ COMMAND_LINE_LIMIT: Final = 1001
 SASL_LINE_LIMIT: Final = 12288
 #: rounds of DNS questions for one decision (the PTR, then its forward name)
 MAX_DNS_ROUNDS: Final = 4
-#: counter kinds counted per NeedCount.key (login, domain, "*"), not per client
-_KEYED: Final = ("user_", "sender_domain_", "recipient_domain_", "global_")
 #: commands after which RFC 2920 forbids sending more before the reply
 LAST_IN_GROUP: Final = frozenset(
     {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP", "AUTH", "STARTTLS"}
@@ -405,30 +404,25 @@ class Connection:
             why = Evidence("error", f"{type(e).__name__}: {e}")
         return Verdict(Action.DEFER, R.TEMP_FAILURE, "internal.error", (why,))
 
-    def _count(self, stage: Stage, keys: Mapping[str, str | None]) -> Generator[Event, Any, None]:
-        """Count what the policy judges at ``stage`` (``keys``: each counter
-        kind and what it is counted for; None: not counted, e.g. no login)
-        and put the counts in the session's counters. Raises HostFailure
-        when the store fails."""
-        wanted = self.policy.counters(stage)
-        if not wanted:
+    def _count(self, stage: Stage, address: str | None) -> Generator[Event, Any, None]:
+        """Count what the policy judges at ``stage`` (``address``: the
+        sender at MAIL, the recipient at RCPT) and put the counts in the
+        session's counters. Raises HostFailure when the store fails."""
+        todo = rates_to_count(self.policy, stage, self.session, address)
+        if not todo:
             return
         window = self.policy.settings.security.connection_policy.rate_window_seconds
         client = str(self.session.client_ip)
         counts: dict[str, int] = {}
-        for kind, key in keys.items():
-            field = f"{kind}_rate"
-            if field not in wanted:
+        for rate in todo:
+            if rate.key is None:  # nothing to count for (no login, the null sender)
+                counts[rate.field] = 0
                 continue
-            if key is None:  # nothing to count for (no login, the null sender)
-                counts[field] = 0
-                continue
-            keyed = key if kind.startswith(_KEYED) else None
-            need = NeedCount(kind, client, window, key=keyed)  # type: ignore[arg-type]
-            counts[field] = int((yield need))
-        if counts:
-            counters = attrs.evolve(self.session.counters, **counts)
-            self.session = attrs.evolve(self.session, counters=counters)
+            key = None if rate.per_client else rate.key
+            need = NeedCount(rate.kind, client, window, key=key)  # type: ignore[arg-type]
+            counts[rate.field] = int((yield need))
+        counters = attrs.evolve(self.session.counters, **counts)
+        self.session = attrs.evolve(self.session, counters=counters)
 
     def _refuse(self, stage: Stage, verdict: Verdict, **facts: object) -> Steps:
         yield Decided(stage, verdict, facts)
@@ -721,15 +715,8 @@ class Connection:
         if refused is not None:
             yield from self._say(refused)
             return
-        client = str(self.session.client_ip)
-        keys = {
-            "message": client,
-            "user_message": self.session.auth_user,
-            "sender_domain_message": address.domain or None,
-            "global_message": "*",
-        }
         try:
-            yield from self._count(Stage.MAIL, keys)
+            yield from self._count(Stage.MAIL, address.written)
         except HostFailure:
             yield from self._say(R.TEMP_FAILURE)
             return
@@ -756,15 +743,8 @@ class Connection:
         if refused is not None:
             yield from self._say(refused)
             return
-        client = str(self.session.client_ip)
-        keys = {
-            "recipient": client,
-            "user_recipient": self.session.auth_user,
-            "recipient_domain_recipient": address.domain or None,
-            "global_recipient": "*",
-        }
         try:
-            yield from self._count(Stage.RCPT, keys)
+            yield from self._count(Stage.RCPT, address.written)
         except HostFailure:
             yield from self._say(R.TEMP_FAILURE)
             return
