@@ -390,3 +390,37 @@ def test_a_per_user_quota_defers_the_next_message_across_two_servers_sharing_red
     # without a login nothing is counted per user
     with smtplib.SMTP("127.0.0.1", ports[1], local_hostname="x.example.org", timeout=10) as c:
         assert c.mail("bob@example.org")[0] == 250
+
+
+@pytest.mark.timeout(60)
+def test_captured_cases_record_the_policy_their_session_started_with(
+    serve_cli: ServeStarter, free_port: Callable[[], int], tmp_path: Path
+) -> None:
+    import json
+
+    policy, captures = tmp_path / "policy.toml", tmp_path / "captures"
+    policy.write_text(policy_text(black=True))
+    port = free_port()
+    server = start(serve_cli, tmp_path, port, policy, "--capture", str(captures))
+    before = smtplib.SMTP("127.0.0.1", port, local_hostname="before.example.org", timeout=10)
+    before.ehlo()
+    policy.write_text(policy_text(black=False))
+    server.process.send_signal(signal.SIGHUP)
+    wait_log(server, lambda ln: "reloaded: generation 2" in str(ln.get("msg")))
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="after.example.org", timeout=10) as c:
+        c.ehlo()
+    before.quit()
+    deadline = time.monotonic() + 10
+    # three cases: the probe of wait_listening (connect, close), and the two
+    while len(list(captures.glob("*.expected.jsonl"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lists = {}
+    for case in sorted(captures.glob("*.json")):
+        data = json.loads(case.read_text())
+        ehlo = [str(step) for step in data["session"] if str(step).upper().startswith("EHLO")]
+        if not ehlo:
+            continue  # the probe
+        lists[ehlo[0].split()[1]] = [
+            r["name"] for r in data["policy"].get("security", {}).get("lists", [])
+        ]
+    assert lists == {"before.example.org": ["spammers"], "after.example.org": []}

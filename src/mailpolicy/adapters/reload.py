@@ -27,7 +27,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..config import PolicyError, load_settings
@@ -62,7 +62,8 @@ def _one_line(error: PolicyError) -> str:
 
 class PolicyReloader:
     """Reloads ``path`` into ``holder.policy`` (and ``delivery.settings``,
-    when the delivery reads its routing from settings)."""
+    when the delivery reads its routing from settings); ``on_reload``
+    callbacks get each new policy's settings (``serve --capture``)."""
 
     def __init__(
         self,
@@ -71,12 +72,14 @@ class PolicyReloader:
         *,
         delivery: Any = None,
         metrics: Metrics | None = None,
+        on_reload: Iterable[Callable[[Settings], None]] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.holder = holder
         self.path = os.fspath(path)
         self.delivery = delivery
         self.metrics = metrics
+        self.on_reload = list(on_reload)
         self.clock = clock
         #: 1 for the policy the server started with, +1 per successful reload
         self.generation = 1
@@ -115,6 +118,8 @@ class PolicyReloader:
             ):
                 # routing reads local domains, relays and exceptions per message
                 self.delivery.settings = policy.settings
+            for callback in self.on_reload:
+                callback(policy.settings)
             self.generation += 1
             self.loaded_at = self.clock()
             if self.metrics is not None:

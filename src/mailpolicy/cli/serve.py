@@ -223,7 +223,13 @@ def run(args: argparse.Namespace) -> int:
         )
         metrics = Metrics() if metrics_at is not None else None
         server.services.metrics = metrics
-        reloader = PolicyReloader(server, args.policy, delivery=delivery, metrics=metrics)
+        reloader = PolicyReloader(
+            server,
+            args.policy,
+            delivery=delivery,
+            metrics=metrics,
+            on_reload=[capture.use_settings] if capture is not None else [],
+        )
         log.info("policy %s loaded: generation 1", args.policy)
         reloads: set[asyncio.Task[bool]] = set()
 
