@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def one_round(
         str(zone),
         "--maildir",
         str(folder / f"maildir-{port}"),
+        *(shlex.split(args.new_args) if src == NEW_SRC else ()),
     ]
     server = Server(command, port, env={**os.environ, "PYTHONPATH": str(src)})
     try:
@@ -78,6 +80,11 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--messages", type=int, default=1000, help="smtp-source -m")
     parser.add_argument("--length", type=int, default=1000, help="smtp-source -l")
     parser.add_argument("--every-check", action="store_true", help="the policy with every check on")
+    parser.add_argument(
+        "--new-args",
+        default="",
+        help='extra serve arguments for this checkout only, e.g. "--metrics 127.0.0.1:0"',
+    )
     args = parser.parse_args(argv)
     print(machine())
     print(f"old: {args.old}  new: {NEW_SRC}")

@@ -373,6 +373,34 @@ def test_message_rate_is_counted_per_client_in_the_store(start: Start) -> None:
         )
 
 
+def test_sender_domain_and_recipient_domain_rates_are_counted_by_the_handler(
+    start: Start,
+) -> None:
+    policy = make_policy(
+        connection_policy={
+            "max_message_rate_per_sender_domain": 1,
+            "max_recipient_rate_per_recipient_domain": 2,
+        }
+    )
+    controller = start(policy, Recorder(), store=MemoryStore(), clock=lambda: 1_000_000.0)
+    with client(controller) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@friend.example")[0] == 250
+        assert smtp.rcpt("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.com")[0] == 250
+        assert smtp.rcpt("carol@example.com") == (
+            450,
+            b"4.7.1 Error: too many recipients for domain example.com",
+        )
+        smtp.rset()
+        assert smtp.mail("<>")[0] == 250  # the null sender has no domain to count
+        smtp.rset()
+        assert smtp.mail("b@friend.example") == (
+            450,
+            b"4.7.1 Error: too much mail from domain friend.example",
+        )
+
+
 def test_connection_limit_counts_open_connections_until_quit(start: Start) -> None:
     policy = make_policy(connection_policy={"max_connections_per_client": 1})
     controller = start(policy, Recorder(), store=MemoryStore())

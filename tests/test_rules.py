@@ -116,6 +116,12 @@ ALL_ON: dict[str, Any] = {
             "max_connection_rate_per_client": 10,
             "max_message_rate_per_client": 10,
             "max_recipient_rate_per_client": 10,
+            "max_message_rate_per_user": 10,
+            "max_recipient_rate_per_user": 10,
+            "max_message_rate_per_sender_domain": 10,
+            "max_recipient_rate_per_recipient_domain": 10,
+            "max_message_rate_global": 10,
+            "max_recipient_rate_global": 10,
         },
         "advanced": {
             "require_helo": True,
@@ -158,6 +164,13 @@ ALL_ON_ORDER: dict[Stage, list[tuple[str, str, str]]] = {
         ("mail", "RequireHelo", "security.advanced.require_helo"),
         ("mail", "MaxMessageSize", "general.max_message_size_mb"),
         ("mail", "MaxMessageRate", "security.connection_policy.max_message_rate_per_client"),
+        ("mail", "MaxUserMessageRate", "security.connection_policy.max_message_rate_per_user"),
+        (
+            "mail",
+            "MaxSenderDomainRate",
+            "security.connection_policy.max_message_rate_per_sender_domain",
+        ),
+        ("mail", "MaxGlobalMessageRate", "security.connection_policy.max_message_rate_global"),
     ],
     Stage.RCPT: [
         ("limits", "MaxRecipients", "general.max_recipients"),
@@ -165,6 +178,21 @@ ALL_ON_ORDER: dict[Stage, list[tuple[str, str, str]]] = {
             "limits",
             "MaxRecipientRate",
             "security.connection_policy.max_recipient_rate_per_client",
+        ),
+        (
+            "limits",
+            "MaxUserRecipientRate",
+            "security.connection_policy.max_recipient_rate_per_user",
+        ),
+        (
+            "limits",
+            "MaxRecipientDomainRate",
+            "security.connection_policy.max_recipient_rate_per_recipient_domain",
+        ),
+        (
+            "limits",
+            "MaxGlobalRecipientRate",
+            "security.connection_policy.max_recipient_rate_global",
         ),
         ("postmaster", "AcceptBarePostmaster", "rfc5321.postmaster"),
         (

@@ -60,8 +60,8 @@ def tuples(elements: st.SearchStrategy[Any], **kw: Any) -> st.SearchStrategy[tup
 
 
 def flags(cls: type) -> dict[str, st.SearchStrategy[bool]]:
-    """Every field of ``cls`` (all booleans) varied."""
-    return {f.name: st.booleans() for f in attrs.fields(cls)}
+    """Every field of ``cls`` (all booleans, but the ``text`` table) varied."""
+    return {f.name: st.booleans() for f in attrs.fields(cls) if f.name != "text"}
 
 
 @st.composite
@@ -130,7 +130,13 @@ def securities(draw: st.DrawFn) -> SecuritySettings:
     )
     return SecuritySettings(
         lists=tuple(draw(list_rule(n)) for n in names),
-        sender_policy=draw(st.builds(SenderPolicy, **flags(SenderPolicy))),
+        sender_policy=draw(
+            st.builds(
+                SenderPolicy,
+                text=st.sampled_from([(), (("reject_non_fqdn_sender", "write it all"),)]),
+                **flags(SenderPolicy),
+            )
+        ),
         connection_policy=draw(
             st.builds(
                 ConnectionPolicy,
@@ -141,6 +147,10 @@ def securities(draw: st.DrawFn) -> SecuritySettings:
                 max_message_rate_per_client=COUNTS,
                 max_recipient_rate_per_client=COUNTS,
                 rate_window_seconds=st.integers(1, 86400),
+                max_message_rate_per_user=COUNTS,
+                max_recipient_rate_global=COUNTS,
+                observe=st.booleans(),
+                text=st.sampled_from([(), (("max_message_rate_per_user", "quota"),)]),
             )
         ),
         advanced=draw(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 
 from .config import PolicyError, load_settings, settings_from_mapping, settings_to_mapping
+from .counting import RateCount, rates_to_count
 
 # Imported here, before anything imports the submodule lazily, so that the
 # package attribute ``evaluate`` is the function, not the module.
@@ -75,6 +76,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "RType",
+    "RateCount",
     "Replies",
     "Reply",
     "Route",
@@ -89,6 +91,7 @@ __all__ = [
     "evaluate",
     "load_policy",
     "load_settings",
+    "rates_to_count",
     "replay_case",
     "settings_from_mapping",
     "settings_to_mapping",

@@ -1157,6 +1157,57 @@ def _check_server(
             walk.refuse(_join(path, listener), "needs tls_cert and tls_key")
 
 
+#: the longest ``text`` override: with the code, the enhanced code and
+#: Postfix's ``<address>: Recipient address rejected:`` prefix, the reply
+#: line stays within SMTP's 512 octets
+_MAX_REPLY_TEXT: Final = 200
+#: rows that only permit: nothing to reword
+_PERMIT_ONLY: Final = frozenset(
+    {"relay.trusted_networks", "general.smtp_auth.enabled", "rfc5321.postmaster"}
+)
+
+
+@attrs.frozen
+class _Texts(_Node):
+    """A table's ``text``: reply texts by the key of one of its checks."""
+
+    table: str
+
+    def keys(self) -> list[str]:
+        from .policy import TABLE  # the rows say which checks a table has
+
+        found = {
+            row.key.rpartition(".")[2]
+            for row in TABLE
+            if row.key.rpartition(".")[0] == self.table and row.key not in _PERMIT_ONLY
+        }
+        return sorted(found)
+
+    def __call__(self, walk: _Walk, path: str, value: object) -> tuple[tuple[str, str], ...]:
+        data = _table_data(value)
+        allowed = self.keys()
+        out: list[tuple[str, str]] = []
+        for key, text in data.items():
+            sub = _join(path, str(key))
+            if key not in allowed:
+                walk.refuse(sub, f"not a check of [{self.table}]; one of: {', '.join(allowed)}")
+                continue
+            if not isinstance(text, str) or not text.strip():
+                walk.refuse(sub, f"expected a reply text, got {_describe(text)}")
+                continue
+            if not text.isascii() or not text.isprintable():
+                walk.refuse(sub, "a reply text is printable ASCII on one line")
+                continue
+            if len(text) > _MAX_REPLY_TEXT:
+                walk.refuse(sub, f"at most {_MAX_REPLY_TEXT} characters (SMTP's line limit)")
+                continue
+            out.append((str(key), text.strip()))
+        return tuple(out)
+
+    def write(self, value: Any) -> dict[str, str]:
+        return dict(value)
+
+
 @attrs.frozen
 class _Accounts(_Node):
     """``[accounts.NAME]``: tables named after their account, read by ``table``
@@ -1198,7 +1249,10 @@ _TYPE_READERS: Final[Mapping[object, _Node]] = {
 
 _NETWORK: Final = _scalar(_network, str)
 
-_SMTP_AUTH: Final = _table(SmtpAuthSettings, {"local_networks": _list(_NETWORK)})
+_SMTP_AUTH: Final = _table(
+    SmtpAuthSettings,
+    {"local_networks": _list(_NETWORK), "text": _Texts("general.smtp_auth")},
+)
 
 _GENERAL: Final = _table(
     GeneralSettings,
@@ -1210,6 +1264,7 @@ _GENERAL: Final = _table(
         "max_hops": _int(1),
         "external_postmasters": _list(_scalar(_address)),
         "smtp_auth": _SMTP_AUTH,
+        "text": _Texts("general"),
     },
     # The default hostname is the reader's (see settings_from_mapping):
     # written down, the settings read back the same anywhere.
@@ -1263,6 +1318,7 @@ _RELAY: Final = _table(
     {
         "trusted_networks": _list(_NETWORK),
         "inbound_domains": _list(_scalar(_domain)),
+        "text": _Texts("relay"),
     },
 )
 
@@ -1289,9 +1345,15 @@ _SECURITY: Final = _table(
     SecuritySettings,
     {
         "lists": _list(_LIST_RULE, unique="name"),
-        "sender_policy": _table(SenderPolicy),
-        "connection_policy": _table(ConnectionPolicy, {"rate_window_seconds": _int(1)}),
-        "advanced": _table(AdvancedSettings, {"dnsbl": _list(_scalar(_dnsbl, str))}),
+        "sender_policy": _table(SenderPolicy, {"text": _Texts("security.sender_policy")}),
+        "connection_policy": _table(
+            ConnectionPolicy,
+            {"rate_window_seconds": _int(1), "text": _Texts("security.connection_policy")},
+        ),
+        "advanced": _table(
+            AdvancedSettings,
+            {"dnsbl": _list(_scalar(_dnsbl, str)), "text": _Texts("security.advanced")},
+        ),
     },
 )
 

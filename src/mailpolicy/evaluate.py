@@ -48,6 +48,7 @@ from .model import (
 from .policy import Policy
 from .rules import Decision, NeedDns, Outcome, Scope, Step
 from .rules.context import Context
+from .settings import reply_text
 
 __all__ = ["Lookups", "Memo", "decide", "decide_with", "evaluate", "lookups"]
 
@@ -199,6 +200,8 @@ def _walk(
     need: _Need | None = None
     pending: Decision | None = None
     white: Decision | None = None
+    seen: list[Decision] | None = None
+    observed, texts = policy.observed, policy.texts
     discard = envelope.discard
     for chain in policy.chains[envelope.stage]:
         if discard is not None and chain.restriction:
@@ -211,6 +214,7 @@ def _walk(
                 None,
                 discard,
                 (Evidence("transaction", "discarding", matched=discard),),
+                _observed(seen),
             )
         for step in chain.steps:
             try:
@@ -228,36 +232,69 @@ def _walk(
             if d is None:
                 continue
             outcome = d.outcome
-            if outcome is _DEFER_IF_PERMIT:
-                pending = pending or d
-                continue
             if outcome is _PERMIT:
                 if step.white:
                     white = d
                 break
+            if step.observe and outcome is not _ACCEPT and d.rule in observed:
+                # observe mode: remembered, and the walk goes on as if it passed
+                if d.rule in texts:
+                    d = _reworded(d, texts[d.rule])
+                if seen is None:
+                    seen = [d]
+                else:
+                    seen.append(d)
+                continue
+            if outcome is _DEFER_IF_PERMIT:
+                if pending is None and d.rule in texts:
+                    d = _reworded(d, texts[d.rule])
+                pending = pending or d
+                continue
             if need is not None:
                 # A final decision, but an earlier rule still waiting for
                 # DNS might have decided differently.
                 return need
             if outcome is _ACCEPT:
-                return _accept(pending, None)
-            return _verdict(_FINAL[outcome], d)
+                return _accept(pending, None, seen)
+            if d.rule in texts:
+                d = _reworded(d, texts[d.rule])
+            return _verdict(_FINAL[outcome], d, seen)
     if need is not None:
         return need
-    return _accept(pending, white)
+    return _accept(pending, white, seen)
 
 
-def _verdict(action: Action, d: Decision) -> Verdict:
+def _reworded(d: Decision, text: str) -> Decision:
+    """``d`` with its table's ``text`` override (codes unchanged)."""
+    if d.reply is None:
+        return d
+    return attrs.evolve(d, reply=attrs.evolve(d.reply, text=reply_text(d.reply.text, text)))
+
+
+def _observed(seen: list[Decision] | None) -> tuple[Verdict, ...]:
+    """What the observed rules would have done, each as its own verdict."""
+    if not seen:
+        return ()
+    return tuple(_verdict(_FINAL.get(d.outcome, Action.DEFER_IF_PERMIT), d, None) for d in seen)
+
+
+def _verdict(action: Action, d: Decision, seen: list[Decision] | None) -> Verdict:
     if action is Action.REJECT and d.reply is not None and d.reply.temporary:
         action = Action.DEFER
-    return Verdict(action, d.reply, d.rule, d.evidence)
+    return Verdict(action, d.reply, d.rule, d.evidence, _observed(seen))
 
 
-def _accept(pending: Decision | None, white: Decision | None) -> Verdict:
+def _accept(
+    pending: Decision | None, white: Decision | None, seen: list[Decision] | None
+) -> Verdict:
     if pending is not None:
-        return Verdict(Action.DEFER_IF_PERMIT, pending.reply, pending.rule, pending.evidence)
+        return Verdict(
+            Action.DEFER_IF_PERMIT, pending.reply, pending.rule, pending.evidence, _observed(seen)
+        )
     if white is not None:
-        return Verdict(Action.ACCEPT, None, white.rule, white.evidence)
+        return Verdict(Action.ACCEPT, None, white.rule, white.evidence, _observed(seen))
+    if seen:
+        return Verdict(Action.ACCEPT, observed=_observed(seen))
     return ACCEPT
 
 

@@ -399,6 +399,14 @@ class Counters:
     connection_rate: int = 0
     message_rate: int = 0
     recipient_rate: int = 0
+    #: messages and recipients in the window of the SASL login, the
+    #: sender's domain, the recipient's domain, and the whole server
+    user_message_rate: int = 0
+    user_recipient_rate: int = 0
+    sender_domain_message_rate: int = 0
+    recipient_domain_recipient_rate: int = 0
+    global_message_rate: int = 0
+    global_recipient_rate: int = 0
 
 
 def _ip(value: str | IPAddress) -> IPAddress:
@@ -571,12 +579,16 @@ class Verdict:
     or ``None`` when nothing in the policy decided and the request passes.
     ``reply`` is what the client should be told; ``None`` for a plain
     acceptance, where the adapter sends its usual positive reply.
+    ``observed`` holds the refusals that observed rules (``observe = true``)
+    would have made on the way, each as the verdict it would have been: the
+    request went on as if they had passed.
     """
 
     action: Action
     reply: Reply | None = None
     rule: str | None = None
     evidence: tuple[Evidence, ...] = ()
+    observed: tuple[Verdict, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -590,6 +602,7 @@ class Verdict:
         if self.reply is not None:
             out.append(f'reply="{self.reply}"')
         out.extend(str(e) for e in self.evidence)
+        out.extend(f"observed=[{o.explain()}]" for o in self.observed)
         return " ".join(out)
 
 

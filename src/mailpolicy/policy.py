@@ -31,11 +31,17 @@ from .rules.helo import RejectInvalidHelo, RejectNonFqdnHelo, RejectUnknownHelo,
 from .rules.limits import (
     MaxConnectionRate,
     MaxConnections,
+    MaxGlobalMessageRate,
+    MaxGlobalRecipientRate,
     MaxHops,
     MaxMessageRate,
     MaxMessageSize,
+    MaxRecipientDomainRate,
     MaxRecipientRate,
     MaxRecipients,
+    MaxSenderDomainRate,
+    MaxUserMessageRate,
+    MaxUserRecipientRate,
 )
 from .rules.lists import BlackList, ListIndex, WhiteList
 from .rules.protocol import DisableVrfy, RejectUnauthPipelining
@@ -53,7 +59,7 @@ from .settings import (
     Settings,
 )
 
-__all__ = ["TABLE", "Policy", "Row", "compile_policy"]
+__all__ = ["TABLE", "Policy", "Row", "compile_policy", "observable"]
 
 
 @attrs.frozen
@@ -152,6 +158,15 @@ def _adv(b: _Build) -> AdvancedSettings:
     return b.settings.security.advanced
 
 
+def _keyed(rule: Callable[[str, int], Rule]) -> Callable[[_Build, str], Rule]:
+    """The builder of a keyed rate limit: its limit is its own setting."""
+
+    def build(b: _Build, key: str) -> Rule:
+        return rule(key, _setting(b.settings, key))
+
+    return build
+
+
 _CP = "security.connection_policy"
 _ADV = "security.advanced"
 _SP = "security.sender_policy"
@@ -198,6 +213,22 @@ TABLE: tuple[Row, ...] = (
         counter=MaxMessageRate.counter,
         restriction=False,
     ),
+    *(
+        Row(
+            S.MAIL,
+            "mail",
+            f"{_CP}.{setting}",
+            _keyed(rule),
+            _positive,
+            counter=rule.counter,
+            restriction=False,
+        )
+        for setting, rule in (
+            ("max_message_rate_per_user", MaxUserMessageRate),
+            ("max_message_rate_per_sender_domain", MaxSenderDomainRate),
+            ("max_message_rate_global", MaxGlobalMessageRate),
+        )
+    ),
     # RCPT: limits first, then Postfix's client/helo/sender, relay and recipient restrictions
     Row(
         S.RCPT,
@@ -215,6 +246,22 @@ TABLE: tuple[Row, ...] = (
         _positive,
         counter=MaxRecipientRate.counter,
         restriction=False,
+    ),
+    *(
+        Row(
+            S.RCPT,
+            "limits",
+            f"{_CP}.{setting}",
+            _keyed(rule),
+            _positive,
+            counter=rule.counter,
+            restriction=False,
+        )
+        for setting, rule in (
+            ("max_recipient_rate_per_user", MaxUserRecipientRate),
+            ("max_recipient_rate_per_recipient_domain", MaxRecipientDomainRate),
+            ("max_recipient_rate_global", MaxGlobalRecipientRate),
+        )
     ),
     Row(S.RCPT, "postmaster", "rfc5321.postmaster", lambda b, k: AcceptBarePostmaster(k), _always),
     Row(
@@ -367,16 +414,69 @@ TABLE: tuple[Row, ...] = (
 )
 
 
+#: Observe mode (``observe = true``) covers the policy's own restrictions:
+#: the rows under ``security.*`` and the content checks. Relay control, the
+#: protocol itself (pipelining, VRFY, sizes, hops, recipients per message)
+#: and the bare postmaster are never observed: an open relay cannot be
+#: "observed".
+_OBSERVABLE_ROOTS: tuple[str, ...] = (
+    "security.",
+    "general.smtp_auth.sender_must_match_login",
+    "general.max_attachment_size_mb",
+    "general.disable_auto_forwarding",
+)
+_NEVER_OBSERVED: frozenset[str] = frozenset(
+    {f"{_ADV}.reject_unauth_pipelining", f"{_ADV}.disable_vrfy"}
+)
+
+
+def observable(key: str) -> bool:
+    """Whether the rule of settings key ``key`` can be put in observe mode."""
+    return key.startswith(_OBSERVABLE_ROOTS) and key not in _NEVER_OBSERVED
+
+
+def _observed_names(b: _Build, row: Row, rules: tuple[Rule, ...]) -> frozenset[str]:
+    """The decision names of ``rules`` (one row's) that are only observed."""
+    if not observable(row.key) or row.white:
+        return frozenset()
+    every = b.settings.general.observe
+    if row.key == "security.lists":
+        # one switch per entry; the black list decides as security.lists.NAME
+        return frozenset(
+            f"{row.key}.{r.name}"
+            for r in b.settings.security.lists
+            if r.list == "black" and (every or r.observe)
+        )
+    parent = _setting(b.settings, row.key.rpartition(".")[0])
+    if every or getattr(parent, "observe", False) is True:
+        return frozenset(rule.name for rule in rules)
+    return frozenset()
+
+
 @attrs.frozen
 class _Compiled:
     chains: dict[Stage, tuple[Chain, ...]]
     counters: dict[Stage, frozenset[str]]
+    observed: frozenset[str]
+    texts: dict[str, str]
+
+
+def _texts(b: _Build, row: Row) -> str | None:
+    """The ``text`` override for ``row`` in its table, if any."""
+    table, _, name = row.key.rpartition(".")
+    pairs = getattr(_setting(b.settings, table), "text", ())
+    for key, text in pairs if isinstance(pairs, tuple) else ():
+        if key == name:
+            return str(text)
+    return None
 
 
 def _compile(b: _Build) -> _Compiled:
     grouped: dict[Stage, dict[str, list[Step]]] = {stage: {} for stage in Stage}
     restriction: dict[tuple[Stage, str], bool] = {}
     counters: dict[Stage, set[str]] = {stage: set() for stage in Stage}
+    observed: set[str] = set()
+    texts: dict[str, str] = {}
     slot = 0
     for row in TABLE:
         if restriction.setdefault((row.stage, row.chain), row.restriction) != row.restriction:
@@ -384,9 +484,15 @@ def _compile(b: _Build) -> _Compiled:
         if not row.enabled(b, _setting(b.settings, row.key)):
             continue
         built = row.build(b, row.key)
+        rules = built if isinstance(built, tuple) else (built,)
+        names = _observed_names(b, row, rules)
+        observed |= names
+        text = _texts(b, row)
+        if text is not None:
+            texts.update((rule.name, text) for rule in rules)
         steps = grouped[row.stage].setdefault(row.chain, [])
-        for rule in built if isinstance(built, tuple) else (built,):
-            steps.append(Step(rule, row.scope, row.white, slot))
+        for rule in rules:
+            steps.append(Step(rule, row.scope, row.white, slot, observe=bool(names)))
             slot += 1
         if row.counter is not None:
             counters[row.stage].add(row.counter)
@@ -399,6 +505,8 @@ def _compile(b: _Build) -> _Compiled:
             for stage, chains in grouped.items()
         },
         {stage: frozenset(names) for stage, names in counters.items()},
+        frozenset(observed),
+        texts,
     )
 
 
@@ -416,6 +524,11 @@ class Policy:
     shared: Shared
     _passwords: Mapping[str, str] = attrs.field(repr=False)
     _counters: Mapping[Stage, frozenset[str]] = attrs.field(repr=False, factory=dict)
+    #: the rules (decision names: settings keys, ``security.lists.NAME``)
+    #: in observe mode: what they would refuse is logged, counted and let by
+    observed: frozenset[str] = frozenset()
+    #: reply texts by rule name (the tables' ``text`` overrides)
+    texts: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
     def counters(self, stage: Stage) -> frozenset[str]:
         """The :class:`~mailpolicy.model.Counters` fields the enabled rules of
@@ -492,4 +605,6 @@ def compile_policy(settings: Settings) -> Policy:
         shared,
         passwords,
         MappingProxyType(compiled.counters),
+        compiled.observed,
+        MappingProxyType(compiled.texts),
     )

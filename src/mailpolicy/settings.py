@@ -40,6 +40,7 @@ __all__ = [
     "Settings",
     "SmtpAuthSettings",
     "normalize_domain",
+    "reply_text",
 ]
 
 MIB = 1_048_576
@@ -87,6 +88,26 @@ def _ip_tuple(values: Iterable[str | IPAddress]) -> tuple[IPAddress, ...]:
     return tuple(ipaddress.ip_address(v.strip()) if isinstance(v, str) else v for v in values)
 
 
+def _texts(values: Iterable[tuple[str, str]] | dict[str, str]) -> tuple[tuple[str, str], ...]:
+    # a mapping, kept as pairs so that settings stay hashable
+    return tuple(values.items()) if isinstance(values, dict) else tuple(values)
+
+
+def reply_text(original: str, override: str) -> str:
+    """A refusal's text with a table's ``text`` override: Postfix's
+    ``<address>: Sender address rejected:`` (any ``... rejected:``) prefix
+    is kept, as for an access map's REJECT text, and so is a leading
+    ``<address>:``; the rest is replaced."""
+    head, sep, _ = original.partition(" rejected: ")
+    if sep:
+        return f"{head}{sep}{override}"
+    if original.startswith("<"):
+        address, sep, _ = original.partition(">: ")
+        if sep:
+            return f"{address}{sep}{override}"
+    return override
+
+
 def _network_list(values: Iterable[str | IPNetwork]) -> Networks:
     return Networks.of(values)
 
@@ -102,6 +123,9 @@ class SmtpAuthSettings:
     )
     sender_must_match_login: bool = False
     no_plaintext_without_tls: bool = True
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -120,6 +144,12 @@ class GeneralSettings:
     disable_auto_forwarding: bool = False
     external_postmasters: tuple[str, ...] = attrs.field(default=(), converter=_lower)
     smtp_auth: SmtpAuthSettings = SmtpAuthSettings()
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
+    #: observe every observable rule: log and count what it would refuse,
+    #: refuse nothing (relay control and the protocol are never observed)
+    observe: bool = False
 
     @property
     def max_message_size(self) -> int:
@@ -202,6 +232,9 @@ class RelaySettings:
 
     trusted_networks: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
     inbound_domains: tuple[str, ...] = attrs.field(default=(), converter=_domains)
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -222,6 +255,8 @@ class ListRule:
     helo: tuple[str, ...] = attrs.field(default=(), converter=_domains)
     sender: tuple[str, ...] = attrs.field(default=(), converter=_lower)
     recipient: tuple[str, ...] = attrs.field(default=(), converter=_lower)
+    #: log and count what this rule would refuse, without refusing
+    observe: bool = False
 
     def criteria(self) -> tuple[str, ...]:
         """The names of the criteria this rule uses, in Postfix's order."""
@@ -239,6 +274,10 @@ class SenderPolicy:
     reject_non_fqdn_sender: bool = False
     reject_unknown_sender_domain: bool = False
     reject_unauthenticated_local_sender: bool = False
+    observe: bool = False
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -252,6 +291,18 @@ class ConnectionPolicy:
     max_message_rate_per_client: int = 0
     max_recipient_rate_per_client: int = 0
     rate_window_seconds: int = 60
+    #: messages (MAIL) / recipients (RCPT) per window per SASL login, per
+    #: sender domain, per recipient domain, and for the whole server (0: off)
+    max_message_rate_per_user: int = 0
+    max_recipient_rate_per_user: int = 0
+    max_message_rate_per_sender_domain: int = 0
+    max_recipient_rate_per_recipient_domain: int = 0
+    max_message_rate_global: int = 0
+    max_recipient_rate_global: int = 0
+    observe: bool = False
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen
@@ -283,6 +334,10 @@ class AdvancedSettings:
     reject_unknown_recipient_domain: bool = False
     disable_vrfy: bool = True
     dnsbl: tuple[DnsblZone, ...] = ()
+    observe: bool = False
+    #: reply texts instead of Postfix's, by the key of the check that refuses
+    #: (``{"KEY": "text"}``); see :func:`reply_text`
+    text: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.frozen

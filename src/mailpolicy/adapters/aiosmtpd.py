@@ -38,7 +38,8 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 
-from ..dialogue import Decided
+from ..counting import rates_to_count
+from ..dialogue import Decided, Observed
 from ..dialogue.message import message_facts
 from ..evaluate import Memo
 from ..model import (
@@ -52,9 +53,9 @@ from ..model import (
 )
 from ..policy import Policy
 from .dns import Resolver
-from .driver import log_decision
+from .driver import log_decision, log_observed
 from .judge import TEMP_FAILURE, judge
-from .state import HitKind, StateStore
+from .state import StateStore
 
 __all__ = ["PolicyHandler"]
 
@@ -241,15 +242,22 @@ class PolicyHandler:
         self._sessions[session] = core
         return core
 
-    async def _count(self, core: Session, kind: HitKind, stage: Stage) -> Session:
-        """Count a MAIL or RCPT when the policy judges its rate; raises if
-        the store fails."""
-        field = "message_rate" if kind == "message" else "recipient_rate"
-        if self.store is None or field not in self.policy.counters(stage):
+    async def _count(self, core: Session, stage: Stage, address: str) -> Session:
+        """Count a MAIL or RCPT when the policy judges its rates (per
+        client, login, domain, server: :func:`~mailpolicy.counting.rates_to_count`);
+        raises if the store fails."""
+        todo = rates_to_count(self.policy, stage, core, address)
+        if self.store is None or not todo:
             return core
         window = self.policy.settings.security.connection_policy.rate_window_seconds
-        n = await self.store.hit(kind, str(core.client_ip), self.clock(), window)
-        return attrs.evolve(core, counters=attrs.evolve(core.counters, **{field: n}))
+        counts: dict[str, int] = {}
+        for rate in todo:
+            counts[rate.field] = (
+                0
+                if rate.key is None
+                else await self.store.hit(rate.kind, rate.key, self.clock(), window)  # type: ignore[arg-type]
+            )
+        return attrs.evolve(core, counters=attrs.evolve(core.counters, **counts))
 
     async def _decide(self, session: AioSession, core: Session, envelope: Envelope) -> Verdict:
         memo = self._memos.get(session)
@@ -257,6 +265,8 @@ class PolicyHandler:
             memo = self._memos[session] = Memo()
         core, verdict = await judge(self.policy, core, envelope, self.resolver, memo)
         self._sessions[session] = core
+        if verdict.observed:
+            log_observed(core, Observed(envelope.stage, verdict))
         return verdict
 
     def _log(self, stage: Stage, core: Session, verdict: Verdict, **facts: object) -> None:
@@ -330,7 +340,7 @@ class PolicyHandler:
             return self._refused_connection(conn)
         core = self._session(conn, session)
         try:
-            core = await self._count(core, "message", Stage.MAIL)
+            core = await self._count(core, Stage.MAIL, address)
         except Exception:
             log.exception("state store failed at MAIL")
             return str(TEMP_FAILURE)
@@ -364,7 +374,7 @@ class PolicyHandler:
             return self._refused_connection(conn)
         core = self._session(conn, session)
         try:
-            core = await self._count(core, "recipient", Stage.RCPT)
+            core = await self._count(core, Stage.RCPT, address)
         except Exception:
             log.exception("state store failed at RCPT")
             return str(TEMP_FAILURE)

@@ -547,18 +547,39 @@ class CaptureStore:
 
     # -- sessions --------------------------------------------------------------
 
+    def use_settings(self, settings: Settings) -> None:
+        """The policy sessions starting from now run under (a reload): their
+        cases record it; sessions already open keep the one they started with."""
+        self._policy = settings_to_mapping(settings)
+        self._accounts = {a.name: a.addresses for a in settings.accounts}
+
     def observer(self) -> SessionRecorder:
-        """A recorder for one new connection (the server's observer factory)."""
-        return SessionRecorder(self._submit)
+        """A recorder for one new connection (the server's observer factory).
+        Its case records the policy in force now, when the session starts."""
+        policy, accounts = self._policy, self._accounts
+        return SessionRecorder(lambda captured: self._submit(captured, policy, accounts))
 
-    def _submit(self, captured: CapturedSession) -> None:
-        self._worker.submit(self._write, captured)
+    def _submit(
+        self,
+        captured: CapturedSession,
+        policy: dict[str, Any] | None = None,
+        accounts: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self._worker.submit(
+            self._write,
+            captured,
+            self._policy if policy is None else policy,
+            self._accounts if accounts is None else accounts,
+        )
 
-    def _write(self, captured: CapturedSession) -> None:
+    def _write(
+        self,
+        captured: CapturedSession,
+        policy: dict[str, Any],
+        accounts: dict[str, tuple[str, ...]],
+    ) -> None:
         try:
-            case, expected = build_case(
-                captured, self._policy, self._accounts, headers_only=self.headers_only
-            )
+            case, expected = build_case(captured, policy, accounts, headers_only=self.headers_only)
             case_bytes = (json.dumps(case, indent=1, ensure_ascii=False) + "\n").encode()
             expected_bytes = "".join(
                 json.dumps(r, ensure_ascii=False) + "\n" for r in expected

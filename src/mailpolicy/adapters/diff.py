@@ -93,6 +93,7 @@ class Replies(list[ReplayReply]):
             f"{r.cmd} -> {r.code} {r.enhanced + ' ' if r.enhanced else ''}"
             + r.text.replace("\n", " / ")
             + (f"  [{r.rule}]" if r.rule else "")
+            + "".join(f"  (observed: {o})" for o in r.observed)
             for r in self
         )
 
@@ -176,6 +177,7 @@ def _same(a: ReplayReply, b: ReplayReply) -> bool:
         a.code == b.code
         and a.enhanced == b.enhanced
         and a.rule == b.rule
+        and a.observed == b.observed
         and _QUEUE_ID.sub("queued as ID", a.text) == _QUEUE_ID.sub("queued as ID", b.text)
     )
 
@@ -200,6 +202,9 @@ class Change:
     def rules(self) -> list[str]:
         """The rules involved, before then after, each once."""
         found = [r.rule for r in (self.before, self.after) if r is not None and r.rule]
+        for r in (self.before, self.after):
+            if r is not None:
+                found.extend(o.partition(":")[0] for o in r.observed)
         return list(dict.fromkeys(found))
 
     def to_json(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -37,6 +37,7 @@ from ..dialogue import (
     NeedRecipientCheck,
     NeedSpooled,
     NeedStamp,
+    Observed,
     ReplyRecord,
     Send,
     Spool,
@@ -49,6 +50,9 @@ from ..model import Action, Reply, Session, Stage
 from ..settings import ServerSettings
 from .dns import Resolver
 from .state import MemoryStore, StateStore
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = [
     "SHUTDOWN",
@@ -176,6 +180,8 @@ class Services:
     spool_dir: str | None = None
     #: called with each reply record (tests)
     on_reply: Callable[[ReplyRecord], None] | None = None
+    #: Prometheus numbers (``serve --metrics``), or None
+    metrics: Metrics | None = None
 
     @classmethod
     def for_settings(cls, settings: ServerSettings, **kw: Any) -> Services:
@@ -272,13 +278,18 @@ async def run_connection(
     client = str(conn.session.client_ip)
     deadlines = _Deadlines(services)
     spool = _Spool(services.spool_dir)
+    metrics = services.metrics
     if observer is not None:
         observer.connected(conn.session, services.clock())
+    if metrics is not None:
+        metrics.session_opened()
     try:
         while True:
             event = conn.next_event()
             if isinstance(event, Send):
                 channel.write(event.data)
+                if metrics is not None:
+                    metrics.reply(event.record.reply.code)
                 if services.on_reply is not None:
                     services.on_reply(event.record)
                 if observer is not None:
@@ -297,6 +308,13 @@ async def run_connection(
                     observer.command(event.line, event.pending)
             elif isinstance(event, Decided):
                 log_decision(conn.session, event)
+                if metrics is not None and event.stage != "delivery":
+                    stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
+                    metrics.verdict(stage, event.verdict)
+            elif isinstance(event, Observed):
+                log_observed(conn.session, event)
+                if metrics is not None:
+                    metrics.observed(event.stage.value, event.verdict)
             elif isinstance(event, Spool):
                 spool.append(event.data)
             elif isinstance(event, NeedSpooled):
@@ -306,11 +324,18 @@ async def run_connection(
                     log.error("message spool failed: %s", e)
                     conn.failed(f"spool: {e}")
             elif isinstance(event, NeedDns):
+                started = time.perf_counter()
                 try:
-                    conn.dns_answers(await services.resolver.resolve_all(event.queries))
+                    answers = await services.resolver.resolve_all(event.queries)
                 except Exception as e:
+                    if metrics is not None:
+                        metrics.dns_failed(time.perf_counter() - started)
                     log.exception("resolver failed")
                     conn.failed(f"{type(e).__name__}: {e}")
+                else:
+                    if metrics is not None:
+                        metrics.dns(time.perf_counter() - started, answers.values())
+                    conn.dns_answers(answers)
             elif isinstance(event, NeedCount):
                 await _count(conn, event, services)
             elif isinstance(event, NeedRecipientCheck):
@@ -333,10 +358,16 @@ async def run_connection(
                 conn.stamped(Stamp(services.clock(), services.queue_id()))
             elif isinstance(event, Deliver):
                 try:
-                    conn.delivered(await services.delivery.deliver(event.submission))
+                    delivered = await services.delivery.deliver(event.submission)
                 except Exception as e:
+                    if metrics is not None:
+                        metrics.delivery(None)
                     log.exception("delivery failed for queue id %s", event.submission.queue_id)
                     conn.failed(f"{type(e).__name__}: {e}")
+                else:
+                    if metrics is not None:
+                        metrics.delivery(delivered.code)
+                    conn.delivered(delivered)
             elif isinstance(event, Authenticated):
                 if observer is not None:
                     observer.authenticated(event.user, event.ok)
@@ -349,6 +380,8 @@ async def run_connection(
             elif isinstance(event, Close):
                 break
     finally:
+        if metrics is not None:
+            metrics.session_closed()
         spool.close()
         channel.close()
         if observer is not None:
@@ -361,18 +394,40 @@ async def run_connection(
 
 
 async def _count(conn: Connection, need: NeedCount, services: Services) -> None:
-    store, now = services.store, services.clock()
+    store, now, metrics = services.store, services.clock(), services.metrics
+    started = time.perf_counter()
+    value: Any
     try:
         if need.kind == "connection":
-            count, rate = await store.connection_opened(need.client, now, need.window)
-            conn.counted((count, rate))
+            value = tuple(await store.connection_opened(need.client, now, need.window))
         elif need.peek:
-            conn.counted(await store.peek(need.kind, need.client, now, need.window))
+            value = await store.peek(need.kind, need.subject, now, need.window)
         else:
-            conn.counted(await store.hit(need.kind, need.client, now, need.window))
+            value = await store.hit(need.kind, need.subject, now, need.window)
     except Exception as e:
+        if metrics is not None:
+            metrics.store(need.kind, time.perf_counter() - started, False)
         log.error("state store failed counting %s for %s: %s", need.kind, need.client, e)
         conn.failed(f"state store: {e}")
+        return
+    if metrics is not None:
+        metrics.store(need.kind, time.perf_counter() - started, True)
+    conn.counted(value)
+
+
+def log_observed(session: Session, event: Observed) -> None:
+    """One log line per refusal a rule in observe mode would have made."""
+    for seen in event.verdict.observed:
+        fields: dict[str, object] = {
+            "client": str(session.client_ip),
+            "stage": event.stage.value,
+            "observed": True,
+            "action": seen.action.value,
+            "rule": seen.rule,
+            "reply": str(seen.reply) if seen.reply else None,
+            "evidence": [str(e) for e in seen.evidence],
+        }
+        decisions.info("observed: would %s", seen.explain(), extra={"decision": fields})
 
 
 def log_decision(session: Session, event: Decided) -> None:

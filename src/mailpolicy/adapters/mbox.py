@@ -702,6 +702,8 @@ class RecipientVerdict:
             out["evidence"] = [str(e) for e in v.evidence]
         if self.missing_dns:
             out["missing_dns"] = list(self.missing_dns)
+        if v.observed:
+            out["observed"] = [f"{o.rule}: {o.reply or o.action.value}" for o in v.observed]
         return out
 
 

@@ -108,6 +108,9 @@ class ReplayReply:
     enhanced: str | None
     text: str
     rule: str | None = None
+    #: refusals that rules in observe mode would have made here, each as
+    #: ``"RULE: REPLY"`` (the client saw ``code`` and ``text`` instead)
+    observed: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -118,6 +121,8 @@ class ReplayReply:
         }
         if self.rule is not None:
             out["rule"] = self.rule
+        if self.observed:
+            out["observed"] = list(self.observed)
         return out
 
 
@@ -426,12 +431,22 @@ async def run_case(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server, timeout)
     # Pair the replies the client saw with the verdicts the server recorded.
-    return [attrs.evolve(r, rule=_rule_of(records, i)) for i, r in enumerate(out)]
+    return [
+        attrs.evolve(r, rule=_rule_of(records, i), observed=_observed_of(records, i))
+        for i, r in enumerate(out)
+    ]
 
 
 def _rule_of(records: Sequence[ReplyRecord], i: int) -> str | None:
     verdict = records[i].verdict if i < len(records) else None
     return verdict.rule if verdict is not None else None
+
+
+def _observed_of(records: Sequence[ReplyRecord], i: int) -> tuple[str, ...]:
+    verdict = records[i].verdict if i < len(records) else None
+    if verdict is None:
+        return ()
+    return tuple(f"{o.rule}: {o.reply or o.action.value}" for o in verdict.observed)
 
 
 async def _play(

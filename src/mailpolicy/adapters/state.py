@@ -62,7 +62,7 @@ import secrets
 import threading
 import urllib.parse
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -79,11 +79,35 @@ __all__ = [
 ]
 
 #: What :meth:`StateStore.hit` counts.
-HitKind = Literal["message", "recipient", "auth_failure"]
+#: ``message``/``recipient``/``auth_failure`` are keyed on the client address;
+#: ``user_*`` on the SASL login, ``sender_domain_*``/``recipient_domain_*`` on
+#: the domain, ``global_*`` on ``"*"``.
+HitKind = Literal[
+    "message",
+    "recipient",
+    "auth_failure",
+    "user_message",
+    "user_recipient",
+    "sender_domain_message",
+    "recipient_domain_recipient",
+    "global_message",
+    "global_recipient",
+]
 #: What :meth:`StateStore.peek` reads: a hit kind, or new connections.
-CountKind = Literal["connection", "message", "recipient", "auth_failure"]
+CountKind = Literal[
+    "connection",
+    "message",
+    "recipient",
+    "auth_failure",
+    "user_message",
+    "user_recipient",
+    "sender_domain_message",
+    "recipient_domain_recipient",
+    "global_message",
+    "global_recipient",
+]
 
-_KINDS: Final = frozenset(("connection", "message", "recipient", "auth_failure"))
+_KINDS: Final = frozenset(get_args(CountKind))
 
 _T = TypeVar("_T")
 

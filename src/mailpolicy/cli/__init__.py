@@ -15,7 +15,21 @@ import sys
 from collections.abc import Sequence
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMANDS: tuple[str, ...] = ("serve", "replay", "diff", "check", "route", "hash_password")
+COMMANDS: tuple[str, ...] = (
+    "serve",
+    "reload",
+    "replay",
+    "diff",
+    "check",
+    "route",
+    "hash_password",
+)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mailpolicy",
         description="SMTP policy decisions that answer like Postfix.",
     )
+    parser.add_argument("--version", action="version", version=f"mailpolicy {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

@@ -52,7 +52,8 @@ def _reply_text(r: Any) -> str:
         return "(not sent)"
     enhanced = f"{r.enhanced} " if r.enhanced else ""
     rule = f"  [{r.rule}]" if r.rule else ""
-    return f"{r.code} {enhanced}{r.text}".replace("\n", " / ") + rule
+    observed = "".join(f"  (observed: {o})" for o in r.observed)
+    return f"{r.code} {enhanced}{r.text}".replace("\n", " / ") + rule + observed
 
 
 @contextlib.contextmanager

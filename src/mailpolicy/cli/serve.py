@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import sys
@@ -18,7 +19,8 @@ def register(sub: Any) -> None:
         description="Listen as the policy's [server] table says (or --listen), judge every "
         "session with the policy, deliver local mail to Maildirs and relay the rest. "
         "SIGTERM or Ctrl-C stops gracefully: messages in flight are finished; a "
-        "second one stops at once.",
+        "second one stops at once. SIGHUP (or `mailpolicy reload`) re-reads the policy "
+        "file: new sessions use it, sessions in progress finish on theirs (docs/operations.md).",
     )
     p.add_argument("--policy", required=True, metavar="POLICY.toml")
     p.add_argument(
@@ -51,6 +53,16 @@ def register(sub: Any) -> None:
         action="store_true",
         help="expect a HAProxy PROXY v1 line on every connection (behind a load "
         "balancer): the client address is taken from it",
+    )
+    p.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="write the process id here (for `mailpolicy reload --pid-file FILE`); removed at exit",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/operations.md)",
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="info")
@@ -121,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters.dns import LiveResolver, Resolver, StaticZone, ZoneError
     from ..adapters.gateway import GatewayDelivery
     from ..adapters.logs import configure_logging
-    from ..adapters.server import MailServer, listeners_from_settings, tls_context
+    from ..adapters.metrics import Metrics
+    from ..adapters.reload import PolicyReloader
+    from ..adapters.server import MailServer, listeners_from_settings, parse_hostport, tls_context
     from ..adapters.state import RedisStore, StateStoreError, store_from_url
     from ..config import PolicyError, load_settings
     from ..policy import compile_policy
@@ -178,6 +192,13 @@ def run(args: argparse.Namespace) -> int:
     delivery = GatewayDelivery(
         settings, resolver, maildir_root=args.maildir, state_dir=args.state_dir
     )
+    metrics_at = None
+    if args.metrics:
+        try:
+            metrics_at = parse_hostport(args.metrics)
+        except ValueError as e:
+            print(f"mailpolicy: --metrics: {e}", file=sys.stderr)
+            return 2
 
     async def main() -> int:
         if isinstance(store, RedisStore):
@@ -200,6 +221,23 @@ def run(args: argparse.Namespace) -> int:
             proxy_protocol=args.proxy_protocol,
             observer=capture.observer if capture is not None else None,
         )
+        metrics = Metrics() if metrics_at is not None else None
+        server.services.metrics = metrics
+        reloader = PolicyReloader(
+            server,
+            args.policy,
+            delivery=delivery,
+            metrics=metrics,
+            on_reload=[capture.use_settings] if capture is not None else [],
+        )
+        log.info("policy %s loaded: generation 1", args.policy)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_hangup() -> None:
+            task = asyncio.ensure_future(reloader.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         stopping: list[asyncio.Future[None]] = []
@@ -216,7 +254,11 @@ def run(args: argparse.Namespace) -> int:
         # port accepts, and a SIGTERM must then already stop us gracefully.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
+            if metrics is not None and metrics_at is not None:
+                port = metrics.serve(*metrics_at)
+                log.info("metrics on http://%s:%d/metrics", metrics_at[0], port)
             await server.start()
         except (OSError, ValueError) as e:
             # one line naming the listener: a port in use, an address not ours
@@ -228,6 +270,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         # MailServer.start has logged each listener (a log record, so that
         # --log-format json stays one object a line).
+        if args.pid_file:
+            # after listening: a supervisor that sees the file can connect
+            with open(args.pid_file, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
         await stop.wait()
         log.info("shutting down")
         stopping.append(asyncio.ensure_future(server.stop(grace=args.grace)))
@@ -238,6 +284,11 @@ def run(args: argparse.Namespace) -> int:
                 session.abort()
         await store.close()
         delivery.ledger.close()
+        if metrics is not None:
+            metrics.close()
+        if args.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pid_file)
         if capture is not None:
             capture.close()
         return 0

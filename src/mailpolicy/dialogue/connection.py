@@ -40,6 +40,7 @@ from typing import Any, Final
 import attrs
 
 from ..addresses import AddressError, parse_mail_from, parse_rcpt_to
+from ..counting import rates_to_count
 from ..evaluate import Memo, decide, evaluate
 from ..model import (
     Action,
@@ -71,6 +72,7 @@ from .events import (
     NeedRecipientCheck,
     NeedSpooled,
     NeedStamp,
+    Observed,
     ReplyRecord,
     Send,
     Spool,
@@ -388,25 +390,39 @@ class Connection:
             for _ in range(MAX_DNS_ROUNDS):
                 result = decide(self.policy, self.session, envelope, self.memo)
                 if isinstance(result, Verdict):
-                    return result
+                    break
                 answers = yield NeedDns(result.queries)
                 self.session = self.session.with_dns(answers)
-            return evaluate(self.policy, self.session, envelope, self.memo)
+            else:
+                result = evaluate(self.policy, self.session, envelope, self.memo)
+            if result.observed:
+                yield Observed(envelope.stage, result)
+            return result
         except HostFailure as e:
             why = Evidence("dns", "resolver failed", matched=str(e))
         except Exception as e:  # a bug must defer, never accept
             why = Evidence("error", f"{type(e).__name__}: {e}")
         return Verdict(Action.DEFER, R.TEMP_FAILURE, "internal.error", (why,))
 
-    def _count(self, kind: str, stage: Stage) -> Generator[Event, Any, int]:
-        """Count ``kind`` when the policy judges it at ``stage`` (else 0).
-        Raises HostFailure when the store fails."""
-        field = "message_rate" if kind == "message" else "recipient_rate"
-        if field not in self.policy.counters(stage):
-            return 0
+    def _count(self, stage: Stage, address: str | None) -> Generator[Event, Any, None]:
+        """Count what the policy judges at ``stage`` (``address``: the
+        sender at MAIL, the recipient at RCPT) and put the counts in the
+        session's counters. Raises HostFailure when the store fails."""
+        todo = rates_to_count(self.policy, stage, self.session, address)
+        if not todo:
+            return
         window = self.policy.settings.security.connection_policy.rate_window_seconds
-        value = yield NeedCount(kind, str(self.session.client_ip), window)  # type: ignore[arg-type]
-        return int(value)
+        client = str(self.session.client_ip)
+        counts: dict[str, int] = {}
+        for rate in todo:
+            if rate.key is None:  # nothing to count for (no login, the null sender)
+                counts[rate.field] = 0
+                continue
+            key = None if rate.per_client else rate.key
+            need = NeedCount(rate.kind, client, window, key=key)  # type: ignore[arg-type]
+            counts[rate.field] = int((yield need))
+        counters = attrs.evolve(self.session.counters, **counts)
+        self.session = attrs.evolve(self.session, counters=counters)
 
     def _refuse(self, stage: Stage, verdict: Verdict, **facts: object) -> Steps:
         yield Decided(stage, verdict, facts)
@@ -700,20 +716,17 @@ class Connection:
             yield from self._say(refused)
             return
         try:
-            rate = yield from self._count("message", Stage.MAIL)
+            yield from self._count(Stage.MAIL, address.written)
         except HostFailure:
             yield from self._say(R.TEMP_FAILURE)
             return
-        if rate:
-            counters = attrs.evolve(self.session.counters, message_rate=rate)
-            self.session = attrs.evolve(self.session, counters=counters)
         sender = address.written
         verdict = yield from self._judge(Envelope(Stage.MAIL, sender=sender, declared_size=size))
         if verdict.action.refuses:
             yield from self._refuse(Stage.MAIL, verdict, sender=sender)
             return
         self._tx = _Transaction(sender, "SMTPUTF8" in params, size)
-        yield from self._say(R.OK_MAIL, verdict if verdict.rule else None)
+        yield from self._say(R.OK_MAIL, verdict if verdict.rule or verdict.observed else None)
 
     def cmd_rcpt(self, arg: str) -> Steps:
         refused = self._out_of_sequence("RCPT")
@@ -731,13 +744,10 @@ class Connection:
             yield from self._say(refused)
             return
         try:
-            rate = yield from self._count("recipient", Stage.RCPT)
+            yield from self._count(Stage.RCPT, address.written)
         except HostFailure:
             yield from self._say(R.TEMP_FAILURE)
             return
-        if rate:
-            counters = attrs.evolve(self.session.counters, recipient_rate=rate)
-            self.session = attrs.evolve(self.session, counters=counters)
         rcpt = address.written
         envelope = Envelope(
             Stage.RCPT,
@@ -773,7 +783,7 @@ class Connection:
                 yield from self._refuse(Stage.RCPT, refused_by, sender=tx.sender, recipient=rcpt)
                 return
         tx.rcpts.append(rcpt)
-        yield from self._say(R.OK_RCPT, verdict if verdict.rule else None)
+        yield from self._say(R.OK_RCPT, verdict if verdict.rule or verdict.observed else None)
 
     def cmd_data(self, arg: str) -> Steps:
         if arg:

@@ -46,6 +46,7 @@ __all__ = [
     "NeedRecipientCheck",
     "NeedSpooled",
     "NeedStamp",
+    "Observed",
     "ReplyRecord",
     "Send",
     "Spool",
@@ -113,7 +114,20 @@ class NeedDns:
 
 #: ``"connection"``: a new connection (answer ``(open, rate)``); the others
 #: count one event (or, with ``peek``, read the count) and answer an int.
-CountKind = Literal["connection", "message", "recipient", "auth_failure"]
+#: ``user_*``, ``sender_domain_*``, ``recipient_domain_*`` and ``global_*``
+#: are counted per :attr:`NeedCount.key`, the others per client.
+CountKind = Literal[
+    "connection",
+    "message",
+    "recipient",
+    "auth_failure",
+    "user_message",
+    "user_recipient",
+    "sender_domain_message",
+    "recipient_domain_recipient",
+    "global_message",
+    "global_recipient",
+]
 
 
 @attrs.frozen
@@ -122,12 +136,22 @@ class NeedCount:
     ``counted(n)`` with the count including this event (``peek``: read the
     count without adding to it). ``"connection"`` answers ``(open, rate)``.
     A store that cannot count: ``failed(...)``, and the dialogue answers 4xx.
+
+    ``key``, when set, is what the event is counted for instead of the
+    client: the SASL login, a domain, or ``"*"`` for the whole server
+    (:attr:`subject` is the one to count under).
     """
 
     kind: CountKind
     client: str
     window: int
     peek: bool = False
+    key: str | None = None
+
+    @property
+    def subject(self) -> str:
+        """What to count under: ``key``, else the client address."""
+        return self.client if self.key is None else self.key
 
 
 @attrs.frozen
@@ -227,6 +251,16 @@ class Decided:
 
 
 @attrs.frozen
+class Observed:
+    """A note: rules in observe mode would have refused this request
+    (``verdict.observed``, each with its rule, reply and evidence); it went
+    on as ``verdict`` says. Log and count them; the client saw nothing."""
+
+    stage: Stage
+    verdict: Verdict
+
+
+@attrs.frozen
 class Authenticated:
     """An AUTH attempt's outcome (never the password)."""
 
@@ -263,6 +297,7 @@ Event = (
     | Deliver
     | CommandReceived
     | Decided
+    | Observed
     | Authenticated
     | MessageReceived
     | TlsStarted

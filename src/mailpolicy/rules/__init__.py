@@ -81,13 +81,16 @@ class Step:
     """One rule in a chain, with what its table row says about it.
 
     ``slot`` numbers the steps of one policy (the memo's key); ``white``
-    marks the white list, whose ``PERMIT`` names the accepting rule.
+    marks the white list, whose ``PERMIT`` names the accepting rule;
+    ``observe``: some refusal of this rule is only observed (its name is in
+    ``Policy.observed``).
     """
 
     rule: Rule
     scope: Scope = Scope.ENVELOPE
     white: bool = False
     slot: int = 0
+    observe: bool = False
 
 
 @attrs.frozen

@@ -1,5 +1,7 @@
-"""Counted limits: recipients, sizes, hops (general) and the per-client
-connection, message and recipient rates (connection policy).
+"""Counted limits: recipients, sizes, hops (general), the per-client
+connection, message and recipient rates, and the message and recipient
+rates per SASL login, per sender domain, per recipient domain and for the
+whole server (connection policy).
 
 The counts arrive as facts (``Session.counters``, ``Envelope.recipients``,
 ``MessageFacts``): the store that counts them is the adapter's business.
@@ -20,11 +22,17 @@ from .context import Context
 __all__ = [
     "MaxConnectionRate",
     "MaxConnections",
+    "MaxGlobalMessageRate",
+    "MaxGlobalRecipientRate",
     "MaxHops",
     "MaxMessageRate",
     "MaxMessageSize",
+    "MaxRecipientDomainRate",
     "MaxRecipientRate",
     "MaxRecipients",
+    "MaxSenderDomainRate",
+    "MaxUserMessageRate",
+    "MaxUserRecipientRate",
 ]
 
 
@@ -165,3 +173,87 @@ class MaxRecipientRate(_PerClient):
     counter = "recipient_rate"
     code, enhanced = 450, "4.7.1"
     text = "Error: too many recipients from {client}"
+
+
+@attrs.frozen
+class _Keyed:
+    """A count keyed on something other than the client (the SASL login, a
+    domain, the whole server) over its limit: a temporary refusal, Postfix's
+    rate-limit reply. No network is exempt: the point of a per-login quota
+    is to contain a stolen password wherever it is used from. A count of 0
+    was not counted (no login, the null sender): nothing to judge."""
+
+    name: str
+    limit: int
+    counter: ClassVar[str]
+    code: ClassVar[int] = 450
+    enhanced: ClassVar[str] = "4.7.1"
+    #: reply text; {key} is what was counted
+    text: ClassVar[str]
+
+    def key(self, ctx: Context) -> str:
+        return "*"
+
+    def check(self, ctx: Context) -> Decision | None:
+        n: int = getattr(ctx.session.counters, self.counter)
+        if n <= self.limit:
+            return None
+        key = self.key(ctx)
+        return Decision(
+            Outcome.REJECT,
+            self.name,
+            Reply(self.code, self.enhanced, self.text.format(key=key)),
+            (Evidence(self.counter, str(n), matched=f"limit {self.limit} for {key}"),),
+        )
+
+
+def _domain(address: str | None) -> str:
+    return (address or "").rpartition("@")[2].lower().rstrip(".")
+
+
+@attrs.frozen
+class MaxUserMessageRate(_Keyed):
+    counter = "user_message_rate"
+    text = "Error: too much mail from user {key}"
+
+    def key(self, ctx: Context) -> str:
+        return ctx.session.auth_user or ""
+
+
+@attrs.frozen
+class MaxUserRecipientRate(_Keyed):
+    counter = "user_recipient_rate"
+    text = "Error: too many recipients from user {key}"
+
+    def key(self, ctx: Context) -> str:
+        return ctx.session.auth_user or ""
+
+
+@attrs.frozen
+class MaxSenderDomainRate(_Keyed):
+    counter = "sender_domain_message_rate"
+    text = "Error: too much mail from domain {key}"
+
+    def key(self, ctx: Context) -> str:
+        return _domain(ctx.envelope.sender)
+
+
+@attrs.frozen
+class MaxRecipientDomainRate(_Keyed):
+    counter = "recipient_domain_recipient_rate"
+    text = "Error: too many recipients for domain {key}"
+
+    def key(self, ctx: Context) -> str:
+        return _domain(ctx.envelope.recipient)
+
+
+@attrs.frozen
+class MaxGlobalMessageRate(_Keyed):
+    counter = "global_message_rate"
+    text = "Error: too much mail, try again later"
+
+
+@attrs.frozen
+class MaxGlobalRecipientRate(_Keyed):
+    counter = "global_recipient_rate"
+    text = "Error: too many recipients, try again later"
