@@ -20,6 +20,9 @@ Attacks:
   ``\\n.\\r\\n``...) followed by commands: no smuggled command may run.
 * ``relay_tricks``: routed and quoted recipients from an outsider: every one
   must be refused as relaying.
+* ``next_hop_killed``: 200 messages relayed through a next hop that is
+  killed -9 halfway and restarted; the client retries every 4xx: none may be
+  missing at the next hop, and how many arrived twice is counted.
 
 Every loop is bounded in count and time; nothing leaves 127.0.0.1.
 """
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import signal
 import socket
@@ -66,12 +70,12 @@ def free_port() -> int:
 class Server:
     """A ``mailpolicy serve`` process with a PROXY-protocol listener."""
 
-    def __init__(self, folder: Path, *, timeout: int = 300) -> None:
+    def __init__(self, folder: Path, *, timeout: int = 300, extra: str = "") -> None:
         self.folder = folder
         self.port = free_port()
         self.maildir = folder / "maildir"
         policy = folder / "policy.toml"
-        policy.write_text(POLICY.format(port=self.port, timeout=timeout))
+        policy.write_text(POLICY.format(port=self.port, timeout=timeout) + extra)
         self.log = (folder / "serve.log").open("wb")
         self.proc = subprocess.Popen(
             [
@@ -332,12 +336,104 @@ async def relay_tricks(folder: Path) -> None:
     print(f"relay_tricks: {refused} of {len(RELAY_TRICKS)} routed recipients refused as relaying")
 
 
+NEXT_HOP = """
+import os, sys, time, uuid
+from aiosmtpd.controller import Controller
+folder = sys.argv[2]
+class Keep:
+    async def handle_DATA(self, server, session, envelope):
+        path = os.path.join(folder, uuid.uuid4().hex)
+        with open(path, "wb") as f:
+            f.write(envelope.content)
+            f.flush()
+            os.fsync(f.fileno())
+        return "250 2.0.0 kept"
+Controller(Keep(), hostname="127.0.0.1", port=int(sys.argv[1])).start()
+while True:
+    time.sleep(3600)
+"""
+
+
+async def next_hop_killed(folder: Path, n: int = 200) -> None:
+    """Relay through a next hop that is killed -9 halfway and comes back:
+    every message must end up there, and the client retries its 4xx."""
+    hop_port, kept = free_port(), folder / "kept"
+    kept.mkdir()
+
+    def start_hop() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", NEXT_HOP, str(hop_port), str(kept)])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", hop_port), timeout=1).close()
+                return proc
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the next hop did not start") from None
+                time.sleep(0.1)
+
+    hop = start_hop()
+    extra = (
+        '[delivery]\nmode = "relay"\n'
+        f'relay_host = {{ host = "127.0.0.1", port = {hop_port}, security = "none" }}\n'
+    )
+    server = Server(folder, extra=extra)
+    pending = list(range(n))
+    deferred = 0
+    rounds = 0
+    while pending and rounds < 20:
+        rounds += 1
+        still: list[int] = []
+        for i in pending:
+            if rounds == 1 and i == n // 2:
+                hop.kill()  # -9, in the middle of the stream
+                hop.wait()
+                restart = asyncio.get_running_loop().time() + 2
+            c = await Client.open(server.port)
+            await c.reply()
+            await c.cmd("EHLO client.example.org")
+            await c.cmd("MAIL FROM:<carol@example.com>")
+            await c.cmd("RCPT TO:<bob@remote.example>")
+            await c.cmd("DATA")
+            answer = await c.cmd(f"Message-ID: <m{i}@stress>\r\n\r\nmessage {i}\r\n.\r\n".encode())
+            await c.close()
+            if not answer.startswith("250"):
+                deferred += 1
+                still.append(i)
+            if (
+                rounds == 1
+                and i >= n // 2
+                and hop.poll() is not None
+                and asyncio.get_running_loop().time() > restart
+            ):
+                hop = start_hop()
+        pending = still
+        if hop.poll() is not None:
+            hop = start_hop()
+    server.stop()
+    hop.kill()
+    hop.wait()
+    copies: dict[str, int] = {}
+    for f in kept.iterdir():
+        found = re.search(rb"(?im)^Message-ID: (<[^>]*>)", f.read_bytes())
+        mid = found.group(1).decode() if found else f.name
+        copies[mid] = copies.get(mid, 0) + 1
+    missing = n - len(copies)
+    dupes = sum(c - 1 for c in copies.values())
+    print(
+        f"next_hop_killed: {n} messages relayed, next hop killed -9 at {n // 2}: {deferred} "
+        f"4xx answers retried, {missing} missing at the next hop, {dupes} duplicates "
+        f"({rounds} rounds)"
+    )
+
+
 ATTACKS: dict[str, Callable[[Path], Awaitable[None]]] = {
     "concurrency": concurrency,
     "slow_clients": slow_clients,
     "unfinished_data": unfinished_data,
     "smuggling": smuggling,
     "relay_tricks": relay_tricks,
+    "next_hop_killed": next_hop_killed,
 }
 
 
