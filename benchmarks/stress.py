@@ -14,7 +14,7 @@ Attacks:
   how many were greeted, how many got 250, and whether every 250 has its file.
 * ``slow_clients``: 300 clients trickle a byte every few seconds; meanwhile a
   normal client's whole transaction is timed (target: under a second).
-* ``unfinished_data``: 40 clients each send 9.5 MiB of a message and never
+* ``unfinished_data``: 40 clients each send 10 MiB of a message and never
   end it: the server's resident memory (target: under 150 MB).
 * ``smuggling``: end-of-data look-alikes (``\\n.\\n``, ``\\r.\\r``,
   ``\\n.\\r\\n``...) followed by commands: no smuggled command may run.
@@ -225,7 +225,7 @@ async def slow_clients(folder: Path, n: int = 300) -> None:
     )
 
 
-async def unfinished_data(folder: Path, n: int = 40, size: int = 9_500_000) -> None:
+async def unfinished_data(folder: Path, n: int = 40, size: int = 10 * 2**20) -> None:
     server = Server(folder)
     before = server.rss_mb()
     clients = []
