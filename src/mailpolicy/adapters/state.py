@@ -62,7 +62,9 @@ import secrets
 import threading
 import urllib.parse
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar, get_args
+
+from ..dialogue.events import CountKind, HitKind
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -78,36 +80,12 @@ __all__ = [
     "store_from_url",
 ]
 
-#: What :meth:`StateStore.hit` counts.
-#: ``message``/``recipient``/``auth_failure`` are keyed on the client address;
-#: ``user_*`` on the SASL login, ``sender_domain_*``/``recipient_domain_*`` on
-#: the domain, ``global_*`` on ``"*"``.
-HitKind = Literal[
-    "message",
-    "recipient",
-    "auth_failure",
-    "user_message",
-    "user_recipient",
-    "sender_domain_message",
-    "recipient_domain_recipient",
-    "global_message",
-    "global_recipient",
-]
-#: What :meth:`StateStore.peek` reads: a hit kind, or new connections.
-CountKind = Literal[
-    "connection",
-    "message",
-    "recipient",
-    "auth_failure",
-    "user_message",
-    "user_recipient",
-    "sender_domain_message",
-    "recipient_domain_recipient",
-    "global_message",
-    "global_recipient",
-]
-
-_KINDS: Final = frozenset(get_args(CountKind))
+# HitKind is what StateStore.hit counts: message/recipient/auth_failure keyed
+# on the client address, user_* on the SASL login, sender_domain_* and
+# recipient_domain_* on the domain, global_* on "*"; CountKind is what peek
+# reads: a hit kind, or new connections. Both are defined beside the
+# dialogue's NeedCount, which asks for them.
+_KINDS: Final = frozenset(("connection", *get_args(HitKind)))
 
 _T = TypeVar("_T")
 

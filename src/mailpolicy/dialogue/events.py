@@ -39,6 +39,7 @@ __all__ = [
     "Decided",
     "Deliver",
     "Event",
+    "HitKind",
     "MessageReceived",
     "NeedCount",
     "NeedData",
@@ -116,8 +117,7 @@ class NeedDns:
 #: count one event (or, with ``peek``, read the count) and answer an int.
 #: ``user_*``, ``sender_domain_*``, ``recipient_domain_*`` and ``global_*``
 #: are counted per :attr:`NeedCount.key`, the others per client.
-CountKind = Literal[
-    "connection",
+HitKind = Literal[
     "message",
     "recipient",
     "auth_failure",
@@ -128,6 +128,7 @@ CountKind = Literal[
     "global_message",
     "global_recipient",
 ]
+CountKind = Literal["connection", HitKind]
 
 
 @attrs.frozen
