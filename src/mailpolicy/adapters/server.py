@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import attrs
@@ -143,6 +143,7 @@ class MailServer:
         timeout: float | None = None,
         proxy_protocol: bool = False,
         observer: Callable[[], SessionObserver] | None = None,
+        sockets: Sequence[tuple[Listener, socket.socket]] | None = None,
     ) -> None:
         self.policy = policy
         self.listeners = (
@@ -164,6 +165,8 @@ class MailServer:
         self.observer = observer
         self.sessions: set[SmtpProtocol] = set()
         self._sockets: list[socket.socket] = []
+        #: listening sockets made elsewhere (a worker's, inherited from its parent)
+        self._inherited = list(sockets) if sockets is not None else None
         self._accepting: list[asyncio.Task[None]] = []
         #: set when a session ends (room under max_connections)
         self._room = asyncio.Event()
@@ -208,36 +211,46 @@ class MailServer:
         """Bind every listener; ``bound`` then holds the real addresses."""
         loop = asyncio.get_running_loop()
         backlog = self.policy.settings.server.listen_backlog
+        bound = self._inherited if self._inherited is not None else await self.bind(backlog)
+        for listener, sock in bound:
+            sock.setblocking(False)
+            addr = sock.getsockname()
+            self.bound.append((listener, (str(addr[0]), int(addr[1]))))
+            self._sockets.append(sock)
+            self._accepting.append(loop.create_task(self._accept(sock, listener)))
+            log.info(
+                "listening on %s:%s (%s, %s)",
+                addr[0],
+                addr[1],
+                listener.name,
+                "implicit TLS"
+                if listener.tls == "implicit"
+                else "STARTTLS"
+                if self.tls
+                else "plain",
+            )
+        # A delivery that routes mail must know where we listen: an MX that
+        # points at one of these addresses is a loop (554 5.4.6).
+        add = getattr(self.delivery, "add_our_addresses", None)
+        if add is not None:
+            add(listening_addresses(addr for _, addr in self.bound))
+
+    async def bind(self, backlog: int) -> list[tuple[Listener, socket.socket]]:
+        """Listening sockets for every listener (what a parent hands to workers)."""
+        out: list[tuple[Listener, socket.socket]] = []
         for listener in self.listeners:
             if listener.tls == "implicit" and self.tls is None:
                 raise ValueError(f"{listener.name}: implicit TLS needs server.tls_cert and tls_key")
             try:
                 socks = await _listening_sockets(listener.host, listener.port, backlog)
             except OSError as e:
+                for _, sock in out:
+                    sock.close()
                 raise OSError(
                     e.errno, f"{listener.name} {listener.host}:{listener.port}: {e.strerror or e}"
                 ) from None
-            for sock in socks:
-                addr = sock.getsockname()
-                self.bound.append((listener, (str(addr[0]), int(addr[1]))))
-                self._sockets.append(sock)
-                self._accepting.append(loop.create_task(self._accept(sock, listener)))
-                log.info(
-                    "listening on %s:%s (%s, %s)",
-                    addr[0],
-                    addr[1],
-                    listener.name,
-                    "implicit TLS"
-                    if listener.tls == "implicit"
-                    else "STARTTLS"
-                    if self.tls
-                    else "plain",
-                )
-        # A delivery that routes mail must know where we listen: an MX that
-        # points at one of these addresses is a loop (554 5.4.6).
-        add = getattr(self.delivery, "add_our_addresses", None)
-        if add is not None:
-            add(listening_addresses(addr for _, addr in self.bound))
+            out += [(listener, sock) for sock in socks]
+        return out
 
     async def _accept(self, sock: socket.socket, listener: Listener) -> None:
         """Our own accept loop (public asyncio API only): it stops taking

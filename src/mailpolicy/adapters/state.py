@@ -554,4 +554,9 @@ def store_from_url(url: str | None, *, key_prefix: str = "mailpolicy:") -> State
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
         return RedisStore.from_url(url, key_prefix=key_prefix)
+    if scheme == "local":
+        # the parent of `serve --workers N` (adapters/localstore.py)
+        from .localstore import LocalStore
+
+        return LocalStore(urllib.parse.urlsplit(url).path)
     raise ValueError(f"unknown state store URL {_redact_url(url)!r}: use memory:// or redis://")

@@ -64,6 +64,15 @@ def register(sub: Any) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/operations.md)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes on the same listeners (default 1); per-client "
+        "limits are shared through --state, or through the parent without it",
+    )
+    p.add_argument("--inherit", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="info")
     p.add_argument(
@@ -173,6 +182,23 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.workers < 1:
+        print("mailpolicy: --workers: at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not args.inherit:
+        for flag, value in (("--capture", args.capture), ("--metrics", args.metrics)):
+            if value:
+                why = f"{flag} works with one process only, not with --workers"
+                print(f"mailpolicy: {why}", file=sys.stderr)
+                return 2
+        from .workers import supervise
+
+        return supervise(args, listeners, settings.server.listen_backlog)
+    inherited = None
+    if args.inherit:
+        from .workers import inherited_sockets
+
+        inherited = inherited_sockets(args.inherit)
     policy = compile_policy(settings)
     capture = None
     if args.capture:
@@ -220,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             proxy_protocol=args.proxy_protocol,
             observer=capture.observer if capture is not None else None,
+            sockets=inherited,
         )
         metrics = Metrics() if metrics_at is not None else None
         server.services.metrics = metrics

@@ -1,0 +1,153 @@
+"""``mailpolicy serve --workers N``: one parent, N worker processes.
+
+The parent binds every listener once and hands the listening sockets to N
+workers (fresh interpreters, ``pass_fds``), each a complete ``mailpolicy
+serve`` accepting on the same sockets, so the kernel spreads the clients
+over the processes and over the machine's CPUs. Per-client limits hold as
+with one process: with ``--state redis://`` the workers share Redis; without
+it the parent serves one in-memory store on a Unix socket
+(:mod:`mailpolicy.adapters.localstore`).
+
+The parent forwards SIGTERM and SIGINT (graceful stop: every worker finishes
+its messages in flight; a second signal stops them at once) and SIGHUP
+(reload the policy) to every worker, and replaces a worker that dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from ..adapters.localstore import LocalStoreServer
+from ..adapters.server import Listener, _listening_sockets
+
+__all__ = ["supervise", "worker_argv"]
+
+log = logging.getLogger("mailpolicy.serve")
+
+#: options of `serve` a worker takes over from the parent's command line
+_PASSED = (
+    ("policy", "--policy"),
+    ("dns", "--dns"),
+    ("maildir", "--maildir"),
+    ("state_dir", "--state-dir"),
+    ("log_format", "--log-format"),
+    ("log_level", "--log-level"),
+    ("timeout", "--timeout"),
+    ("grace", "--grace"),
+)
+
+
+def worker_argv(
+    args: argparse.Namespace, state: str, inherited: Sequence[tuple[Listener, int]]
+) -> list[str]:
+    argv = [sys.executable, "-m", "mailpolicy", "serve"]
+    for attr, flag in _PASSED:
+        value = getattr(args, attr, None)
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.proxy_protocol:
+        argv.append("--proxy-protocol")
+    argv += ["--state", state]
+    for listener, fd in inherited:
+        argv += ["--inherit", f"{listener.name}:{listener.tls}:{fd}"]
+    return argv
+
+
+def inherited_sockets(specs: Sequence[str]) -> list[tuple[Listener, socket.socket]]:
+    """The listening sockets a parent handed to this worker."""
+    out = []
+    for spec in specs:
+        name, mode, fd = spec.split(":")
+        sock = socket.socket(fileno=int(fd))
+        host, port = sock.getsockname()[:2]
+        out.append((Listener(name, str(host), int(port), mode), sock))  # type: ignore[arg-type]
+    return out
+
+
+def supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int) -> int:
+    """Run the parent: bind, start the workers, forward signals, replace
+    the dead. Returns the exit status."""
+    return asyncio.run(_supervise(args, listeners, backlog))
+
+
+async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int) -> int:
+    bound: list[tuple[Listener, socket.socket]] = []
+    try:
+        for listener in listeners:
+            for sock in await _listening_sockets(listener.host, listener.port, backlog):
+                bound.append((listener, sock))
+    except OSError as e:
+        for _, sock in bound:
+            sock.close()
+        print(f"mailpolicy: cannot listen: {e.strerror or e}", file=sys.stderr)
+        return 2
+    for listener, sock in bound:
+        host, port = sock.getsockname()[:2]
+        log.info("listening on %s:%s (%s), %d workers", host, port, listener.name, args.workers)
+    folder = tempfile.mkdtemp(prefix="mailpolicy-workers-")
+    store_server: LocalStoreServer | None = None
+    state = args.state
+    if state is None or state.startswith("memory"):
+        store_server = LocalStoreServer(os.path.join(folder, "state.sock"))
+        await store_server.start()
+        state = f"local://{store_server.path}"
+    fds = [sock.fileno() for _, sock in bound]
+    argv = worker_argv(args, state, [(lst, sock.fileno()) for lst, sock in bound])
+    stopping = asyncio.Event()
+    workers: dict[int, asyncio.subprocess.Process] = {}
+
+    async def start(slot: int) -> None:
+        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
+        workers[slot] = proc
+        log.info("worker %d started (pid %d)", slot, proc.pid)
+
+    async def watch(slot: int) -> None:
+        while True:
+            status = await workers[slot].wait()
+            if stopping.is_set():
+                return
+            pid = workers[slot].pid
+            log.error("worker %d (pid %d) ended with %s; starting another", slot, pid, status)
+            await asyncio.sleep(0.2)  # a worker that cannot start must not spin
+            await start(slot)
+
+    def forward(sig: signal.Signals) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping.set()
+        for proc in workers.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, forward, sig)
+    if args.pid_file:
+        with open(args.pid_file, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        for slot in range(args.workers):
+            await start(slot)
+        await asyncio.gather(*(watch(slot) for slot in range(args.workers)))
+        await asyncio.gather(*(proc.wait() for proc in workers.values()))
+    finally:
+        for _, sock in bound:
+            sock.close()
+        if store_server is not None:
+            await store_server.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+        if args.pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.pid_file)
+    log.info("all workers stopped")
+    return 0

@@ -1,0 +1,223 @@
+"""``mailpolicy serve --workers 2``: limits hold across processes, SIGTERM
+finishes every worker's messages, a dead worker is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+POLICY = """
+[general]
+hostname = "mx.example.com"
+local_domains = ["example.com"]
+[general.smtp_auth]
+local_networks = []
+[security.connection_policy]
+max_connections_per_client = 4
+max_message_rate_per_client = 5
+"""
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which process holds the server side of a loopback connection."""
+    want_local = f"0100007F:{server_port:04X}"
+    want_remote = f"0100007F:{client_port:04X}"
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == want_local and f[2] == want_remote:
+            inode = f[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+class Workers:
+    def __init__(self, tmp: Path, port: int) -> None:
+        policy = tmp / "policy.toml"
+        policy.write_text(POLICY)
+        self.port = port
+        self.log = tmp / "serve.log"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mailpolicy",
+                "serve",
+                "--policy",
+                str(policy),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--maildir",
+                str(tmp / "md"),
+                "--workers",
+                "2",
+                "--grace",
+                "20",
+            ],
+            stderr=self.log.open("wb"),
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+        deadline = time.monotonic() + 30
+        while len(self.workers()) < 2 or not self._greets():
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
+    def _greets(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                return s.recv(100).startswith(b"220")
+        except OSError:
+            return False
+
+    def workers(self) -> list[int]:
+        try:
+            return _children(self.proc.pid)
+        except OSError:
+            return []
+
+    def connect(self) -> tuple[socket.socket, int | None]:
+        """A greeted connection, and the worker that serves it."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        greeting = s.recv(200)
+        return s, (
+            _owner(self.port, s.getsockname()[1], self.workers())
+            if greeting.startswith(b"220")
+            else None
+        )
+
+
+@pytest.fixture
+def workers(tmp_path: Path, free_port: Callable[[], int]) -> Iterator[Workers]:
+    w = Workers(tmp_path, free_port())
+    try:
+        yield w
+    finally:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+            try:
+                w.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+
+
+def _one_per_worker(w: Workers) -> list[tuple[socket.socket, int]]:
+    """A connection served by each worker (the kernel picks the worker, so
+    connections to one already had are closed and opened again)."""
+    had: dict[int, socket.socket] = {}
+    for _ in range(60):
+        s, pid = w.connect()
+        if pid is None or pid in had:
+            s.close()
+            time.sleep(0.05)  # the slot goes back before the next try
+            continue
+        had[pid] = s
+        if len(had) == 2:
+            return [(sock, pid) for pid, sock in had.items()]
+    pytest.fail("the kernel never handed a connection to the second worker")
+
+
+@pytest.mark.timeout(120)
+def test_connection_limit_holds_across_both_workers(workers: Workers) -> None:
+    # Connections are spread by the kernel; retry until the 4 allowed ones
+    # land on both workers (a fresh round each time, so the count restarts).
+    for _ in range(20):
+        opened = [workers.connect() for _ in range(4)]
+        owners = {pid for _, pid in opened}
+        if len(owners) == 2 and None not in owners:
+            break
+        for s, _ in opened:
+            s.close()
+        time.sleep(0.3)
+    else:
+        pytest.fail("the kernel never spread 4 connections over both workers")
+    assert owners == set(workers.workers())
+    # the 5th, whichever worker takes it, sees the 4 of both
+    extra = socket.create_connection(("127.0.0.1", workers.port), timeout=10)
+    assert extra.recv(200).startswith(b"421 4.7.0"), "over the limit counted across workers"
+    extra.close()
+    for s, _ in opened:
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_message_rate_holds_across_both_workers(workers: Workers) -> None:
+    pair = _one_per_worker(workers)
+    for s, _ in pair:
+        s.sendall(b"EHLO c.example.org\r\n")
+        s.recv(1000)
+    codes = []
+    for i in range(8):  # MAIL on each worker in turn
+        s, _ = pair[i % 2]
+        s.sendall(b"MAIL FROM:<a@example.org>\r\n")
+        codes.append(s.recv(200)[:3])
+        s.sendall(b"RSET\r\n")
+        s.recv(200)
+    assert codes == [b"250"] * 5 + [b"450"] * 3
+    for s, _ in pair:
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_every_worker_finish_its_message(workers: Workers) -> None:
+    opened = _one_per_worker(workers)
+    for s, _ in opened:
+        s.sendall(b"EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\n")
+        s.sendall(b"RCPT TO:<alice@example.com>\r\nDATA\r\n")
+    time.sleep(0.5)
+    workers.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    finals = []
+    for s, _ in opened:
+        s.sendall(b"Subject: in flight\r\n\r\nhello\r\n.\r\n")
+        got = b""
+        while b"queued as" not in got and b"\r\n4" not in got:
+            chunk = s.recv(1000)
+            if not chunk:
+                break
+            got += chunk
+        finals.append(got)
+        s.close()
+    assert all(b"250 2.0.0 Ok: queued as" in f for f in finals), finals
+    assert workers.proc.wait(30) == 0
+    mail = Path(workers.log).parent / "md" / "alice@example.com" / "new"
+    assert len(list(mail.iterdir())) == len(opened)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
+    first = workers.workers()
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while True:
+        now = workers.workers()
+        if len(now) == 2 and first[0] not in now:
+            break
+        assert time.monotonic() < deadline, workers.log.read_text()
+        time.sleep(0.2)
+    assert "starting another" in workers.log.read_text()
+    s, pid = workers.connect()
+    assert pid in now
+    s.close()
