@@ -503,7 +503,7 @@ def test_a_session_over_the_byte_limit_is_not_written(tmp_path: Path) -> None:
 
 
 def test_limits_must_be_positive(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="capture limits must be positive"):
         CaptureStore(tmp_path, policy_settings(), max_files=0)
 
 

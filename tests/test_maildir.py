@@ -114,9 +114,9 @@ def test_escaping_is_one_to_one() -> None:
 
 def test_unusable_addresses_are_refused(tmp_path: Path) -> None:
     delivery = MaildirDelivery(tmp_path)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty recipient address"):
         delivery.deliver("", b"x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="too long for a mailbox name"):
         delivery.deliver("/" * 200 + "@example.org", b"x")
     assert files_under(tmp_path) == []
 
@@ -228,6 +228,6 @@ def test_directory_fsync_failure_withdraws_the_message(
 
 def test_file_in_place_of_maildir_folder_raises(tmp_path: Path) -> None:
     (tmp_path / "a@x.org").write_bytes(b"not a folder")
-    with pytest.raises(OSError):
+    with pytest.raises(FileExistsError, match="a@x.org"):
         MaildirDelivery(tmp_path).deliver("a@x.org", MESSAGE)
     assert (tmp_path / "a@x.org").read_bytes() == b"not a folder"

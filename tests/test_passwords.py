@@ -60,7 +60,7 @@ def test_high_cost_works() -> None:
     ("ln", "r", "p"), [(0, 8, 1), (18, 8, 1), (14, 0, 1), (14, 8, 0), (40, 1, 1), (10, 256, 1)]
 )
 def test_unsupported_parameters_refused(ln: int, r: int, p: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unsupported scrypt parameters"):
         hash_password("pw", ln=ln, r=r, p=p)
 
 

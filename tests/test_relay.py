@@ -196,7 +196,7 @@ def test_no_next_hop_is_temporary() -> None:
 
 
 def test_no_recipients_is_a_programming_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one recipient"):
         send([NextHop("127.0.0.1", 1)], [])
 
 
