@@ -228,6 +228,6 @@ def test_directory_fsync_failure_withdraws_the_message(
 
 def test_file_in_place_of_maildir_folder_raises(tmp_path: Path) -> None:
     (tmp_path / "a@x.org").write_bytes(b"not a folder")
-    with pytest.raises(FileExistsError, match="a@x.org"):
+    with pytest.raises(FileExistsError, match=r"a@x\.org"):
         MaildirDelivery(tmp_path).deliver("a@x.org", MESSAGE)
     assert (tmp_path / "a@x.org").read_bytes() == b"not a folder"
