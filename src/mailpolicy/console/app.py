@@ -203,6 +203,7 @@ class Console:
                     model._set_path(data, path, value)
             else:
                 saved = True
+                data = self.draft.data  # the new draft
         groups = [(g, model.fields(g, data, issues)) for g in section.groups]
         placed = {e for _, fs in groups for f in fs for e in f.errors}
         others = [str(i) for i in issues if i.reason not in placed]
