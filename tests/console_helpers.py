@@ -34,7 +34,9 @@ class ConsoleProcess:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"console never listened:\n{self.log.read_text()}")
+                    raise AssertionError(
+                        f"console never listened:\n{self.log.read_text()}"
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

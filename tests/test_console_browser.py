@@ -170,7 +170,8 @@ def test_edit_preview_apply_in_chromium(
 
         # live: the refusals by rule, polled from the server's metrics
         b.get(f"{console.url}/live")
-        wait_for(lambda: "security.lists.spammers" in b.find_element(By.ID, "chart").text)
+        chart = "security.lists.spammers (2)"  # the one before the change, the one after
+        wait_for(lambda: chart in b.find_element(By.ID, "chart").text)
         assert b.find_element(By.ID, "generation").text == "2"
         shot(b, "live")
 
@@ -215,7 +216,8 @@ def test_a_cross_site_post_is_refused(
         ["--policy", str(policy), "--listen", f"127.0.0.1:{cport}"], tmp_path, cport
     )
     _Attacker.target = console.url
-    evil = http.server.HTTPServer(("127.0.0.1", 0), _Attacker)
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Attacker)
+    evil.daemon_threads = True
     thread = threading.Thread(target=evil.serve_forever, daemon=True)
     thread.start()
     try:

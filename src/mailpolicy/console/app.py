@@ -350,9 +350,11 @@ class Console:
             if action in ("reject", "defer") and mode != "observed":
                 refusals[rule] = refusals.get(rule, 0) + n
         self.history.append((now, refusals))
-        while self.history and self.history[0][0] < now - 3600:
+        # the baseline: the last sample an hour old or more; before the
+        # console has watched an hour, the server's counts since it started
+        while len(self.history) > 1 and self.history[1][0] <= now - 3600:
             self.history.popleft()
-        first = self.history[0][1]
+        first = self.history[0][1] if self.history[0][0] <= now - 3600 else {}
         hour = {r: n - first.get(r, 0) for r, n in refusals.items()}
         return JSONResponse(
             {
