@@ -247,6 +247,21 @@ def test_what_the_page_shows_is_escaped(started: Callable[..., ConsoleProcess]) 
     assert re.search(r"&lt;script&gt;alert\(1\)&lt;/script&gt;", html)
 
 
+def test_the_library_and_its_cli_do_not_import_the_console() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mailpolicy, mailpolicy.cli; mailpolicy.cli.build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'jinja2', 'uvicorn') or m.startswith('mailpolicy.console')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_non_loopback_listener_needs_a_password_or_token(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(policy_text())

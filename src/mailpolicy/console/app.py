@@ -215,6 +215,7 @@ class Console:
             groups=groups,
             others=others,
             saved=saved,
+            exceptions=model.get_path(data, "delivery.exceptions") if slug == "delivery" else None,
         )
 
     def _lists(self) -> list[dict[str, Any]]:

@@ -57,8 +57,9 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # Help text from docs/settings.md
 
-#: the reference, found next to the source tree (an editable or source install)
-DOC = Path(__file__).resolve().parents[3] / "docs" / "settings.md"
+#: the reference: a link to docs/settings.md in the source tree, which a
+#: wheel carries as a copy (one source for the reference and the console)
+DOC = Path(__file__).with_name("settings.md")
 
 _HEADING_TABLE = re.compile(r"`(\[\[?)([A-Za-z0-9_.]+)\]\]?`")
 _ROW_KEY = re.compile(r"^\|\s*`([A-Za-z0-9_]+)`\s*\|")
