@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
+import attrs
 import pytest
 
 pytest.importorskip("starlette", reason="the console extra is not installed")
@@ -86,6 +87,40 @@ def test_a_draft_refuses_a_bad_value_and_keeps_the_good_ones(tmp_path: Path) -> 
     backup = model.apply_file(path, draft.data)
     assert backup.read_text() == policy_text()
     assert tomllib.loads(path.read_text())["general"]["max_recipients"] == 5
+
+
+def test_try_a_session_on_a_zone_and_on_live_dns(tmp_path: Path) -> None:
+    import asyncio
+
+    from mailpolicy.adapters.dns import StaticZone
+    from mailpolicy.adapters.dnsserver import ZoneServer
+
+    path = tmp_path / "policy.toml"
+    path.write_text(policy_text())
+    draft = model.Draft(path)
+    assert draft.update({"security.sender_policy.reject_unknown_sender_domain": True}) == ()
+    settings = draft.check(draft.data)
+    zone = {"known.example": {"A": ["192.0.2.1"]}, "gone.example": {"nxdomain": True}}
+
+    def trial(sender: str, **kw: object) -> list[tuple[str, int | None, str | None]]:
+        replies = asyncio.run(
+            model.try_session(
+                settings, ip="192.0.2.10", helo="c.example", sender=sender,
+                recipients=["alice@example.com"], **kw,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+        return [(r.cmd.split(":")[0], r.code, r.rule) for r in replies if r.cmd.startswith("RCPT")]
+
+    expected = [("RCPT TO", 450, "security.sender_policy.reject_unknown_sender_domain")]
+    assert trial("a@gone.example", zone=zone) == expected
+    assert trial("a@known.example", zone=zone) == [("RCPT TO", 250, None)]
+    with ZoneServer(StaticZone.from_mapping(zone)).run_in_thread() as server:
+        settings = attrs.evolve(
+            settings, dns=attrs.evolve(settings.dns, nameservers=(server.nameserver,))
+        )
+        assert trial("a@gone.example", live=True) == expected
+        assert trial("a@known.example", live=True) == [("RCPT TO", 250, None)]
+        assert any(q.name == "gone.example" for q in server.queries)
 
 
 # ---------------------------------------------------------------------------

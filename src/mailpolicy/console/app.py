@@ -375,6 +375,7 @@ class Console:
             form = request.state.form
             values = {k: str(form.get(k, "")) for k in ("ip", "helo", "sender", "rcpt", "user")}
             values["zone"] = str(form.get("zone", ""))
+            values["live"] = "on" if form.get("live") is not None else ""
             ctx["form"] = values
             try:
                 zone = json.loads(values["zone"]) if values["zone"].strip() else {}
@@ -388,6 +389,7 @@ class Console:
                     recipients=values["rcpt"].split(),
                     user=values["user"].strip(),
                     zone=zone,
+                    live=form.get("live") is not None,
                 )
             except (ValueError, PolicyError) as e:
                 ctx["error"] = str(e)

@@ -28,7 +28,16 @@ import attrs
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..adapters.diff import Change, diff_cases, replay_case_async
-from ..adapters.replay import Case, CaseError, ReplayReply, load_cases
+from ..adapters.dns import LiveResolver
+from ..adapters.replay import (
+    Case,
+    CaseError,
+    ReplayReply,
+    build_policy,
+    cases_from_mapping,
+    load_cases,
+    run_case,
+)
 from ..config import (
     PolicyError,
     PolicyIssue,
@@ -555,10 +564,12 @@ async def try_session(
     recipients: list[str],
     user: str = "",
     zone: Mapping[str, Any] | None = None,
+    live: bool = False,
 ) -> list[ReplayReply]:
     """The replies one session would get under ``settings``, DNS answered
-    from ``zone``; ``user`` logs in first (with a password made up for the
-    trial: the account's own is never needed)."""
+    from ``zone`` or, ``live``, by the policy's resolvers; ``user`` logs in
+    first (with a password made up for the trial: the account's own is never
+    needed)."""
     steps: list[Any] = ["EHLO {helo}"]
     case: dict[str, Any] = {
         # a logged-in trial is under TLS: AUTH is usually refused before STARTTLS
@@ -584,6 +595,14 @@ async def try_session(
     steps.append("QUIT")
     case["session"] = steps
     try:
+        if live:
+            # the policy's [dns] resolvers, as serve would ask them
+            (trial,) = cases_from_mapping(case, "<trial>", "trial")
+            return await run_case(
+                trial,
+                policy=build_policy(trial, settings),
+                resolver=LiveResolver.from_settings(settings.dns),
+            )
         return list(await replay_case_async(case, settings))
     except CaseError as e:
         raise ValueError(e.reason) from e
