@@ -22,6 +22,8 @@ from test_serve_cli import ServeStarter
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
@@ -56,6 +58,13 @@ def browser() -> Iterator[webdriver.Chrome]:
 def shot(driver: webdriver.Chrome, name: str) -> None:
     SHOTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def submit(driver: webdriver.Chrome, element_id: str) -> None:
+    """Click a submit button and wait until the next page has replaced this one."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.ID, element_id).click()
+    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
@@ -101,6 +110,7 @@ def test_edit_preview_apply_in_chromium(
             "--policy", str(policy), "--listen", f"127.0.0.1:{cport}",
             "--captures", str(captures), "--pid-file", str(pid_file),
             "--metrics", f"http://127.0.0.1:{mport}/metrics",
+            "--decision-log", str(server.stderr_path),
         ],
         tmp_path,
         cport,
@@ -125,7 +135,7 @@ def test_edit_preview_apply_in_chromium(
         field = b.find_element(By.ID, "general.max_recipients")
         field.clear()
         field.send_keys("-5")
-        b.find_element(By.ID, "save").click()
+        submit(b, "save")
         error = b.find_element(By.CSS_SELECTOR, '.field-error[data-key="general.max_recipients"]')
         assert error.text == "must not be negative, got -5"
         row = b.find_element(By.ID, "row-general.max_recipients")
@@ -138,11 +148,13 @@ def test_edit_preview_apply_in_chromium(
         b.get(f"{console.url}/section/lists")
         b.find_element(By.CSS_SELECTOR, "#add-field option[value=sender]").click()
         b.find_element(By.ID, "add-value").send_keys("bad.example")
-        b.find_element(By.ID, "add").click()
+        submit(b, "add")
         assert b.find_element(By.ID, "pending")
         assert "bad.example" in b.find_element(By.CSS_SELECTOR, "table.entries").text
         b.find_element(By.ID, "search").send_keys("bad")
+        page = b.find_element(By.TAG_NAME, "html")
         b.find_element(By.CSS_SELECTOR, "form.search button").click()
+        WebDriverWait(b, 20).until(expected_conditions.staleness_of(page))
         entries = b.find_element(By.CSS_SELECTOR, "table.entries").text
         assert "bad.example" in entries
         assert "junk.example" not in entries
@@ -160,7 +172,7 @@ def test_edit_preview_apply_in_chromium(
         assert policy.read_bytes() == original
 
         # apply: the file is written, the old one kept, the server reloaded
-        b.find_element(By.ID, "apply").click()
+        submit(b, "apply")
         assert b.find_element(By.ID, "generation").text == "The server runs generation 2"
         assert (tmp_path / "policy.toml.bak").read_bytes() == original
         assert "bad.example" in policy.read_text()
@@ -173,13 +185,18 @@ def test_edit_preview_apply_in_chromium(
         chart = "security.lists.spammers (2)"  # the one before the change, the one after
         wait_for(lambda: chart in b.find_element(By.ID, "chart").text)
         assert b.find_element(By.ID, "generation").text == "2"
+        last = b.find_elements(By.CSS_SELECTOR, "#last tbody tr")
+        assert len(last) == 2
+        assert "news@bad.example" in last[0].text  # newest first, with its explanation
+        assert "security.lists.spammers" in last[0].text
+        assert "deals@junk.example" in last[1].text
         shot(b, "live")
 
         # try a session
         b.get(f"{console.url}/try")
         b.find_element(By.ID, "sender").send_keys("x@bad.example")
         b.find_element(By.ID, "rcpt").send_keys("alice@example.com")
-        b.find_element(By.ID, "try-go").click()
+        submit(b, "try-go")
         replies = b.find_element(By.ID, "replies").text
         assert "554 5.7.1" in replies
         assert "security.lists.spammers" in replies

@@ -31,6 +31,11 @@ def register(sub: Any) -> None:
         metavar="URL",
         help="the running server's metrics, e.g. http://127.0.0.1:9100/metrics",
     )
+    p.add_argument(
+        "--decision-log",
+        metavar="FILE",
+        help="the running server's log (serve --log-format json 2>FILE): the last refusals",
+    )
     auth = p.add_mutually_exclusive_group()
     auth.add_argument(
         "--password-hash",
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         captures=Path(args.captures) if args.captures else None,
         pid_file=Path(args.pid_file) if args.pid_file else None,
         metrics_url=args.metrics,
+        decision_log=Path(args.decision_log) if args.decision_log else None,
         password_hash=args.password_hash,
         token=token,
         read_only=args.read_only,

@@ -48,6 +48,7 @@ class ConsoleConfig:
     captures: Path | None = None
     pid_file: Path | None = None
     metrics_url: str | None = None
+    decision_log: Path | None = None
     password_hash: str | None = None
     token: str | None = None
     read_only: bool = False
@@ -339,8 +340,10 @@ class Console:
 
     async def live_json(self, request: Request) -> Response:
         url = self.config.metrics_url
+        log = self.config.decision_log
+        refusals_log = await asyncio.to_thread(model.last_refusals, log) if log else []
         if not url:
-            return JSONResponse({"error": "no --metrics URL given"})
+            return JSONResponse({"error": "no --metrics URL given", "last": refusals_log})
         try:
             snap = await asyncio.to_thread(model.scrape_metrics, url)
         except OSError as e:
@@ -366,6 +369,7 @@ class Console:
                     for s, a, r, m, n in snap.verdicts
                 ],
                 "refusals_last_hour": hour,
+                "last": refusals_log,
             }
         )
 

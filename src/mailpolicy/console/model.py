@@ -476,6 +476,37 @@ def wait_generation(url: str, above: float, timeout: float = 10.0) -> Snapshot |
     return last
 
 
+def last_refusals(log: Path, count: int = 20, tail: int = 256 * 1024) -> list[dict[str, Any]]:
+    """The last ``count`` refusals (and observed would-be refusals) in a
+    ``serve --log-format json`` log, newest first, with their explanation."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - tail))
+            data = f.read()
+    except OSError:
+        return []
+    out: list[dict[str, Any]] = []
+    for line in reversed(data.decode("utf-8", "replace").splitlines()):
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # the first line of the tail, cut in two
+        if not isinstance(entry, dict) or entry.get("logger") != "mailpolicy.decisions":
+            continue
+        if entry.get("action") not in ("reject", "defer", "discard"):
+            continue
+        out.append(
+            {k: entry.get(k) for k in ("ts", "client", "stage", "rule", "reply", "msg", "observed")}
+        )
+        if len(out) >= count:
+            break
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Preview
 
