@@ -53,6 +53,13 @@ def test_every_field_of_every_section_has_its_help_and_postfix_name() -> None:
     assert rows["security.lists[].sender"].postfix == "check_sender_access"
 
 
+def test_choice_keys_offer_their_values() -> None:
+    (group,) = [g for s in model.SECTIONS for g in s.groups if g.prefix == "delivery"]
+    mode = {f.name: f for f in model.fields(group, {})}["mode"]
+    assert mode.choices == ["direct", "relay"]
+    assert {f.name: f for f in model.fields(group, {})}["maildir"].choices == []
+
+
 def test_the_toml_writer_reads_back_equal_on_the_example_policy() -> None:
     with open(ROOT / "examples" / "policy.toml", "rb") as f:
         data = tomllib.load(f)

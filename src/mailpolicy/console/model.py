@@ -172,6 +172,14 @@ class Field:
     errors: tuple[str, ...] = ()
 
     @property
+    def choices(self) -> list[str]:
+        """The values a choice key allows, from its type in the reference
+        (``"direct" or "relay"``); empty for free text."""
+        if self.kind != "string" or self.help is None or '" or "' not in self.help.type:
+            return []
+        return re.findall(r'"([^"]+)"', self.help.type)
+
+    @property
     def label(self) -> str:
         return self.name.replace("_", " ").capitalize()
 
