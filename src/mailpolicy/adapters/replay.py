@@ -32,7 +32,7 @@ from ..model import Reply
 from ..passwords import hash_password
 from ..policy import Policy, compile_policy
 from ..settings import Account, Settings
-from .dns import StaticZone, ZoneError
+from .dns import Resolver, StaticZone, ZoneError
 from .driver import AcceptAllDelivery, Services, _Shutdown, run_connection
 from .state import MemoryStore
 
@@ -400,11 +400,17 @@ REPLY_TIMEOUT = 10.0
 
 
 async def run_case(
-    case: Case, *, policy: Policy | None = None, timeout: float = REPLY_TIMEOUT
+    case: Case,
+    *,
+    policy: Policy | None = None,
+    timeout: float = REPLY_TIMEOUT,
+    resolver: Resolver | None = None,
 ) -> list[ReplayReply]:
-    """Play ``case`` through the server's dialogue and return every reply."""
+    """Play ``case`` through the server's dialogue and return every reply;
+    DNS from ``resolver`` if given (the console's trial on live DNS), else
+    from the case's zone."""
     policy = policy if policy is not None else build_policy(case)
-    zone = build_zone(case)
+    zone = resolver if resolver is not None else build_zone(case)
     client = case.client
     clock = _Clock(float(case.data.get("now", DEFAULT_NOW)))
     step_seconds = float(case.data.get("step_seconds", 0))

@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "check",
     "route",
     "hash_password",
+    "console",
 )
 
 
