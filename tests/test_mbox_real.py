@@ -72,15 +72,6 @@ def _is_address(text: str) -> bool:
     return True
 
 
-#: the lines where SpamAssassin's reverse name differs, and why ours is kept:
-#: "from NAME ([IP])" records no reverse name (Sendmail, Exchange 5.5 write
-#: the HELO name there); SpamAssassin reads NAME for these two MTAs only
-RDNS_DIFFERS = {
-    "from TBLLIST1 ([206.137.58.134]) by tblexch01.transmission.bpa.gov with SMTP",
-    "from zak.futurequest.net ([127.0.0.1]) by localhost ([127.0.0.1]) with SMTP via TCP",
-}
-
-
 def test_the_real_lines_are_many_and_varied() -> None:
     assert len(RECORD) >= 100
     parsed = [r for r in RECORD if r["spamassassin"]["status"] == "parsed"]
@@ -106,8 +97,7 @@ def test_the_parser_agrees_with_spamassassin_wherever_both_read_an_address() -> 
         assert str(r.ip) == sa["ip"], line
         assert _bang(r.helo) == _bang(sa.get("helo")), line
         rdns = "" if _is_address(sa.get("rdns") or "") else sa.get("rdns")
-        if not any(line.startswith(d) for d in RDNS_DIFFERS):
-            assert _bang(r.reverse) == _bang(rdns), line
+        assert _bang(r.reverse) == _bang(rdns), line
     assert both >= 200
     assert theirs_only == 0  # we read every line SpamAssassin reads
     assert ours_only > 0

@@ -293,6 +293,10 @@ def _client(
     return None, None, "none"
 
 
+#: writers whose "from NAME ([IP])" names the client, not its HELO
+_NAME_FIRST = re.compile(r"Microsoft Exchange Internet Mail Service|\bwith E?SMTP via TCP\b")
+
+
 def parse_received(value: str) -> Received:
     """Parse one ``Received:`` header value (folded or not)."""
     text = " ".join(value.split())
@@ -354,6 +358,12 @@ def parse_received(value: str) -> Received:
         reverse = _host(first)
         if first is not None and first.lower() == "unknown":
             no_name = True
+    elif form == "comment" and _NAME_FIRST.search(everything):
+        # Exchange 5.5 ("Microsoft Exchange Internet Mail Service") and the
+        # "with SMTP via TCP" writer put the client's name before "([IP])",
+        # as SpamAssassin reads them
+        style = "plain"
+        reverse = _host(first)
     else:  # "from HELO ([IP])", "from HELO [IP] by" (MDaemon, GMX): no name
         style = "plain"
     protocol = with_words[0] if with_words else None
