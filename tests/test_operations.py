@@ -325,7 +325,11 @@ def test_reloads_under_load_lose_no_session_and_no_message(
         async def hups() -> int:
             count = 0
             while not clients.done():
-                policy.write_text(policy_text(black=count % 2 == 0))
+                # as an administrator (or the console) would: write aside,
+                # then rename, so a reload never reads a half-written file
+                staged = policy.with_suffix(".new")
+                staged.write_text(policy_text(black=count % 2 == 0))
+                os.replace(staged, policy)
                 os.kill(server.process.pid, signal.SIGHUP)
                 count += 1
                 await asyncio.sleep(0.05)
