@@ -15,7 +15,16 @@ import sys
 from collections.abc import Sequence
 
 #: sub-command modules, in the order ``--help`` lists them
-COMMANDS: tuple[str, ...] = ("serve", "replay", "diff", "check", "route", "hash_password")
+COMMANDS: tuple[str, ...] = (
+    "serve",
+    "replay",
+    "diff",
+    "check",
+    "route",
+    "hash_password",
+    "policyd",
+    "export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
