@@ -326,7 +326,7 @@ class PolicyService:
             verdict = await self._judge(session, envelope, tx)
         reply_class = CLASSES.get(context, "")
         action = self._action(verdict, attributes, context, reply_class)
-        if self.log_decisions:
+        if self.log_decisions and log.isEnabledFor(logging.INFO):
             self._log(attributes, envelope, verdict, action)
         return action
 
@@ -388,11 +388,12 @@ def parse_request(block: bytes) -> dict[str, str]:
     not become U+FFFD, never an error.
     """
     out: dict[str, str] = {}
-    for raw in block.split(b"\n"):
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+    for line in block.decode("utf-8", "replace").split("\n"):
         name, sep, value = line.partition("=")
         if not sep or not name:
             raise MalformedRequest(f"line without name=value: {line[:80]!r}")
+        if value.endswith("\r"):
+            value = value[:-1]
         out[name] = value
     return out
 
