@@ -520,6 +520,8 @@ def run_case(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"postfix instance failed ({done.returncode}): {done.stderr[-3000:]}")
+    if os.environ.get("MAILPOLICY_POSTFIX_LOGS"):
+        sys.stderr.write(done.stderr)
     return [Row(**json.loads(line)) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
