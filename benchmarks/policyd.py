@@ -62,10 +62,10 @@ def _requests(n: int, count: int = 5000) -> list[bytes]:
     return out
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, seconds: float) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -94,7 +94,7 @@ def start_mailpolicy(tmp: Path, n: int) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_postfwd(tmp: Path, n: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_postfwd(tmp: Path, n: int) -> tuple[list[str], int]:
     senders, networks = _entries(n)
     (tmp / f"senders{n}").write_text("".join(s + "\n" for s in senders))
     (tmp / f"clients{n}").write_text("".join(c + "\n" for c in networks))
@@ -106,11 +106,13 @@ def start_postfwd(tmp: Path, n: int) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     exe = shutil.which("postfwd") or shutil.which("postfwd2") or "/usr/sbin/postfwd"
     cmd = [exe, "--file", str(rules), "--interface", "127.0.0.1", "--port", str(port)]
-    cmd += ["--nodns", "--quiet", "--noidlestats", "--cache", "0", "-u", "nobody", "-g", "nogroup"]
+    cmd += ["--nodns", "--perfmon", "--noidlestats", "--cache", "0", "-u", "nobody", "-g", "nogroup"]
     cmd += ["--pidfile", str(tmp / "postfwd.pid")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port, proc, 120)
-    return proc, port
+    # postfwd puts itself in the background: wait for its port, stop it with -k
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    _wait_port(port, None, 600)
+    stop = [exe, "--file", str(rules), "--pidfile", str(tmp / "postfwd.pid"), "-k"]
+    return stop, port
 
 
 def _client(port: int, seconds: float, requests: list[bytes], offset: int, out: Any) -> None:
@@ -175,14 +177,15 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        tmp.chmod(0o755)  # postfwd reads its lists as nobody
         for n in sizes:
             t0 = time.perf_counter()
             mp, mp_port = start_mailpolicy(tmp, n)
             load_s = time.perf_counter() - t0
             pf = None
-            if have_postfwd and n <= args.postfwd_max:
-                pf, pf_port = start_postfwd(tmp, n)
             try:
+                if have_postfwd and n <= args.postfwd_max:
+                    pf, pf_port = start_postfwd(tmp, n)
                 for conns in (1, 10):
                     m = measure(mp_port, conns, args.seconds, n)
                     line = (
@@ -197,10 +200,11 @@ def main() -> int:
                         line += f"{'not run':>13} {'':>7} | {'':>7}"
                     print(line, flush=True)
             finally:
-                for proc in (mp, pf):
-                    if proc is not None:
-                        proc.terminate()
-                        proc.wait(30)
+                mp.terminate()
+                mp.wait(30)
+                if pf is not None:
+                    subprocess.run(pf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1)
             print(f"{'':>9} (policy with {n:,} + {n:,} entries loaded in {load_s:.1f} s)")
     return 0
 
