@@ -277,3 +277,44 @@ def test_export_writes_main_cf_and_tables(tmp_path: Path) -> None:
     assert sorted(written) == sorted([str(tmp_path / "main.cf"), str(tmp_path / "transport")])
     with pytest.raises(ValueError, match="inet:HOST:PORT or unix:PATH"):
         export_postfix(settings, "127.0.0.1:10040", str(tmp_path))
+
+
+def test_rates_are_counted_per_transaction_and_recipient_in_the_store() -> None:
+    from mailpolicy.policy import compile_policy
+
+    settings = settings_from_mapping(
+        {
+            "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
+            "security": {
+                "connection_policy": {
+                    "max_message_rate_per_client": 2,
+                    "max_recipient_rate_per_client": 3,
+                }
+            },
+        }
+    )
+    store = MemoryStore()
+    service = PolicyService(compile_policy(settings), ZONE, store, clock=lambda: 1000.0)
+
+    async def ask(instance: str, recipient: str) -> str:
+        block = _request(instance=instance, recipient=recipient).rstrip(b"\n")
+        return await service.answer(parse_request(block))
+
+    async def run() -> list[str]:
+        return [
+            await ask("1", "a@example.com"),
+            await ask("1", "b@example.com"),  # the same message: counted once
+            await ask("2", "c@example.com"),
+            await ask("2", "d@example.com"),  # the 4th recipient in the window
+            await ask("3", "e@example.com"),  # the 3rd message in the window
+        ]
+
+    answers = asyncio.run(run())
+    assert answers == [
+        "DUNNO",
+        "DUNNO",
+        "DUNNO",
+        "450 4.7.1 Error: too many recipients from 203.0.113.5",
+        "450 4.7.1 Error: too much mail from 203.0.113.5",
+    ]
+    assert asyncio.run(store.peek("message", "203.0.113.5", 1000.0, 60)) == 3
