@@ -106,7 +106,8 @@ def start_postfwd(tmp: Path, n: int) -> tuple[list[str], int]:
     port = _free_port()
     exe = shutil.which("postfwd") or shutil.which("postfwd2") or "/usr/sbin/postfwd"
     cmd = [exe, "--file", str(rules), "--interface", "127.0.0.1", "--port", str(port)]
-    cmd += ["--nodns", "--perfmon", "--noidlestats", "--cache", "0", "-u", "nobody", "-g", "nogroup"]
+    cmd += ["--nodns", "--perfmon", "--noidlestats", "--cache", "0"]
+    cmd += ["-u", "nobody", "-g", "nogroup"]
     cmd += ["--pidfile", str(tmp / "postfwd.pid")]
     # postfwd puts itself in the background: wait for its port, stop it with -k
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)

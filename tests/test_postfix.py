@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,11 +25,6 @@ CORPUS = sorted((HERE / "conformance").glob("*.json"))
 NOT_THROUGH_POSTFIX: dict[str, str] = {}
 
 WHY_NOT = postfix_instance.can_run()
-
-
-def _expected(path: Path) -> list[dict[str, Any]]:
-    text = path.with_name(path.stem + ".expected.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _variants(path: Path) -> list[str | None]:
