@@ -50,7 +50,7 @@ import collections
 import ipaddress
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import attrs
@@ -222,7 +222,7 @@ class PolicyService:
         resolver: Resolver,
         store: StateStore,
         *,
-        clock: object = time.time,
+        clock: Callable[[], float] = time.time,
         log_decisions: bool = True,
     ) -> None:
         self.policy = policy
@@ -236,9 +236,7 @@ class PolicyService:
         self._window = policy.settings.security.connection_policy.rate_window_seconds
 
     def _now(self) -> float:
-        now = self._clock()  # type: ignore[operator]
-        assert isinstance(now, float | int)
-        return float(now)
+        return float(self._clock())
 
     def _transaction(self, attributes: Mapping[str, str]) -> _Transaction:
         key = (attributes.get("instance", ""), attributes.get("client_address", ""))
