@@ -318,3 +318,18 @@ def test_rates_are_counted_per_transaction_and_recipient_in_the_store() -> None:
         "450 4.7.1 Error: too much mail from 203.0.113.5",
     ]
     assert asyncio.run(store.peek("message", "203.0.113.5", 1000.0, 60)) == 3
+
+
+def test_a_deferral_given_in_the_sender_context_is_not_repeated() -> None:
+    [answers] = asyncio.run(
+        _served(
+            [
+                _request(sender="a@broken.example", policy_context="sender"),
+                _request(sender="a@broken.example", policy_context="recipient"),
+            ]
+        )
+    )
+    assert answers == [
+        b"action=DEFER_IF_PERMIT 4.1.8 Domain not found\n\n",
+        b"action=DUNNO\n\n",
+    ]

@@ -211,6 +211,8 @@ class _Transaction:
     #: the last RCPT judged, and the contexts that have seen it
     last: tuple[str, Verdict] | None = None
     seen: set[str] = attrs.Factory(set)
+    #: an earlier context already gave the last RCPT's verdict to Postfix
+    given: bool = False
 
 
 class PolicyService:
@@ -300,6 +302,7 @@ class PolicyService:
             tx.recipients.append(recipient)
         tx.last = (recipient, verdict)
         tx.seen = {context}
+        tx.given = False
         return verdict
 
     async def answer(self, attributes: Mapping[str, str]) -> str:
@@ -323,7 +326,12 @@ class PolicyService:
         else:
             verdict = await self._judge(session, envelope, tx)
         reply_class = CLASSES.get(context, "")
-        action = self._action(verdict, attributes, context, reply_class)
+        if envelope.stage is Stage.RCPT and tx.given:
+            action = "DUNNO"  # said once (a DEFER_IF_PERMIT Postfix carries on with)
+        else:
+            action = self._action(verdict, attributes, context, reply_class)
+            if envelope.stage is Stage.RCPT and action != "DUNNO":
+                tx.given = True
         if self.log_decisions and log.isEnabledFor(logging.INFO):
             self._log(attributes, envelope, verdict, action)
         return action
