@@ -333,3 +333,18 @@ def test_a_deferral_given_in_the_sender_context_is_not_repeated() -> None:
         b"action=DEFER_IF_PERMIT 4.1.8 Domain not found\n\n",
         b"action=DUNNO\n\n",
     ]
+
+
+def test_answer_now_answers_what_needs_no_dns_and_leaves_the_rest_to_answer() -> None:
+    from mailpolicy.policy import compile_policy
+
+    service = PolicyService(compile_policy(POLICY), ZONE, MemoryStore())
+    listed = parse_request(_request(sender="a@spam.example", instance="1").rstrip(b"\n"))
+    needs_dns = parse_request(_request(sender="a@broken.example", instance="2").rstrip(b"\n"))
+    assert service.answer_now(listed) == (
+        "554 5.7.1 <a@spam.example>: Sender address rejected: Access denied"
+    )
+    assert service.answer_now(needs_dns) is None
+    assert asyncio.run(service.answer(needs_dns)) == (
+        "DEFER_IF_PERMIT 4.1.8 <a@broken.example>: Sender address rejected: Domain not found"
+    )

@@ -107,6 +107,12 @@ CLASSES: Final[Mapping[str, str]] = {
 }
 
 _DEFER_IF_PERMIT_CODE: Final = 450
+#: the action for a request that cannot be judged
+MALFORMED: Final = "DEFER_IF_PERMIT 4.3.0 Malformed policy request"
+
+
+class _NeedsAsync(Exception):
+    """Raised in a synchronous attempt that would have to wait (DNS, a store)."""
 
 
 class MalformedRequest(ValueError):
@@ -268,12 +274,16 @@ class PolicyService:
             values["recipient_rate"] = await self.store.hit("recipient", client, now, window)
         return Counters(**values)
 
-    async def _judge(self, session: Session, envelope: Envelope, tx: _Transaction) -> Verdict:
+    async def _judge(
+        self, session: Session, envelope: Envelope, tx: _Transaction, sync: bool = False
+    ) -> Verdict:
         # most requests need no DNS and no counter: no coroutine round trip
         if not self.policy.counters(envelope.stage):
             found = decide(self.policy, session, envelope, tx.memo)
             if isinstance(found, Verdict):
                 return found
+        if sync:
+            raise _NeedsAsync
         client = str(session.client_ip)
         try:
             counters = await self._counters(envelope.stage, client, tx)
@@ -285,7 +295,7 @@ class PolicyService:
         return (await judge(self.policy, session, envelope, self.resolver, tx.memo))[1]
 
     async def _rcpt(
-        self, session: Session, envelope: Envelope, tx: _Transaction, context: str
+        self, session: Session, envelope: Envelope, tx: _Transaction, context: str, sync: bool
     ) -> Verdict:
         recipient = envelope.recipient or ""
         if tx.last is not None and tx.last[0] == recipient and context not in tx.seen:
@@ -296,8 +306,11 @@ class PolicyService:
             # transaction, at its first request: with smtpd_delay_reject the
             # first request Postfix sends is at RCPT.
             mail = Envelope(Stage.MAIL, envelope.sender, declared_size=envelope.declared_size)
-            tx.mail = await self._judge(session, mail, tx)
-        verdict = tx.mail if tx.mail.action.refuses else await self._judge(session, envelope, tx)
+            tx.mail = await self._judge(session, mail, tx, sync)
+        if tx.mail.action.refuses:
+            verdict = tx.mail
+        else:
+            verdict = await self._judge(session, envelope, tx, sync)
         if verdict.accepted:
             tx.recipients.append(recipient)
         tx.last = (recipient, verdict)
@@ -307,24 +320,41 @@ class PolicyService:
 
     async def answer(self, attributes: Mapping[str, str]) -> str:
         """The action for one request (without ``action=``)."""
+        return await self._answer(attributes, False)
+
+    def answer_now(self, attributes: Mapping[str, str]) -> str | None:
+        """The action, when it needs no DNS answer and no counter (most
+        requests); ``None`` when it does: then ``await answer()``. Nothing
+        is changed by an attempt that gives ``None``."""
+        coro = self._answer(attributes, True)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return str(done.value)
+        except _NeedsAsync:
+            return None
+        coro.close()  # unreachable: nothing on the synchronous path waits
+        return None
+
+    async def _answer(self, attributes: Mapping[str, str], sync: bool) -> str:
         try:
             session = session_of(attributes)
             tx = self._transaction(attributes)
             envelope = envelope_of(attributes, tuple(tx.recipients))
         except (MalformedRequest, ValueError) as e:
             log.warning("malformed request: %s", e)
-            return "DEFER_IF_PERMIT 4.3.0 Malformed policy request"
+            return MALFORMED
         if envelope is None:
             return "DUNNO"
         context = attributes.get("policy_context", "")
         if envelope.stage is Stage.RCPT:
-            verdict = await self._rcpt(session, envelope, tx, context)
+            verdict = await self._rcpt(session, envelope, tx, context, sync)
         elif envelope.stage is Stage.MAIL:
             if tx.mail is None:
-                tx.mail = await self._judge(session, envelope, tx)
+                tx.mail = await self._judge(session, envelope, tx, sync)
             verdict = tx.mail
         else:
-            verdict = await self._judge(session, envelope, tx)
+            verdict = await self._judge(session, envelope, tx, sync)
         reply_class = CLASSES.get(context, "")
         if envelope.stage is Stage.RCPT and tx.given:
             action = "DUNNO"  # said once (a DEFER_IF_PERMIT Postfix carries on with)
@@ -435,10 +465,20 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _answer_now(self, block: bytes) -> bytes | None:
+        try:
+            attributes = parse_request(block)
+        except MalformedRequest as e:
+            log.warning("policy client %s: malformed request: %s", self.peer, e)
+            return b"action=" + MALFORMED.encode() + b"\n\n"
+        action = self.server.service.answer_now(attributes)
+        return None if action is None else b"action=" + action.encode("utf-8") + b"\n\n"
+
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
         start = 0
+        answers: list[bytes] = []
         while True:
             end = buffer.find(b"\n\n", start)
             if end < 0:
@@ -449,7 +489,15 @@ class _Connection(asyncio.Protocol):
                 return self._drop(f"a request of more than {MAX_ATTRIBUTES} lines")
             if len(block) > MAX_LINE and max(map(len, block.split(b"\n"))) > MAX_LINE:
                 return self._drop(f"a line longer than {MAX_LINE} bytes")
+            if self.worker is None and not self.pending:
+                # answered at once when no DNS and no counter is needed
+                action = self._answer_now(block)
+                if action is not None:
+                    answers.append(action)
+                    continue
             self.pending.append(block)
+        if answers and self.transport is not None:
+            self.transport.write(b"".join(answers))
         del buffer[:start]
         if buffer:
             last = buffer.rfind(b"\n")
@@ -480,7 +528,7 @@ class _Connection(asyncio.Protocol):
                         attributes = parse_request(block)
                     except MalformedRequest as e:
                         log.warning("policy client %s: malformed request: %s", self.peer, e)
-                        action = "DEFER_IF_PERMIT 4.3.0 Malformed policy request"
+                        action = MALFORMED
                     else:
                         action = await service.answer(attributes)
                     out.append(b"action=" + action.encode("utf-8") + b"\n\n")
