@@ -107,12 +107,12 @@ def start_postfwd(tmp: Path, n: int) -> tuple[list[str], int]:
     exe = shutil.which("postfwd") or shutil.which("postfwd2") or "/usr/sbin/postfwd"
     cmd = [exe, "--file", str(rules), "--interface", "127.0.0.1", "--port", str(port)]
     cmd += ["--nodns", "--perfmon", "--noidlestats", "--cache", "0"]
-    cmd += ["-u", "nobody", "-g", "nogroup"]
-    cmd += ["--pidfile", str(tmp / "postfwd.pid")]
+    cmd += ["-u", "nobody", "-g", "nogroup", "--cache_port", str(_free_port())]
+    cmd += ["--pidfile", str(tmp / f"postfwd{n}.pid")]
     # postfwd puts itself in the background: wait for its port, stop it with -k
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     _wait_port(port, None, 600)
-    stop = [exe, "--file", str(rules), "--pidfile", str(tmp / "postfwd.pid"), "-k"]
+    stop = [exe, "--file", str(rules), "--pidfile", str(tmp / f"postfwd{n}.pid"), "-k"]
     return stop, port
 
 
@@ -205,7 +205,7 @@ def main() -> int:
                 mp.wait(30)
                 if pf is not None:
                     subprocess.run(pf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    time.sleep(1)
+                    time.sleep(2)  # its children go away after the master
             print(f"{'':>9} (policy with {n:,} + {n:,} entries loaded in {load_s:.1f} s)")
     return 0
 
