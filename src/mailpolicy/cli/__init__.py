@@ -24,6 +24,8 @@ COMMANDS: tuple[str, ...] = (
     "route",
     "hash_password",
     "console",
+    "policyd",
+    "export",
 )
 
 
