@@ -1,0 +1,365 @@
+"""Tests that kill the mutants the first mutation run of the core let live
+(issue 17; docs/testing.md): list rules that combine a client host name with
+another criterion, overlapping client networks, a temporary MX failure next
+to an A record, malformed MX texts, relay unwrapping shapes and the
+1,000-octet address limit of the fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from typing import Any
+
+import pytest
+from helpers_core import (
+    OUTSIDER,
+    OUTSIDER_HELO,
+    judge,
+    make_policy,
+    rcpt,
+    session,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailpolicy import Action, Policy, evaluate
+from mailpolicy.adapters.dns import StaticZone
+from mailpolicy.adapters.routing import resolve_routes
+from mailpolicy.addresses import parse_address
+from mailpolicy.evaluate import lookups
+from mailpolicy.model import DnsQuery, DnsResult, Route, RType
+from mailpolicy.routing import route
+from mailpolicy.rules.context import _parse
+from mailpolicy.rules.relay import real_destination
+from mailpolicy.settings import GeneralSettings, Settings
+
+RELAY_DENIED = "relay.reject_unauth_destination"
+
+
+def lists_policy(*rules: dict[str, Any], **extra: Any) -> Policy:
+    return make_policy({"security": {"lists": list(rules), **extra}})
+
+
+# ===========================================================================
+# List rules that combine client_hostname with another criterion
+
+
+SPAM_FROM_ORG = {
+    "name": "combo",
+    "list": "black",
+    "sender": ["spam.example"],
+    "client_hostname": ["example.org"],
+}
+
+
+class TestHostNameWithAnotherCriterion:
+    def test_both_match_refuses(self) -> None:
+        v = judge(lists_policy(SPAM_FROM_ORG), rcpt("r@example.com", sender="a@spam.example"))
+        assert v.action is Action.REJECT, v.explain()
+        assert v.rule == "security.lists.combo"
+        assert v.reply is not None
+        assert v.reply.text == (
+            f"<{OUTSIDER_HELO}[{OUTSIDER}]>: Client host rejected: Access denied"
+        )
+        assert v.evidence[0].kind == "client_hostname"
+        assert v.evidence[0].matched == "example.org"
+
+    def test_other_sender_accepted_without_asking_for_the_name(self) -> None:
+        policy = lists_policy(SPAM_FROM_ORG)
+        env = rcpt("r@example.com", sender="a@known.example")
+        # the sender already fails the rule: its host name is not worth a lookup
+        assert lookups(policy, session(), env) == frozenset()
+        assert judge(policy, env).action is Action.ACCEPT
+
+    def test_other_host_name_accepted(self) -> None:
+        # 198.51.100.7 has no PTR in the standard zone: "unknown"
+        v = judge(
+            lists_policy(SPAM_FROM_ORG),
+            rcpt("r@example.com", sender="a@spam.example"),
+            session("198.51.100.7"),
+        )
+        assert v.action is Action.ACCEPT, v.explain()
+
+    def test_sender_match_asks_for_the_host_name(self) -> None:
+        policy = lists_policy(SPAM_FROM_ORG)
+        asked = lookups(policy, session(), rcpt("r@example.com", sender="a@spam.example"))
+        assert {(q.name, q.rtype.value) for q in asked} == {(OUTSIDER, "PTR")}
+
+    def test_missing_name_names_the_rule_that_waits(self) -> None:
+        # Two host-name rules; only the second one's sender matches: a
+        # missing answer names that one, not the first of the list.
+        other = {**SPAM_FROM_ORG, "name": "other", "sender": ["other.example"]}
+        policy = lists_policy(other, SPAM_FROM_ORG)
+        v = evaluate(policy, session(), rcpt("r@example.com", sender="a@spam.example"))
+        assert v.action is Action.DEFER
+        assert v.rule == "security.lists.combo"
+        v = evaluate(policy, session(), rcpt("r@example.com", sender="a@other.example"))
+        assert v.rule == "security.lists.other"
+
+    def test_white_rule_with_host_name_and_sender(self) -> None:
+        white = {**SPAM_FROM_ORG, "name": "friends", "list": "white"}
+        black = {"name": "all", "list": "black", "sender": ["spam.example"]}
+        policy = lists_policy(white, black)
+        v = judge(policy, rcpt("r@example.com", sender="a@spam.example"))
+        assert (v.action, v.rule) == (Action.ACCEPT, "security.lists.friends")
+        v = judge(policy, rcpt("r@example.com", sender="a@spam.example"), session("198.51.100.7"))
+        assert v.rule == "security.lists.all"
+
+    def test_host_name_alone_and_combined(self) -> None:
+        # A rule on the name alone makes the name needed whatever the sender.
+        by_name = {"name": "byname", "list": "black", "client_hostname": ["nowhere.example"]}
+        policy = lists_policy(by_name, SPAM_FROM_ORG)
+        asked = lookups(policy, session(), rcpt("r@example.com", sender="a@known.example"))
+        assert {(q.name, q.rtype.value) for q in asked} == {(OUTSIDER, "PTR")}
+        v = judge(policy, rcpt("r@example.com", sender="a@spam.example"))
+        assert v.rule == "security.lists.combo"
+
+
+# ===========================================================================
+# Several list rules whose networks contain the client
+
+
+class TestOverlappingNetworks:
+    def test_first_rule_in_file_order_wins(self) -> None:
+        wide = {"name": "wide", "list": "black", "client": ["203.0.113.0/24"]}
+        narrow = {"name": "narrow", "list": "black", "client": ["203.0.113.5/32"], "text": "n"}
+        v = judge(lists_policy(wide, narrow), rcpt("r@example.com"))
+        assert v.rule == "security.lists.wide"
+        assert v.evidence[0].matched == "203.0.113.0/24"
+        v = judge(lists_policy(narrow, wide), rcpt("r@example.com"))
+        assert v.rule == "security.lists.narrow"
+        assert v.evidence[0].matched == "203.0.113.5/32"
+
+    def test_winning_rule_shows_its_longest_prefix(self) -> None:
+        a = {"name": "a", "list": "black", "client": ["203.0.0.0/16", "203.0.113.0/28"]}
+        b = {"name": "b", "list": "black", "client": ["203.0.113.5/32"]}
+        v = judge(lists_policy(a, b), rcpt("r@example.com"))
+        assert v.rule == "security.lists.a"
+        assert v.evidence[0].matched == "203.0.113.0/28"
+
+    def test_three_rules_the_first_containing_wins(self) -> None:
+        miss = {"name": "miss", "list": "black", "client": ["198.51.100.0/24"]}
+        one = {"name": "one", "list": "black", "client": ["203.0.113.4/30"]}
+        two = {"name": "two", "list": "black", "client": ["0.0.0.0/0"]}
+        v = judge(lists_policy(miss, two, one), rcpt("r@example.com"))
+        assert v.rule == "security.lists.two"
+        assert v.evidence[0].matched == "0.0.0.0/0"
+
+
+@st.composite
+def overlapping_lists(draw: st.DrawFn) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """Black-list rules, several of whose networks contain the client: the
+    rules, the rule that must win (the first in file order that contains it)
+    and the network it must show (its longest prefix containing the client)."""
+    client = ipaddress.ip_address(OUTSIDER)
+    rules: list[dict[str, Any]] = []
+    winner: tuple[str, str] | None = None
+    for n in range(draw(st.integers(1, 5))):
+        networks: list[str] = []
+        for _ in range(draw(st.integers(1, 3))):
+            length = draw(st.integers(0, 32))
+            net = ipaddress.ip_network(f"{client}/{length}", strict=False)
+            if draw(st.booleans()):
+                # a neighbour of that network: never contains the client
+                if length == 0:
+                    continue
+                neighbour = int(net.network_address) ^ (1 << (32 - length))
+                net = ipaddress.ip_network(f"{ipaddress.ip_address(neighbour)}/{length}")
+            networks.append(str(net))
+        if not networks:
+            continue
+        name = f"r{n}"
+        rules.append({"name": name, "list": "black", "client": networks})
+        containing = [
+            ipaddress.ip_network(x) for x in networks if client in ipaddress.ip_network(x)
+        ]
+        if winner is None and containing:
+            winner = (name, str(max(containing, key=lambda x: x.prefixlen)))
+    if not rules:
+        rules.append({"name": "r9", "list": "black", "client": ["198.51.100.0/24"]})
+    return rules, *(winner if winner is not None else (None, None))
+
+
+@settings(max_examples=60, deadline=None)
+@given(overlapping_lists())
+def test_overlapping_networks_first_rule_wins(
+    drawn: tuple[list[dict[str, Any]], str | None, str | None],
+) -> None:
+    rules, winner, network = drawn
+    v = judge(lists_policy(*rules), rcpt("r@example.com"))
+    if winner is None:
+        assert v.action is Action.ACCEPT, v.explain()
+        return
+    assert v.rule == f"security.lists.{winner}", v.explain()
+    assert v.evidence[0].matched == network
+
+
+# ===========================================================================
+# Relay unwrapping
+
+
+def _relay_policy() -> Policy:
+    return make_policy(
+        {
+            "general": {"local_domains": ["example.com", "example.net"]},
+            "relay": {"inbound_domains": ["partner.example"]},
+        }
+    )
+
+
+class TestRelayUnwrapping:
+    @pytest.mark.timeout(10)
+    @pytest.mark.parametrize(
+        ("recipient", "domain", "routed"),
+        [
+            ('"a@b@elsewhere.example"@example.com', "elsewhere.example", True),
+            ('"a@elsewhere.example"@example.com', "elsewhere.example", False),
+            ('"a@b@example.net"@example.com', "b", False),
+            ('"a@example.net@example.net"@example.com', "example.net", False),
+            ("x%Example.COM@example.com", "example.com", False),
+            ("x%Example.COM.@example.com", "example.com", False),
+            ("x%example.net%elsewhere.example@example.com", "elsewhere.example", True),
+            ("Example.NET!x@example.com", "example.net", False),
+            ("elsewhere.example!x@Example.COM", "elsewhere.example", False),
+            ("a!b!x@example.com", "a", True),
+            ('"x%example.net@Example.NET."@example.com', "example.net", False),
+            ("u@partner.example", "partner.example", False),
+            ("u%v@partner.example", "partner.example", True),
+            ("u", "mx.example.com", False),
+        ],
+    )
+    def test_real_destination(self, recipient: str, domain: str, routed: bool) -> None:
+        policy = _relay_policy()
+        address = parse_address(recipient)
+        assert real_destination(address, policy.shared) == (domain, routed)
+
+    @pytest.mark.timeout(10)
+    @pytest.mark.parametrize(
+        "recipient",
+        [
+            "x%Example.COM@example.com",
+            "x%EXAMPLE.NET.@example.com",
+            '"x@Example.NET"@example.com',
+            "Example.NET!x@example.com",
+            '"a@example.net@example.com"@example.com',
+        ],
+    )
+    def test_unwrapped_to_our_domains_is_accepted(self, recipient: str) -> None:
+        v = judge(_relay_policy(), rcpt(recipient))
+        assert v.action is Action.ACCEPT, v.explain()
+
+    @pytest.mark.timeout(10)
+    @pytest.mark.parametrize(
+        "recipient",
+        [
+            '"a@b@elsewhere.example"@example.com',
+            '"a@b@example.net"@example.com',
+            "a!b!x@example.com",
+            "x%y%example.com@example.com",
+        ],
+    )
+    def test_left_routed_or_foreign_is_refused(self, recipient: str) -> None:
+        v = judge(_relay_policy(), rcpt(recipient))
+        assert v.rule == RELAY_DENIED, v.explain()
+
+
+OURS = ("example.com", "example.net", "Example.NET", "example.com.")
+FOREIGN = ("elsewhere.example", "b", "partner.example", "x.org")
+
+
+@st.composite
+def nested_quoted(draw: st.DrawFn) -> tuple[str, str, bool]:
+    """``"u@d1@d2...@dn"@example.com``, some of whose domains are ours, and
+    where the mail really goes: peel ``@dk`` from the right while the domain
+    is ours; it is still routed if an ``@`` is left."""
+    user = draw(st.sampled_from(("u", "a.b", "x+y")))
+    hops = draw(st.lists(st.sampled_from(OURS + FOREIGN), min_size=1, max_size=6))
+    address = '"' + "@".join((user, *hops)) + '"@example.com'
+    parts = [user, *hops]
+    domain = "example.com"
+    while domain in {"example.com", "example.net"} and len(parts) > 1:
+        domain = parts.pop().lower().rstrip(".")
+    return address, domain, len(parts) > 1
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=150, deadline=None)
+@given(nested_quoted())
+def test_nested_quoted_local_parts(drawn: tuple[str, str, bool]) -> None:
+    address, domain, routed = drawn
+    policy = _relay_policy()
+    assert real_destination(parse_address(address), policy.shared) == (domain, routed)
+
+
+# ===========================================================================
+# The 1,000-octet limit of an address in the fast path
+
+
+@pytest.mark.parametrize(("length", "parses"), [(999, True), (1000, True), (1001, False)])
+def test_fast_path_address_limit(length: int, parses: bool) -> None:
+    text = "a" * (length - len("@example.com")) + "@example.com"
+    assert len(text) == length
+    assert (_parse(text) is not None) is parses
+
+
+def test_an_over_long_recipient_is_never_accepted() -> None:
+    text = "a" * (1001 - len("@example.com")) + "@example.com"
+    v = judge(make_policy(), rcpt(text))
+    assert not v.accepted, v.explain()
+    ok = "a" * (1000 - len("@example.com")) + "@example.com"
+    assert judge(make_policy(), rcpt(ok)).action is Action.ACCEPT
+
+
+# ===========================================================================
+# Routing: a temporary MX failure next to an A record; malformed MX texts
+
+
+HOSTNAME = "mx.example.com"
+
+
+def _route(recipient: str, zone: dict[str, Any]) -> Route:
+    settings_ = Settings(general=GeneralSettings(hostname=HOSTNAME, local_domains=("example.com",)))
+    resolver = StaticZone.from_mapping(zone)
+    found = asyncio.run(
+        resolve_routes(settings_, "s@example.com", [recipient], resolver, random.Random(0))
+    )
+    (only,) = found
+    return only
+
+
+@pytest.mark.parametrize("failure", ["servfail", "timeout"])
+def test_temporary_mx_failure_with_an_a_record_is_451(failure: str) -> None:
+    zone = {"tempmx.example": {failure: ["MX"], "A": ["192.0.2.50"]}}
+    r = _route("u@tempmx.example", zone)
+    assert r.error is not None, r
+    assert (r.error.code, r.error.enhanced) == (451, "4.4.3")
+    assert r.next_hops == ()
+
+
+def _route_pure(recipient: str, answers: dict[DnsQuery, DnsResult]) -> Route:
+    # pure route(): the zone file refuses such texts, live DNS can send them
+    settings_ = Settings(general=GeneralSettings(hostname=HOSTNAME, local_domains=("example.com",)))
+    (only,) = route(settings_, "", [recipient], answers, rng=random.Random(0))
+    return only
+
+
+def test_malformed_mx_texts_are_ignored() -> None:
+    answers = {
+        DnsQuery("odd.example", RType.MX): DnsResult.answer(
+            "10", "ten mx1.odd.example", "10 a b", "20 mx2.odd.example"
+        ),
+    }
+    r = _route_pure("u@odd.example", answers)
+    assert r.error is None, r
+    assert [h.host for h in r.next_hops] == ["mx2.odd.example"]
+    assert "ignored 10, ten mx1.odd.example, 10 a b" in r.reason
+
+
+def test_only_malformed_mx_texts_is_temporary() -> None:
+    answers = {DnsQuery("odd.example", RType.MX): DnsResult.answer("10", "ten mx1.odd.example")}
+    r = _route_pure("u@odd.example", answers)
+    assert r.error is not None, r
+    assert (r.error.code, r.error.enhanced) == (451, "4.4.3")
+    assert "no usable MX host" in r.error.text
