@@ -64,6 +64,7 @@ class TestHostNameWithAnotherCriterion:
             f"<{OUTSIDER_HELO}[{OUTSIDER}]>: Client host rejected: Access denied"
         )
         assert v.evidence[0].kind == "client_hostname"
+        assert v.evidence[0].value == OUTSIDER_HELO
         assert v.evidence[0].matched == "example.org"
 
     def test_other_sender_accepted_without_asking_for_the_name(self) -> None:
@@ -98,6 +99,28 @@ class TestHostNameWithAnotherCriterion:
         v = evaluate(policy, session(), rcpt("r@example.com", sender="a@other.example"))
         assert v.rule == "security.lists.other"
 
+    def test_missing_name_skips_rules_whose_other_criterion_has_no_hit(self) -> None:
+        # The first host-name rule's other criterion (recipient) matches
+        # nothing at all: the rule that waits is the second one.
+        by_rcpt = {**SPAM_FROM_ORG, "name": "ceo", "sender": [], "recipient": ["ceo@example.com"]}
+        policy = lists_policy(by_rcpt, SPAM_FROM_ORG)
+        v = evaluate(policy, session(), rcpt("r@example.com", sender="a@spam.example"))
+        assert (v.action, v.rule) == (Action.DEFER, "security.lists.combo")
+
+    def test_a_hit_on_a_rule_without_host_name_asks_no_dns(self) -> None:
+        # known.example hits a rule that names no host: the host-name rule
+        # cannot match, so its name is not looked up.
+        plain = {
+            "name": "plain",
+            "list": "black",
+            "sender": ["known.example"],
+            "recipient": ["ceo@example.com"],
+        }
+        policy = lists_policy(plain, SPAM_FROM_ORG)
+        env = rcpt("r@example.com", sender="a@known.example")
+        assert lookups(policy, session(), env) == frozenset()
+        assert judge(policy, env).action is Action.ACCEPT
+
     def test_white_rule_with_host_name_and_sender(self) -> None:
         white = {**SPAM_FROM_ORG, "name": "friends", "list": "white"}
         black = {"name": "all", "list": "black", "sender": ["spam.example"]}
@@ -127,6 +150,7 @@ class TestOverlappingNetworks:
         narrow = {"name": "narrow", "list": "black", "client": ["203.0.113.5/32"], "text": "n"}
         v = judge(lists_policy(wide, narrow), rcpt("r@example.com"))
         assert v.rule == "security.lists.wide"
+        assert (v.evidence[0].kind, v.evidence[0].value) == ("client", OUTSIDER)
         assert v.evidence[0].matched == "203.0.113.0/24"
         v = judge(lists_policy(narrow, wide), rcpt("r@example.com"))
         assert v.rule == "security.lists.narrow"

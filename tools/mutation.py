@@ -8,7 +8,7 @@ adds what mutmut lacks: a reproducible random sample of the mutants (the
 whole core is about 3,600 of them, hours of work on two CPUs) and a score
 per module. See docs/testing.md.
 
-    python tools/mutation.py [--sample 330] [--seed 17] [--jobs 2]
+    python tools/mutation.py [--sample 330] [--seed 17] [--jobs 2] [--only rules/lists]
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def results() -> dict[str, int | None]:
 
 def mutmut(jobs: int, names: list[str]) -> None:
     # mutmut exits non-zero when mutants survive: that is a result, not an error
-    subprocess.run(["mutmut", "run", "--max-children", str(jobs), *names], check=False)
+    # the mutmut beside this interpreter (a venv's bin need not be on PATH)
+    exe = Path(sys.executable).parent / "mutmut"
+    command = str(exe) if exe.exists() else "mutmut"
+    subprocess.run([command, "run", "--max-children", str(jobs), *names], check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=330, help="mutants to run (0: all)")
     parser.add_argument("--seed", type=int, default=17, help="random seed of the sample")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once")
-    parser.add_argument("--only", default="", help="only mutants whose module path has this")
+    parser.add_argument(
+        "--only", action="append", default=[], help="only modules whose path has this (repeatable)"
+    )
     parser.add_argument("--fail-under", type=float, default=0.0, help="exit 1 under this score")
     args = parser.parse_args(argv)
 
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     # run`; one mutant of a small module makes it do just that.
     mutmut(args.jobs, ["mailpolicy.rules.protocol.*__mutmut_1"])
     everything = all_mutants()
-    pool = sorted(n for n, module in everything.items() if args.only in module)
+    only: list[str] = args.only or [""]
+    pool = sorted(n for n, module in everything.items() if any(o in module for o in only))
     sample = pool if not args.sample else random.Random(args.seed).sample(pool, args.sample)
     mutmut(args.jobs, sample)
 
