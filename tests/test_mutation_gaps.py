@@ -29,10 +29,11 @@ from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.routing import resolve_routes
 from mailpolicy.addresses import parse_address
 from mailpolicy.evaluate import lookups
-from mailpolicy.model import DnsQuery, DnsResult, Route, RType
+from mailpolicy.model import DnsQuery, DnsResult, Evidence, Route, RType
 from mailpolicy.routing import route
-from mailpolicy.rules.context import _parse
-from mailpolicy.rules.relay import real_destination
+from mailpolicy.rules import Decision, Outcome
+from mailpolicy.rules.context import Context, _parse
+from mailpolicy.rules.relay import PermitAuthenticated, PermitMynetworks, real_destination
 from mailpolicy.settings import GeneralSettings, Settings
 
 RELAY_DENIED = "relay.reject_unauth_destination"
@@ -120,6 +121,23 @@ class TestHostNameWithAnotherCriterion:
         env = rcpt("r@example.com", sender="a@known.example")
         assert lookups(policy, session(), env) == frozenset()
         assert judge(policy, env).action is Action.ACCEPT
+
+    def test_a_rule_with_a_criterion_without_hits_asks_no_dns(self) -> None:
+        # sender hits, recipient hits nothing: the rule cannot match
+        three = {**SPAM_FROM_ORG, "name": "three", "recipient": ["ceo@example.com"]}
+        policy = lists_policy(three)
+        env = rcpt("r@example.com", sender="a@spam.example")
+        assert lookups(policy, session(), env) == frozenset()
+        assert judge(policy, env).action is Action.ACCEPT
+        assert judge(policy, rcpt("ceo@example.com", sender="a@spam.example")).rule == (
+            "security.lists.three"
+        )
+
+    def test_an_unverified_client_matches_no_host_name_entry(self) -> None:
+        # no verified name is "unknown", which is no key to look up
+        policy = lists_policy({"name": "unk", "list": "black", "client_hostname": ["unknown"]})
+        v = judge(policy, rcpt("r@example.com"), session("198.51.100.7"))
+        assert v.action is Action.ACCEPT, v.explain()
 
     def test_white_rule_with_host_name_and_sender(self) -> None:
         white = {**SPAM_FROM_ORG, "name": "friends", "list": "white"}
@@ -287,6 +305,38 @@ class TestRelayUnwrapping:
     def test_left_routed_or_foreign_is_refused(self, recipient: str) -> None:
         v = judge(_relay_policy(), rcpt(recipient))
         assert v.rule == RELAY_DENIED, v.explain()
+
+
+@pytest.mark.parametrize(
+    ("recipient", "why"),
+    [
+        ("a b@elsewhere.example", "unparsable address"),
+        ("u%x@elsewhere.example", "destination elsewhere.example (routed)"),
+        ("u@elsewhere.example", "destination elsewhere.example"),
+    ],
+)
+def test_relay_denied_evidence(recipient: str, why: str) -> None:
+    v = judge(make_policy(), rcpt(recipient))
+    assert v.rule == RELAY_DENIED
+    assert v.reply is not None and v.reply.text == f"<{recipient}>: Relay access denied"
+    assert [(e.kind, e.value, e.matched) for e in v.evidence] == [("recipient", recipient, why)]
+
+
+def test_relay_permits_name_themselves_and_their_evidence() -> None:
+    # A PERMIT only ends the relay chain, so the verdict never shows it:
+    # the rules' own decisions are checked here.
+    policy = make_policy({"relay": {"trusted_networks": ["203.0.113.0/24"]}})
+    env = rcpt("u@elsewhere.example")
+    ctx = Context(policy.shared, session(auth_user="alice"), env)
+    assert PermitAuthenticated("auth").check(ctx) == Decision(
+        Outcome.PERMIT, "auth", evidence=(Evidence("auth_user", "alice"),)
+    )
+    assert PermitMynetworks("nets").check(ctx) == Decision(
+        Outcome.PERMIT, "nets", evidence=(Evidence("client", OUTSIDER),)
+    )
+    outside = Context(policy.shared, session("198.51.100.7"), env)
+    assert PermitAuthenticated("auth").check(outside) is None
+    assert PermitMynetworks("nets").check(outside) is None
 
 
 OURS = ("example.com", "example.net", "Example.NET", "example.com.")

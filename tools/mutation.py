@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", action="append", default=[], help="only modules whose path has this (repeatable)"
     )
+    parser.add_argument(
+        "--all-of",
+        action="append",
+        default=[],
+        help="also run every mutant of modules whose path has this (scored apart)",
+    )
     parser.add_argument("--fail-under", type=float, default=0.0, help="exit 1 under this score")
     args = parser.parse_args(argv)
 
@@ -77,9 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     only: list[str] = args.only or [""]
     pool = sorted(n for n, module in everything.items() if any(o in module for o in only))
     sample = pool if not args.sample else random.Random(args.seed).sample(pool, args.sample)
-    mutmut(args.jobs, sample)
+    whole = sorted(n for n, m in everything.items() if any(a in m for a in args.all_of))
+    mutmut(args.jobs, sorted(set(sample) | set(whole)))
 
     found = results()
+    code = _report(
+        f"sample: {len(sample)} of {len(pool)} mutants, seed {args.seed}",
+        sample,
+        everything,
+        found,
+        args.fail_under,
+    )
+    if whole:
+        _report(f"every mutant of {', '.join(args.all_of)}", whole, everything, found, 0.0)
+    minutes = (time.monotonic() - started) / 60
+    print(f"\n{minutes:.1f} minutes")
+    return code
+
+
+def _report(
+    title: str,
+    sample: list[str],
+    everything: dict[str, str],
+    found: dict[str, int | None],
+    fail_under: float,
+) -> int:
     by_module: dict[str, Counter[str]] = {}
     survivors: list[tuple[str, str]] = []
     for name in sample:
@@ -95,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         by_module.setdefault(module, Counter())[status] += 1
 
     print()
-    print(f"sample: {len(sample)} of {len(pool)} mutants, seed {args.seed}")
+    print(title)
     print(f"{'module':34} {'mutants':>7} {'killed':>6} {'timeout':>7} {'alive':>5} {'score':>6}")
     total = Counter[str]()
     for module in sorted(by_module):
@@ -107,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nalive (see each with: mutmut show NAME):")
         for name, status in sorted(survivors):
             print(f"  {name}  [{status}]")
-    minutes = (time.monotonic() - started) / 60
-    print(f"\n{minutes:.1f} minutes")
-    return 1 if _score(total) < args.fail_under else 0
+    return 1 if _score(total) < fail_under else 0
 
 
 def _score(c: Counter[str]) -> float:
