@@ -24,15 +24,22 @@ from helpers_core import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailpolicy import Action, Policy, evaluate
+from mailpolicy import Action, Counters, Envelope, Policy, evaluate
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.routing import resolve_routes
 from mailpolicy.addresses import parse_address
 from mailpolicy.evaluate import lookups
-from mailpolicy.model import DnsQuery, DnsResult, Evidence, Route, RType
+from mailpolicy.lookup import DomainTable, NetworkTable
+from mailpolicy.model import DnsOutcome, DnsQuery, DnsResult, Evidence, Route, RType
 from mailpolicy.routing import route
 from mailpolicy.rules import Decision, Outcome
 from mailpolicy.rules.context import Context, _parse
+from mailpolicy.rules.limits import (
+    MaxRecipientDomainRate,
+    MaxSenderDomainRate,
+    MaxUserMessageRate,
+    MaxUserRecipientRate,
+)
 from mailpolicy.rules.relay import PermitAuthenticated, PermitMynetworks, real_destination
 from mailpolicy.settings import GeneralSettings, Settings
 
@@ -437,3 +444,101 @@ def test_only_malformed_mx_texts_is_temporary() -> None:
     assert r.error is not None, r
     assert (r.error.code, r.error.enhanced) == (451, "4.4.3")
     assert "no usable MX host" in r.error.text
+
+
+def test_mx_host_loses_only_its_trailing_dot() -> None:
+    answers = {DnsQuery("odd.example", RType.MX): DnsResult.answer("20 MX2.Odd.Example.")}
+    r = _route_pure("u@odd.example", answers)
+    assert [h.host for h in r.next_hops] == ["mx2.odd.example"]
+
+
+def test_no_usable_mx_names_the_records() -> None:
+    answers = {DnsQuery("odd.example", RType.MX): DnsResult.answer("10", "ten mx1.odd.example")}
+    r = _route_pure("u@odd.example", answers)
+    assert r.error is not None
+    assert r.error.text == "no usable MX host for odd.example: 10, ten mx1.odd.example"
+
+
+def test_empty_domain_is_a_bounce_naming_the_recipient() -> None:
+    r = _route_pure("u@", {})
+    assert r.recipient == "u@"
+    assert r.error is not None
+    assert (r.error.code, r.error.enhanced, r.error.text) == (550, "5.1.2", "empty domain")
+
+
+def test_implicit_mx_to_our_own_hostname_loops() -> None:
+    answers = {
+        DnsQuery(HOSTNAME, RType.MX): DnsResult(DnsOutcome.NODATA),
+        DnsQuery(HOSTNAME, RType.A): DnsResult.answer("192.0.2.1"),
+        DnsQuery(HOSTNAME, RType.AAAA): DnsResult(DnsOutcome.NODATA),
+    }
+    r = _route_pure(f"u@{HOSTNAME}", answers)
+    assert r.error is not None
+    assert r.error.text == f"mail for {HOSTNAME} loops back to myself"
+
+
+def test_missing_answers_name_only_this_recipients_questions() -> None:
+    settings_ = Settings(general=GeneralSettings(hostname=HOSTNAME, local_domains=("example.com",)))
+    first, second = route(settings_, "", ["a@x.example", "b@y.example"], {}, rng=random.Random(0))
+    assert first.error is not None and second.error is not None
+    assert first.error.text == "DNS answer not available for x.example/MX"
+    assert second.error.text == "DNS answer not available for y.example/MX"
+
+
+# ===========================================================================
+# Small contracts the first run found untested
+
+
+def test_not_a_policy_message() -> None:
+    with pytest.raises(TypeError, match=r"^expected a compiled Policy, got str$"):
+        evaluate("policy", session(), rcpt("r@example.com"))  # type: ignore[arg-type]
+    settings_ = Settings(general=GeneralSettings(hostname=HOSTNAME, local_domains=("example.com",)))
+    with pytest.raises(TypeError, match=r"got Settings \(compile it: mailpolicy.compile_policy"):
+        evaluate(settings_, session(), rcpt("r@example.com"))  # type: ignore[arg-type]
+
+
+def test_tables_are_true_when_not_empty() -> None:
+    assert DomainTable([("a.example", 1)])
+    assert not DomainTable()
+    assert NetworkTable([(ipaddress.ip_network("192.0.2.0/24"), 1)])
+    assert NetworkTable([(ipaddress.ip_network("2001:db8::/32"), 1)])
+    assert not NetworkTable()
+
+
+def _ctx(policy: Policy, env: Envelope, **counts: int) -> Context:
+    return Context(policy.shared, session(auth_user=None, counters=Counters(**counts)), env)
+
+
+def test_keyed_limits_name_their_key_and_count() -> None:
+    policy = make_policy()
+    env = rcpt("Bob@Example.COM.", sender="a@Spam.Example.")
+    d = MaxSenderDomainRate("s", 1).check(_ctx(policy, env, sender_domain_message_rate=2))
+    assert d is not None and d.reply is not None
+    assert d.reply.text == "Error: too much mail from domain spam.example"
+    assert d.evidence == (
+        Evidence("sender_domain_message_rate", "2", matched="limit 1 for spam.example"),
+    )
+    d = MaxRecipientDomainRate("r", 1).check(_ctx(policy, env, recipient_domain_recipient_rate=2))
+    assert d is not None and d.reply is not None
+    assert d.reply.text == "Error: too many recipients for domain example.com"
+    assert (
+        MaxSenderDomainRate("s", 2).check(_ctx(policy, env, sender_domain_message_rate=2)) is None
+    )
+
+
+def test_user_limits_name_the_login() -> None:
+    policy = make_policy()
+    env = rcpt("r@example.com")
+    ctx = Context(policy.shared, session(auth_user="alice"), env)
+    assert MaxUserRecipientRate("u", 1).key(ctx) == "alice"
+    assert MaxUserMessageRate("u", 1).key(ctx) == "alice"
+    anonymous = Context(policy.shared, session(), env)
+    assert MaxUserRecipientRate("u", 1).key(anonymous) == ""
+    assert MaxUserMessageRate("u", 1).key(anonymous) == ""
+
+
+def test_non_fqdn_recipient_shows_the_address() -> None:
+    policy = make_policy({"security": {"advanced": {"reject_non_fqdn_recipient": True}}})
+    v = judge(policy, rcpt("u@localhost"))
+    assert v.rule == "security.advanced.reject_non_fqdn_recipient", v.explain()
+    assert [(e.kind, e.value) for e in v.evidence] == [("recipient", "u@localhost")]
