@@ -538,7 +538,12 @@ def test_user_limits_name_the_login() -> None:
 
 
 def test_non_fqdn_recipient_shows_the_address() -> None:
-    policy = make_policy({"security": {"advanced": {"reject_non_fqdn_recipient": True}}})
-    v = judge(policy, rcpt("u@localhost"))
+    policy = make_policy(
+        {
+            "relay": {"inbound_domains": ["partner"]},
+            "security": {"advanced": {"reject_non_fqdn_recipient": True}},
+        }
+    )
+    v = judge(policy, rcpt("u@Partner."))
     assert v.rule == "security.advanced.reject_non_fqdn_recipient", v.explain()
-    assert [(e.kind, e.value) for e in v.evidence] == [("recipient", "u@localhost")]
+    assert [(e.kind, e.value) for e in v.evidence] == [("recipient", "u@Partner.")]
