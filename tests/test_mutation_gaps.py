@@ -16,15 +16,27 @@ import pytest
 from helpers_core import (
     OUTSIDER,
     OUTSIDER_HELO,
+    Zone,
+    answer,
     judge,
     make_policy,
+    q,
     rcpt,
     session,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailpolicy import Action, Counters, Envelope, Policy, evaluate
+from mailpolicy import (
+    Action,
+    Counters,
+    Envelope,
+    MessageFacts,
+    Policy,
+    Stage,
+    Verdict,
+    evaluate,
+)
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.routing import resolve_routes
 from mailpolicy.addresses import parse_address
@@ -32,7 +44,7 @@ from mailpolicy.evaluate import lookups
 from mailpolicy.lookup import DomainTable, NetworkTable
 from mailpolicy.model import DnsOutcome, DnsQuery, DnsResult, Evidence, Route, RType
 from mailpolicy.routing import route
-from mailpolicy.rules import Decision, Outcome
+from mailpolicy.rules import Decision, NeedDns, Outcome
 from mailpolicy.rules.context import Context, _parse
 from mailpolicy.rules.limits import (
     MaxRecipientDomainRate,
@@ -41,7 +53,7 @@ from mailpolicy.rules.limits import (
     MaxUserRecipientRate,
 )
 from mailpolicy.rules.relay import PermitAuthenticated, PermitMynetworks, real_destination
-from mailpolicy.settings import GeneralSettings, Settings
+from mailpolicy.settings import MIB, GeneralSettings, Settings
 
 RELAY_DENIED = "relay.reject_unauth_destination"
 
@@ -547,3 +559,57 @@ def test_non_fqdn_recipient_shows_the_address() -> None:
     v = judge(policy, rcpt("u@Partner."))
     assert v.rule == "security.advanced.reject_non_fqdn_recipient", v.explain()
     assert [(e.kind, e.value) for e in v.evidence] == [("recipient", "u@Partner.")]
+
+
+# ===========================================================================
+# Evidence: what a refusal shows besides its reply (kind and value)
+
+
+def _evidence(v: Verdict) -> list[tuple[str, str]]:
+    return [(e.kind, e.value) for e in v.evidence]
+
+
+def test_evidence_of_unauth_pipelining() -> None:
+    policy = make_policy({"security": {"advanced": {"reject_unauth_pipelining": True}}})
+    env = Envelope(Stage.DATA, sender="a@known.example", recipients=("r@example.com",))
+    v = evaluate(policy, session(improper_pipelining=True), env)
+    assert v.rule == "security.advanced.reject_unauth_pipelining", v.explain()
+    assert _evidence(v) == [("pipelining", "improper")]
+
+
+def test_evidence_of_invalid_and_unknown_helo() -> None:
+    policy = make_policy({"security": {"advanced": {"reject_invalid_helo": True}}})
+    v = judge(policy, rcpt("r@example.com"), session(helo="bad_helo!"))
+    assert v.rule == "security.advanced.reject_invalid_helo", v.explain()
+    assert _evidence(v) == [("helo", "bad_helo!")]
+    policy = make_policy({"security": {"advanced": {"reject_unknown_helo": True}}})
+    v = judge(policy, rcpt("r@example.com"), session(helo="nowhere.example"))
+    assert v.rule == "security.advanced.reject_unknown_helo", v.explain()
+    assert _evidence(v) == [("helo", "nowhere.example")]
+
+
+def test_evidence_of_message_size() -> None:
+    policy = make_policy({"general": {"max_message_size_mb": 1}})
+    env = Envelope(
+        Stage.END_OF_DATA,
+        sender="a@known.example",
+        recipients=("r@example.com",),
+        message=MessageFacts(size=MIB + 1),
+    )
+    v = evaluate(policy, session(), env)
+    assert v.rule == "general.max_message_size_mb", v.explain()
+    assert [e.kind for e in v.evidence] == ["size"]
+
+
+def test_evidence_of_a_listed_client() -> None:
+    client, query = "198.51.100.66", "66.100.51.198.bl.example"
+    policy = make_policy({"security": {"advanced": {"dnsbl": ["bl.example"]}}})
+    zone = Zone({q(query, "A"): answer("127.0.0.2")})
+    v = judge(policy, rcpt("r@example.com"), session(client), zone)
+    assert v.rule == "security.advanced.dnsbl.bl.example", v.explain()
+    assert _evidence(v) == [("client", client)]
+
+
+def test_need_dns_message_lists_the_questions() -> None:
+    need = NeedDns((DnsQuery("a.example", RType.MX), DnsQuery("b.example", RType.A)))
+    assert str(need) == "a.example/MX, b.example/A"
