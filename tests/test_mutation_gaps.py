@@ -18,6 +18,7 @@ from helpers_core import (
     OUTSIDER_HELO,
     Zone,
     answer,
+    eod,
     judge,
     make_policy,
     q,
@@ -613,3 +614,27 @@ def test_evidence_of_a_listed_client() -> None:
 def test_need_dns_message_lists_the_questions() -> None:
     need = NeedDns((DnsQuery("a.example", RType.MX), DnsQuery("b.example", RType.A)))
     assert str(need) == "a.example/MX, b.example/A"
+
+
+def test_evidence_of_content_checks() -> None:
+    policy = make_policy(
+        {"general": {"max_attachment_size_mb": 1, "disable_auto_forwarding": True}}
+    )
+    v = evaluate(policy, session(), eod(MessageFacts(size=100, largest_attachment=MIB + 1)))
+    assert [(e.kind, e.value, e.matched) for e in v.evidence] == [
+        ("attachment", str(MIB + 1), "limit 1048576")
+    ]
+    fwd = MessageFacts(size=100, auto_forwarded=True)
+    v = evaluate(policy, session(), eod(fwd, recipients=["b@elsewhere.example"]))
+    assert [(e.kind, e.value, e.matched) for e in v.evidence] == [
+        ("recipient", "b@elsewhere.example", "auto-forwarded")
+    ]
+
+
+def test_evidence_of_an_unknown_client() -> None:
+    policy = make_policy(
+        {"security": {"connection_policy": {"reject_unknown_client_hostname": True}}}
+    )
+    v = judge(policy, rcpt("r@example.com"), session("198.51.100.7"))
+    assert v.rule == "security.connection_policy.reject_unknown_client_hostname", v.explain()
+    assert _evidence(v) == [("client", "198.51.100.7")]
