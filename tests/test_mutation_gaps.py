@@ -40,9 +40,9 @@ from mailpolicy import (
 )
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.routing import resolve_routes
-from mailpolicy.addresses import parse_address
+from mailpolicy.addresses import Address, parse_address
 from mailpolicy.evaluate import lookups
-from mailpolicy.lookup import DomainTable, NetworkTable
+from mailpolicy.lookup import AccessTable, DomainTable, NetworkTable
 from mailpolicy.model import DnsOutcome, DnsQuery, DnsResult, Evidence, Route, RType
 from mailpolicy.routing import route
 from mailpolicy.rules import Decision, NeedDns, Outcome
@@ -638,3 +638,24 @@ def test_evidence_of_an_unknown_client() -> None:
     v = judge(policy, rcpt("r@example.com"), session("198.51.100.7"))
     assert v.rule == "security.connection_policy.reject_unknown_client_hostname", v.explain()
     assert _evidence(v) == [("client", "198.51.100.7")]
+
+
+def test_a_white_match_keeps_what_was_observed_before_it() -> None:
+    policy = make_policy(
+        {
+            "general": {"observe": True},
+            "security": {
+                "connection_policy": {"max_recipient_rate_global": 1},
+                "lists": [{"name": "vip", "list": "white", "sender": ["vip.example"]}],
+            },
+        }
+    )
+    busy = session(counters=Counters(global_recipient_rate=5))
+    v = judge(policy, rcpt("r@example.com", sender="a@vip.example"), busy)
+    assert (v.action, v.rule) == (Action.ACCEPT, "security.lists.vip")
+    assert [o.rule for o in v.observed] == ["security.connection_policy.max_recipient_rate_global"]
+
+
+def test_access_table_drops_the_domains_trailing_dot() -> None:
+    table = AccessTable([("spam.example", 1)])
+    assert table.matches(Address("a", "Sub.Spam.Example.")) == [("spam.example", 1)]
