@@ -16,7 +16,9 @@ import pytest
 from helpers_core import (
     OUTSIDER,
     OUTSIDER_HELO,
+    SERVFAIL,
     Zone,
+    account,
     answer,
     eod,
     judge,
@@ -24,6 +26,7 @@ from helpers_core import (
     q,
     rcpt,
     session,
+    standard_zone,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,6 +56,7 @@ from mailpolicy.rules.limits import (
     MaxUserMessageRate,
     MaxUserRecipientRate,
 )
+from mailpolicy.rules.recipient import AcceptBarePostmaster
 from mailpolicy.rules.relay import PermitAuthenticated, PermitMynetworks, real_destination
 from mailpolicy.settings import MIB, GeneralSettings, Settings
 
@@ -659,3 +663,109 @@ def test_a_white_match_keeps_what_was_observed_before_it() -> None:
 def test_access_table_drops_the_domains_trailing_dot() -> None:
     table = AccessTable([("spam.example", 1)])
     assert table.matches(Address("a", "Sub.Spam.Example.")) == [("spam.example", 1)]
+
+
+# ===========================================================================
+# Third batch: observe mode beside defer_if_permit, sender ownership evidence
+
+
+TEMP_ZONE = (
+    standard_zone()
+    .set("temp.example", "MX", SERVFAIL)
+    .set("temp.example", "A", SERVFAIL)
+    .set("temp.example", "AAAA", SERVFAIL)
+)
+UNKNOWN_SENDER = "security.sender_policy.reject_unknown_sender_domain"
+
+
+def test_observed_defer_if_permit_keeps_its_action() -> None:
+    policy = make_policy(
+        {
+            "general": {"observe": True},
+            "security": {"sender_policy": {"reject_unknown_sender_domain": True}},
+        }
+    )
+    v = judge(policy, rcpt("r@example.com", sender="a@temp.example"), zone=TEMP_ZONE)
+    assert v.action is Action.ACCEPT
+    assert [(o.action, o.rule) for o in v.observed] == [(Action.DEFER_IF_PERMIT, UNKNOWN_SENDER)]
+
+
+def test_defer_if_permit_keeps_observed_rules_and_its_own_text() -> None:
+    spam = {"name": "spam", "list": "black", "sender": ["temp.example"], "observe": True}
+    policy = make_policy(
+        {
+            "security": {
+                "sender_policy": {
+                    "reject_unknown_sender_domain": True,
+                    "text": {"reject_unknown_sender_domain": "try later"},
+                },
+                "lists": [spam],
+            },
+        }
+    )
+    v = judge(policy, rcpt("r@example.com", sender="a@temp.example"), zone=TEMP_ZONE)
+    assert (v.action, v.rule) == (Action.DEFER_IF_PERMIT, UNKNOWN_SENDER), v.explain()
+    assert v.reply is not None and "try later" in v.reply.text
+    assert [o.rule for o in v.observed] == ["security.lists.spam"]
+
+
+OWNERS = [
+    account("alice", "alice@example.com"),
+    account("bob", "bob@example.com", "alice@example.com"),
+]
+
+
+def test_evidence_of_sender_ownership_refusals() -> None:
+    policy = make_policy(
+        {
+            "general": {"smtp_auth": {"sender_must_match_login": True}},
+            "security": {"sender_policy": {"reject_unauthenticated_local_sender": True}},
+        },
+        accounts=OWNERS,
+    )
+    v = judge(policy, rcpt("r@example.com", sender="Alice@example.com"))
+    assert [(e.kind, e.value, e.matched) for e in v.evidence] == [
+        ("sender", "Alice@example.com", "alice,bob")
+    ]
+    v = judge(policy, rcpt("r@example.com", sender="alice@example.com"), session(auth_user="carol"))
+    assert [(e.kind, e.value, e.matched) for e in v.evidence] == [
+        ("sender", "alice@example.com", "alice,bob")
+    ]
+
+
+def test_network_table_with_only_v6_answers_v4() -> None:
+    table = NetworkTable([(ipaddress.ip_network("2001:db8::/32"), 1)])
+    assert table.matches("192.0.2.1") == []
+    table = NetworkTable([(ipaddress.ip_network("192.0.2.0/24"), 1)])
+    assert table.matches("2001:db8::1") == []
+
+
+def test_private_use_characters_are_allowed_in_a_utf8_local_part() -> None:
+    # only controls, DEL and lone surrogates are refused
+    assert parse_address("\ue000x@example.com", smtputf8=True).local == "\ue000x"
+
+
+def test_each_external_postmaster_names_its_own_missing_answer() -> None:
+    settings_ = Settings(
+        general=GeneralSettings(
+            hostname=HOSTNAME,
+            local_domains=("example.com",),
+            external_postmasters=("a@x.example", "b@y.example"),
+        )
+    )
+    routes = route(settings_, "", ["postmaster@example.com"], {}, rng=random.Random(0))
+    texts = [r.error.text for r in routes if r.error is not None]
+    assert texts == [
+        "DNS answer not available for x.example/MX",
+        "DNS answer not available for y.example/MX",
+    ]
+
+
+def test_bare_postmaster_decision_shows_the_recipient() -> None:
+    # an ACCEPT ends the walk without showing its evidence: checked here
+    policy = make_policy()
+    ctx = Context(policy.shared, session(), rcpt("Postmaster"))
+    d = AcceptBarePostmaster("rfc5321.postmaster").check(ctx)
+    assert d == Decision(
+        Outcome.ACCEPT, "rfc5321.postmaster", evidence=(Evidence("recipient", "Postmaster"),)
+    )
