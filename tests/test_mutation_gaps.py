@@ -769,3 +769,16 @@ def test_bare_postmaster_decision_shows_the_recipient() -> None:
     assert d == Decision(
         Outcome.ACCEPT, "rfc5321.postmaster", evidence=(Evidence("recipient", "Postmaster"),)
     )
+
+
+def test_a_discarded_transaction_keeps_what_was_observed_before() -> None:
+    policy = make_policy(
+        {
+            "general": {"observe": True},
+            "security": {"connection_policy": {"max_recipient_rate_global": 1}},
+        }
+    )
+    busy = session(counters=Counters(global_recipient_rate=5))
+    v = judge(policy, rcpt("r@example.com", discard="security.lists.drop"), busy)
+    assert (v.action, v.rule) == (Action.DISCARD, "security.lists.drop")
+    assert [o.rule for o in v.observed] == ["security.connection_policy.max_recipient_rate_global"]
