@@ -35,7 +35,7 @@ def conformance(session: nox.Session) -> None:
 def mutation(session: nox.Session) -> None:
     """Mutation testing of the pure core on a random sample (docs/testing.md).
 
-    Not part of CI: about 20 minutes on two CPUs. Arguments go to
+    Not part of CI: a few minutes on two CPUs. Arguments go to
     tools/mutation.py: ``nox -s mutation -- --sample 50 --only rules/lists``.
     """
     session.install("-e", ".[test]", "mutmut==3.8.1")
