@@ -29,3 +29,14 @@ def conformance(session: nox.Session) -> None:
     """Replay the Postfix-recorded corpus and print PASS/FAIL per case."""
     session.install("-e", ".")
     session.run("mailpolicy", "replay", "--check", "tests/conformance")
+
+
+@nox.session
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of the pure core on a random sample (docs/testing.md).
+
+    Not part of CI: a few minutes on two CPUs. Arguments go to
+    tools/mutation.py: ``nox -s mutation -- --sample 50 --only rules/lists``.
+    """
+    session.install("-e", ".[test]", "mutmut==3.8.1")
+    session.run("python", "tools/mutation.py", *session.posargs)

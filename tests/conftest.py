@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 
 def _free_port() -> int:
@@ -184,3 +185,11 @@ def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
         capture_output=True,
     )
     return Certificate(cert, key)
+
+
+# `nox -s mutation` runs the tests with this profile: a mutant that breaks a
+# property is already caught by its first failing example, and shrinking it
+# (for minutes at times) would only slow the run down.
+settings.register_profile(
+    "mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], deadline=None
+)

@@ -185,14 +185,8 @@ class AccessTable:
             norm = _access_key(key)
             table[norm] = _merge(table.get(norm), ordinal)
 
-    def add(self, key: str, ordinal: int) -> None:
-        """Add one entry."""
-        norm = _access_key(key)
-        self._table[norm] = _merge(self._table.get(norm), ordinal)
-
-    def __len__(self) -> int:
-        """The number of distinct keys."""
-        return len(self._table)
+    # No add() or __len__: the lists build each table once from all their
+    # rules, and nothing counts keys (both were dead code, issue 17).
 
     def __bool__(self) -> bool:
         return bool(self._table)
