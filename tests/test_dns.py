@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import socket
 import time
 from collections.abc import Awaitable, Iterator
@@ -233,9 +234,18 @@ def test_parse_nameserver(text: str, expected: tuple[str, int]) -> None:
     assert parse_nameserver(text) == expected
 
 
-@pytest.mark.parametrize("text", ["ns.example", "192.0.2.1:0", "192.0.2.1:x", "[::1", "[::1]x"])
-def test_parse_nameserver_refuses(text: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("ns.example", "not an IP address"),
+        ("192.0.2.1:0", "bad port '0'"),
+        ("192.0.2.1:x", "bad port 'x'"),
+        ("[::1", "missing ']'"),
+        ("[::1]x", "expected ':PORT' after ']'"),
+    ],
+)
+def test_parse_nameserver_refuses(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
         parse_nameserver(text)
 
 
@@ -482,7 +492,7 @@ def test_from_settings(server: ZoneServer) -> None:
     assert resolver.nameservers == (("127.0.0.1", server.port),)
     assert resolver.timeout == 2.0
     assert run(resolver.resolve(q("example.net", "A"))).records == ("192.0.2.1",)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not an IP address"):
         LiveResolver.from_settings(DnsSettings(nameservers=("not an ip",)))
 
 

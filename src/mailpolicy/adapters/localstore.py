@@ -96,7 +96,7 @@ class LocalStore:
         self.path = path
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
 
@@ -107,14 +107,14 @@ class LocalStore:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._writer is None or self._writer.is_closing():
+            if self._stream is None or self._stream.is_closing():
                 try:
                     reader, writer = await asyncio.open_unix_connection(self.path)
                 except OSError as e:
                     raise StateStoreError(f"local store {self.path}: {e.strerror or e}") from None
-                self._writer = writer
+                self._stream = writer
                 self._reading = asyncio.ensure_future(self._read(reader))
-            return self._writer
+            return self._stream
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -133,7 +133,7 @@ class LocalStore:
                 if not waiter.done():
                     waiter.set_exception(StateStoreError("local store connection lost"))
             self._waiting.clear()
-            self._writer = None
+            self._stream = None
 
     async def _call(self, **request: Any) -> Any:
         writer = await self._connect()
@@ -160,8 +160,8 @@ class LocalStore:
 
     async def close(self) -> None:
         # closing the socket gives back every slot this worker still holds
-        if self._writer is not None:
-            self._writer.close()
+        if self._stream is not None:
+            self._stream.close()
         if self._reading is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading

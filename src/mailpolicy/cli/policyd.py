@@ -49,33 +49,22 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import logging
 
-    from ..adapters.dns import LiveResolver, Resolver, StaticZone, ZoneError
     from ..adapters.logs import configure_logging
     from ..adapters.postfix.policyd import PolicyServer, PolicyService
     from ..adapters.state import RedisStore, StateStoreError, store_from_url
-    from ..config import PolicyError, load_settings
     from ..policy import compile_policy
+    from .startup import StartupError, load_resolver, load_settings_or_fail
 
     configure_logging(args.log_format, args.log_level)
     log = logging.getLogger("mailpolicy.policyd")
     try:
-        settings = load_settings(args.policy)
-    except PolicyError as e:
-        print(f"mailpolicy: {e.report()}", file=sys.stderr)
+        settings = load_settings_or_fail(args.policy)
+        resolver = load_resolver(args.dns, settings)
+    except StartupError as e:
+        print(f"mailpolicy: {e}", file=sys.stderr)
         return 2
-    resolver: Resolver
-    if args.dns:
-        try:
-            with open(args.dns, "rb") as f:
-                resolver = StaticZone.from_mapping(json.load(f), source=args.dns)
-        except (OSError, ValueError, ZoneError) as e:
-            print(f"mailpolicy: {args.dns}: {e}", file=sys.stderr)
-            return 2
-    else:
-        resolver = LiveResolver.from_settings(settings.dns)
     try:
         listen = None if args.unix else _host_port(args.listen or "127.0.0.1:10040")
         store = store_from_url(args.state)

@@ -136,36 +136,25 @@ def _tls_reason(error: Exception, cert: str | None, key: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import logging
 
-    from ..adapters.dns import LiveResolver, Resolver, StaticZone, ZoneError
     from ..adapters.gateway import GatewayDelivery
     from ..adapters.logs import configure_logging
     from ..adapters.metrics import Metrics
     from ..adapters.reload import PolicyReloader
     from ..adapters.server import MailServer, listeners_from_settings, parse_hostport, tls_context
     from ..adapters.state import RedisStore, StateStoreError, store_from_url
-    from ..config import PolicyError, load_settings
     from ..policy import compile_policy
+    from .startup import StartupError, load_resolver, load_settings_or_fail
 
     configure_logging(args.log_format, args.log_level)
     log = logging.getLogger("mailpolicy.serve")
     try:
-        settings = load_settings(args.policy)
-    except PolicyError as e:
-        print(f"mailpolicy: {e.report()}", file=sys.stderr)
+        settings = load_settings_or_fail(args.policy)
+        resolver = load_resolver(args.dns, settings)
+    except StartupError as e:
+        print(f"mailpolicy: {e}", file=sys.stderr)
         return 2
-    resolver: Resolver
-    if args.dns:
-        try:
-            with open(args.dns, "rb") as f:
-                resolver = StaticZone.from_mapping(json.load(f), source=args.dns)
-        except (OSError, ValueError, ZoneError) as e:
-            print(f"mailpolicy: {args.dns}: {e}", file=sys.stderr)
-            return 2
-    else:
-        resolver = LiveResolver.from_settings(settings.dns)
     try:
         listeners = listeners_from_settings(settings, args.listen)
         store = store_from_url(args.state)
