@@ -486,6 +486,6 @@ def test_store_from_url(redis_server: RedisServer) -> None:
     asyncio.run(test())
     with pytest.raises(ValueError, match="unknown state store"):
         store_from_url("http://user:secret@example.org/")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="unknown state store URL") as info:
         store_from_url("postgres://user:secret@example.org/")
     assert "secret" not in str(info.value)

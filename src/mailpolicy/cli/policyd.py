@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
 from typing import Any
@@ -53,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..adapters.logs import configure_logging
     from ..adapters.postfix.policyd import PolicyServer, PolicyService
-    from ..adapters.state import RedisStore, StateStoreError, store_from_url
+    from ..adapters.state import store_from_url
     from ..policy import compile_policy
-    from .startup import StartupError, load_resolver, load_settings_or_fail
+    from .startup import StartupError, check_store, load_resolver, load_settings_or_fail
 
     configure_logging(args.log_format, args.log_level)
     log = logging.getLogger("mailpolicy.policyd")
@@ -74,14 +73,11 @@ def run(args: argparse.Namespace) -> int:
     service = PolicyService(compile_policy(settings), resolver, store)
 
     async def main() -> int:
-        if isinstance(store, RedisStore):
-            try:
-                await store.ping()
-            except StateStoreError as e:
-                print(f"mailpolicy: --state: {e}", file=sys.stderr)
-                with contextlib.suppress(StateStoreError):
-                    await store.close()
-                return 2
+        try:
+            await check_store(store)
+        except StartupError as e:
+            print(f"mailpolicy: {e}", file=sys.stderr)
+            return 2
         server = PolicyServer(service)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters.metrics import Metrics
     from ..adapters.reload import PolicyReloader
     from ..adapters.server import MailServer, listeners_from_settings, parse_hostport, tls_context
-    from ..adapters.state import RedisStore, StateStoreError, store_from_url
+    from ..adapters.state import store_from_url
     from ..policy import compile_policy
-    from .startup import StartupError, load_resolver, load_settings_or_fail
+    from .startup import StartupError, check_store, load_resolver, load_settings_or_fail
 
     configure_logging(args.log_format, args.log_level)
     log = logging.getLogger("mailpolicy.serve")
@@ -216,15 +216,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
 
     async def main() -> int:
-        if isinstance(store, RedisStore):
-            # Better a clear refusal to start than a 4xx for every client.
-            try:
-                await store.ping()
-            except StateStoreError as e:
-                print(f"mailpolicy: --state: {e}", file=sys.stderr)
-                with contextlib.suppress(StateStoreError):
-                    await store.close()
-                return 2
+        try:
+            await check_store(store)
+        except StartupError as e:
+            print(f"mailpolicy: {e}", file=sys.stderr)
+            return 2
         server = MailServer(
             policy,
             resolver,
