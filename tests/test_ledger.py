@@ -20,7 +20,7 @@ import pytest
 
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.gateway import GatewayDelivery
-from mailpolicy.adapters.ledger import DeliveryLedger, LedgerError
+from mailpolicy.adapters.ledger import DeliveryLedger, LedgerEntry, LedgerError
 from mailpolicy.adapters.maildir import delivery_headers
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.dialogue import Submission
@@ -241,10 +241,10 @@ from mailpolicy.model import Session
 root, content = sys.argv[1], sys.argv[2].encode()
 
 class DiesAtBob(gw.MaildirDelivery):
-    def deliver(self, recipient, message, **kw):
+    async def deliver_async(self, recipient, message, **kw):
         if recipient.startswith("bob@"):
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().deliver(recipient, message, **kw)
+        return await super().deliver_async(recipient, message, **kw)
 
 gw.MaildirDelivery = DiesAtBob
 settings = settings_from_mapping(
@@ -359,3 +359,46 @@ def test_delivery_headers_never_hold_a_line_break() -> None:
     )
     # a change of case only is not a rewrite
     assert b"X-Original-To" not in delivery_headers("", "A@example.com", "a@EXAMPLE.com")
+
+
+# ---------------------------------------------------------------------------
+# lookup_now: the event loop's read, which never waits
+
+
+def test_lookup_now_sees_what_another_process_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ours = DeliveryLedger(path)
+    theirs = DeliveryLedger(path)  # another worker's connection to the same file
+    try:
+        assert ours.lookup_now("d1", ["Alice@Example.com"]) == {}
+        theirs.begin("d1", [("alice@example.com", "1.M1P1.host"), ("bob@example.com", None)])
+        theirs.record("d1", ["bob@example.com"])
+        expected = {
+            "alice@example.com": LedgerEntry(False, "1.M1P1.host"),
+            "bob@example.com": LedgerEntry(True, None),
+        }
+        assert ours.lookup_now("d1", ["ALICE@example.com", "bob@example.com"]) == expected
+        assert ours.lookup("d1", ["alice@example.com", "bob@example.com"]) == expected
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_lookup_now_after_close_says_ask_the_waiting_lookup(tmp_path: Path) -> None:
+    ledger = DeliveryLedger(tmp_path / "ledger.sqlite3")
+    ledger.record("d1", ["alice@example.com"])
+    assert ledger.lookup_now("d1", ["alice@example.com"]) == {
+        "alice@example.com": LedgerEntry(True, None)
+    }
+    ledger.close()
+    assert ledger.lookup_now("d1", ["alice@example.com"]) is None
+    with pytest.raises(LedgerError, match="is closed"):
+        ledger.lookup("d1", ["alice@example.com"])
+
+
+def test_lookup_now_never_creates_the_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    ledger = DeliveryLedger(blocker / "ledger.sqlite3")  # cannot be opened: warned, not fatal
+    assert ledger.lookup_now("d1", ["alice@example.com"]) is None
+    assert blocker.read_text() == "x"

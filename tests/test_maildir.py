@@ -231,3 +231,81 @@ def test_file_in_place_of_maildir_folder_raises(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match=r"a@x\.org"):
         MaildirDelivery(tmp_path).deliver("a@x.org", MESSAGE)
     assert (tmp_path / "a@x.org").read_bytes() == b"not a folder"
+
+
+# ---------------------------------------------------------------------------
+# deliver_async: one writer thread, a batch at a time
+
+
+def test_concurrent_async_copies_each_land_once_and_a_failure_stays_its_own(
+    tmp_path: Path,
+) -> None:
+    delivery = MaildirDelivery(tmp_path)
+    delivery.deliver("a@x.org", b"already here")
+    # somebody else's file in tmp/ under the name a copy is told to use
+    taken = delivery.new_name()
+    (delivery.maildir("a@x.org") / "tmp" / taken).write_bytes(b"not ours")
+
+    async def main() -> list[Path | BaseException]:
+        copies = [delivery.deliver_async("a@x.org", b"copy %d" % i) for i in range(30)]
+        # the same file name again: O_EXCL refuses this copy and only this one
+        copies.insert(15, delivery.deliver_async("a@x.org", b"clash", name=taken))
+        copies.append(delivery.deliver_async("b@x.org", b"other box"))
+        return await asyncio.gather(*copies, return_exceptions=True)
+
+    results = asyncio.run(main())
+    clash = results.pop(15)
+    assert isinstance(clash, FileExistsError)
+    paths = [r for r in results if isinstance(r, Path)]
+    assert len(paths) == 31  # nothing else failed
+    new = delivery.maildir("a@x.org") / "new"
+    assert sorted(p.read_bytes() for p in new.iterdir()) == sorted(
+        [b"already here"] + [b"copy %d" % i for i in range(30)]
+    )
+    assert paths[-1].read_bytes() == b"other box"
+    assert paths[-1].parent == delivery.maildir("b@x.org") / "new"
+    tmp = delivery.maildir("a@x.org") / "tmp"
+    assert [(p.name, p.read_bytes()) for p in tmp.iterdir()] == [(taken, b"not ours")]
+
+
+def test_async_folder_fsync_failure_withdraws_every_copy_of_that_folder_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivery = MaildirDelivery(tmp_path)
+    for box in ("a@x.org", "b@x.org"):
+        delivery.deliver(box, b"warm up")
+        for leftover in (delivery.maildir(box) / "new").iterdir():
+            leftover.unlink()
+    bad = os.stat(delivery.maildir("a@x.org") / "new").st_ino
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == bad:
+            raise OSError(errno.EIO, "injected fsync failure")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    async def main() -> list[Path | BaseException]:
+        boxes = ["a@x.org", "b@x.org"] * 5
+        return await asyncio.gather(
+            *(delivery.deliver_async(b, MESSAGE) for b in boxes), return_exceptions=True
+        )
+
+    results = asyncio.run(main())
+    assert [isinstance(r, OSError) and "injected" in str(r) for r in results] == [True, False] * 5
+    assert_nothing_delivered(tmp_path, "a@x.org")
+    assert len(list((delivery.maildir("b@x.org") / "new").iterdir())) == 5
+
+
+def test_a_maildir_removed_between_deliveries_is_made_again(tmp_path: Path) -> None:
+    delivery = MaildirDelivery(tmp_path)
+    delivery.deliver("a@x.org", b"first")
+    for sub in ("tmp", "new", "cur"):
+        for f in (delivery.maildir("a@x.org") / sub).iterdir():
+            f.unlink()
+        (delivery.maildir("a@x.org") / sub).rmdir()
+    delivery.maildir("a@x.org").rmdir()
+    path = asyncio.run(delivery.deliver_async("a@x.org", b"second"))
+    assert path.read_bytes() == b"second"
+    assert {p.name for p in delivery.maildir("a@x.org").iterdir()} == {"tmp", "new", "cur"}

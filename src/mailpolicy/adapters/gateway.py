@@ -244,7 +244,9 @@ class GatewayDelivery:
         self, digest: str, routes: Sequence[Route], targets: Sequence[str]
     ) -> set[str]:
         """The targets (lower-cased) that have this message from an earlier attempt."""
-        entries = await self.ledger.lookup_async(digest, targets)
+        entries = self.ledger.lookup_now(digest, targets)
+        if entries is None:
+            entries = await self.ledger.lookup_async(digest, targets)
         done = set(self._remembered.get(digest, ()))
         for route, target in zip(routes, targets, strict=True):
             key = target.lower()

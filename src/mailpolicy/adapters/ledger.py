@@ -96,6 +96,9 @@ class DeliveryLedger:
         self.clock = clock
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        # lookup_now's connection, and the lock it never waits for
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
         self._purged_at = 0.0
         self._closed = False
         try:
@@ -151,23 +154,62 @@ class DeliveryLedger:
                     db.rollback()
                 raise LedgerError(f"delivery ledger {self.path}: {what} failed: {e}") from None
 
-    def lookup(self, digest: str, recipients: Iterable[str]) -> dict[str, LedgerEntry]:
-        """The entries of those of ``recipients`` the ledger knows (lower-cased keys)."""
+    def _lookup_query(
+        self, digest: str, recipients: Iterable[str]
+    ) -> tuple[str, tuple[object, ...]] | None:
         wanted = sorted({r.lower() for r in recipients})
         if not wanted:
-            return {}
+            return None
         since = self.clock() - self.keep_seconds
         marks = ",".join("?" * len(wanted))
+        return (
+            "SELECT recipient, done, name FROM delivered WHERE digest = ? AND at >= ?"
+            f" AND recipient IN ({marks})",
+            (digest, since, *wanted),
+        )
+
+    def lookup(self, digest: str, recipients: Iterable[str]) -> dict[str, LedgerEntry]:
+        """The entries of those of ``recipients`` the ledger knows (lower-cased keys)."""
+        query = self._lookup_query(digest, recipients)
+        if query is None:
+            return {}
+        sql, args = query
 
         def work(db: sqlite3.Connection) -> dict[str, LedgerEntry]:
-            rows = db.execute(
-                f"SELECT recipient, done, name FROM delivered WHERE digest = ? AND at >= ?"
-                f" AND recipient IN ({marks})",
-                (digest, since, *wanted),
-            ).fetchall()
+            rows = db.execute(sql, args).fetchall()
             return {r: LedgerEntry(bool(done), name) for r, done, name in rows}
 
         return self._run("reading", work)
+
+    def lookup_now(self, digest: str, recipients: Iterable[str]) -> dict[str, LedgerEntry] | None:
+        """:meth:`lookup` if it can be answered without waiting, else ``None``.
+
+        For the event loop: a thread round trip per message cost more than
+        the read itself (see docs/performance.md). It reads through its own
+        connection that never waits for a lock (the ledger is in WAL mode, so
+        writers do not block it; what would block, such as a recovery, makes
+        it give up at once), and never creates the file. ``None`` (busy,
+        not created yet, any error) means: ask :meth:`lookup_async`, which
+        waits and reports errors."""
+        query = self._lookup_query(digest, recipients)
+        if query is None:
+            return {}
+        if not self._read_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._reader is None:
+                if self._closed or not self.path.exists():
+                    return None
+                uri = self.path.absolute().as_uri() + "?mode=rw"
+                self._reader = sqlite3.connect(
+                    uri, uri=True, timeout=0, check_same_thread=False, isolation_level=None
+                )
+            rows = self._reader.execute(*query).fetchall()
+        except (sqlite3.Error, OSError):
+            return None
+        finally:
+            self._read_lock.release()
+        return {r: LedgerEntry(bool(done), name) for r, done, name in rows}
 
     def delivered(self, digest: str, recipients: Iterable[str]) -> set[str]:
         """Those of ``recipients`` marked as having this message."""
@@ -258,3 +300,7 @@ class DeliveryLedger:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
