@@ -399,6 +399,23 @@ def test_cache_hits_do_not_ask_again(server: ZoneServer) -> None:
     assert len(server.queries) == 2
 
 
+def test_resolve_all_mixes_cached_answers_and_new_questions_in_order(
+    server: ZoneServer,
+) -> None:
+    resolver = live(server)
+    cached = [q("example.net", "MX"), q("example.net", "A")]
+    run(resolver.resolve_all(cached))
+    assert len(server.queries) == 2
+    asked = [q("mx.example.net", "AAAA"), *cached, q("192.0.2.10", "PTR"), q("example.net", "A")]
+    results = run(resolver.resolve_all(asked))
+    assert list(results) == asked[:4]  # each once, in the order asked
+    assert len(server.queries) == 4  # only the two not cached went out
+    assert results == {x: run(resolver.resolve(x)) for x in asked}
+    assert len(server.queries) == 4
+    run(resolver.resolve_all([q("gone.example", "A")]))  # one miss alone
+    assert len(server.queries) == 5
+
+
 def test_concurrent_questions_share_one_request(server: ZoneServer) -> None:
     resolver = live(server)
 

@@ -676,8 +676,24 @@ class LiveResolver:
         self._store(query, reply.result, reply.ttl)
 
     async def resolve_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
-        """:class:`Resolver` protocol: all at once, duplicates asked once."""
-        return await gather(self, queries)
+        """:class:`Resolver` protocol: all at once, duplicates asked once.
+
+        Cached answers are given at once; only the others become tasks (a
+        task per question cost more than the question, for a cached one)."""
+        unique = list(dict.fromkeys(queries))
+        found: dict[DnsQuery, DnsResult] = {}
+        missing: list[DnsQuery] = []
+        for query in unique:
+            hit = self.cached(query)
+            if hit is None:
+                missing.append(query)
+            else:
+                found[query] = hit
+        if len(missing) == 1:
+            found[missing[0]] = await self.resolve(missing[0])
+        elif missing:
+            found.update(await gather(self, missing))
+        return {query: found[query] for query in unique}
 
     async def _ask(self, query: DnsQuery) -> _Reply:
         try:

@@ -20,7 +20,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..dialogue import Connection
 from ..lookup import NetworkTable, ip_key
@@ -151,8 +151,8 @@ class SmtpProtocol(asyncio.BufferedProtocol):
     # -- asyncio callbacks -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports have the methods, not the base class
+        self.transport = cast(asyncio.Transport, transport)
         self._task = asyncio.get_running_loop().create_task(self._main())
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import email.parser
 import email.policy
+import functools
 import ipaddress
+import math
 from email.utils import formatdate
 
 import attrs
@@ -153,6 +155,12 @@ def verified_client_name(session: Session) -> str:
     return "unknown"
 
 
+@functools.lru_cache(maxsize=2)
+def _date_text(second: int) -> str:
+    # the same for every message of a second; formatdate is slow
+    return formatdate(second, localtime=False, usegmt=False).replace("-0000", "+0000") + " (UTC)"
+
+
 def received_header(
     session: Session, hostname: str, rcpts: tuple[str, ...], queue_id: str, now: float
 ) -> bytes:
@@ -165,7 +173,7 @@ def received_header(
         proto += "S"
     if session.auth_user is not None:
         proto += "A"
-    date = formatdate(now, localtime=False, usegmt=False).replace("-0000", "+0000") + " (UTC)"
+    date = _date_text(math.floor(now))
     for_part = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
     name = verified_client_name(session)
     text = (
