@@ -55,7 +55,14 @@ def _owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
 
 
 class Workers:
-    def __init__(self, tmp: Path, port: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        port: int,
+        workers: tuple[str, ...] = ("--workers", "2"),
+        expect: int = 2,
+        cpus: set[int] | None = None,
+    ) -> None:
         policy = tmp / "policy.toml"
         policy.write_text(POLICY)
         self.port = port
@@ -72,16 +79,16 @@ class Workers:
                 f"127.0.0.1:{port}",
                 "--maildir",
                 str(tmp / "md"),
-                "--workers",
-                "2",
+                *workers,
                 "--grace",
                 "20",
             ],
             stderr=self.log.open("wb"),
             env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         deadline = time.monotonic() + 30
-        while len(self.workers()) < 2 or not self._greets():
+        while len(self.workers()) < expect or not self._greets():
             assert time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.2)
 
@@ -221,3 +228,33 @@ def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
     s, pid = workers.connect()
     assert pid in now
     s.close()
+
+
+@pytest.mark.parametrize("extra", [(), ("--metrics", "127.0.0.1:0")])
+def test_workers_auto_is_one_per_cpu_unless_one_process_is_needed(
+    tmp_path: Path, free_port: Callable[[], int], extra: tuple[str, ...]
+) -> None:
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    expect = 0 if extra or len(cpus) == 1 else len(cpus)  # children; 0: no parent
+    w = Workers(tmp_path, free_port(), ("--workers", "auto", *extra), expect, cpus)
+    try:
+        assert len(w.workers()) == expect
+    finally:
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(30) == 0
+    processes = 1 if expect == 0 else expect
+    assert f"--workers auto: {processes} process(es)" in w.log.read_text()
+
+
+@pytest.mark.parametrize(("value", "why"), [("0", "at least 1"), ("two", "a number or auto")])
+def test_workers_refuses_what_is_not_a_count(value: str, why: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mailpolicy", "serve", "--workers", value],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"--workers: {why}" in done.stderr

@@ -12,6 +12,22 @@ import sys
 from typing import Any
 
 
+_AUTO = 0
+
+
+def _workers(text: str) -> int:
+    """--workers: a count, or "auto" (resolved once the other flags are known)."""
+    if text == "auto":
+        return _AUTO
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, not {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return count
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -66,10 +82,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
-        metavar="N",
-        help="run N worker processes on the same listeners (default 1); per-client "
+        metavar="N|auto",
+        help="run N worker processes on the same listeners (default 1; auto: one per "
+        "CPU this process may use, or 1 with --capture or --metrics); per-client "
         "limits are shared through --state, or through the parent without it",
     )
     p.add_argument("--inherit", action="append", default=[], help=argparse.SUPPRESS)
@@ -171,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.workers == _AUTO:
+        # capture files and the metrics page belong to one process
+        args.workers = 1 if args.capture or args.metrics else len(os.sched_getaffinity(0))
+        if not args.inherit:
+            log.info("--workers auto: %d process(es)", args.workers)
     if args.workers < 1:
         print("mailpolicy: --workers: at least 1", file=sys.stderr)
         return 2
