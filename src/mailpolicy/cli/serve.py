@@ -11,7 +11,6 @@ import ssl
 import sys
 from typing import Any
 
-
 _AUTO = 0
 
 
