@@ -486,12 +486,13 @@ def test_malformed_names_are_nxdomain_without_asking(server: ZoneServer) -> None
 def test_unexpected_errors_are_servfail_never_permanent(
     server: ZoneServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dns.asyncquery
+    import dns.message
 
-    async def broken(*args: Any, **kwargs: Any) -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(dns.asyncquery, "udp_with_fallback", broken)
+    # reading the reply fails (the server, in this process, does not use it)
+    monkeypatch.setattr(dns.message.QueryMessage, "resolve_chaining", broken)
     result = run(live(server).resolve(q("example.net", "MX")))
     assert result.outcome is DnsOutcome.SERVFAIL
 
@@ -696,3 +697,41 @@ def test_cli_route_accepts_a_whole_replay_case_as_zone(
         "eve@corp.example",
     )  # fmt: skip
     assert status == 0 and json.loads(out)["kind"] == "smtp"
+
+
+def test_live_ignores_strays_until_its_own_answer_comes() -> None:
+    import socket
+    import threading
+
+    import dns.message
+    import dns.rrset
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(5)
+
+    def serve() -> None:
+        data, peer = udp.recvfrom(2048)
+        query = dns.message.from_wire(data)
+        answer = dns.message.make_response(query)
+        answer.answer.append(
+            dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "192.0.2.9")
+        )
+        udp.sendto(b"not a DNS message", peer)
+        wrong = dns.message.make_response(query)
+        wrong.id = (query.id + 1) % 65536  # an answer to another question
+        wrong.answer.append(
+            dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "203.0.113.66")
+        )
+        udp.sendto(wrong.to_wire(), peer)
+        udp.sendto(answer.to_wire(), peer)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        host, port = udp.getsockname()
+        result = run(live(f"{host}:{port}").resolve(q("stray.example", "A")))
+    finally:
+        thread.join()
+        udp.close()
+    assert (result.outcome, result.records) == (DnsOutcome.ANSWER, ("192.0.2.9",))
