@@ -176,6 +176,8 @@ def postfix_main_cf(folder: Path, maps: dict[str, Path]) -> dict[str, str]:
             "smtpd_recipient_limit": "50",
             "smtpd_client_connection_count_limit": "100",
             "smtpd_helo_required": "yes",
+            "hopcount_limit": "30",
+            "disable_vrfy_command": "yes",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
             "smtpd_recipient_restrictions": ", ".join(
                 [
