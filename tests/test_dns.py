@@ -483,16 +483,23 @@ def test_malformed_names_are_nxdomain_without_asking(server: ZoneServer) -> None
     assert server.queries == ()
 
 
+@pytest.mark.parametrize("path", ["fast", "dnspython"])
 def test_unexpected_errors_are_servfail_never_permanent(
-    server: ZoneServer, monkeypatch: pytest.MonkeyPatch
+    server: ZoneServer, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     import dns.message
+
+    from mailpolicy.adapters import dnswire
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
-    # reading the reply fails (the server, in this process, does not use it)
-    monkeypatch.setattr(dns.message.QueryMessage, "resolve_chaining", broken)
+    # reading the reply fails (the server, in this process, uses neither)
+    if path == "fast":
+        monkeypatch.setattr(dnswire, "read", broken)
+    else:
+        monkeypatch.setattr(dnswire, "read", lambda data, question: None)
+        monkeypatch.setattr(dns.message.QueryMessage, "resolve_chaining", broken)
     result = run(live(server).resolve(q("example.net", "MX")))
     assert result.outcome is DnsOutcome.SERVFAIL
 

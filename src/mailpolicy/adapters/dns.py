@@ -51,6 +51,7 @@ import dns.rrset
 
 from ..model import DnsOutcome, DnsQuery, DnsResult, RType
 from ..settings import DnsSettings
+from . import dnswire
 
 __all__ = [
     "ZONE_TYPES",
@@ -104,7 +105,11 @@ def query_name(query: DnsQuery) -> str:
     if query.rtype is RType.PTR:
         ip = _ip_or_none(query.name)
         if ip is not None:
-            return dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
+            # the same name as dns.reversename.from_address (which asks an
+            # IPv4-mapped address under in-addr.arpa), without its objects
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                return ip.ipv4_mapped.reverse_pointer
+            return ip.reverse_pointer
     return query.name
 
 
@@ -697,17 +702,23 @@ class LiveResolver:
         return {query: found[query] for query in unique}
 
     async def _ask(self, query: DnsQuery) -> _Reply:
+        name = query_name(query)
+        question = dnswire.query(name, query.rtype.value)
+        request = None
+        if question is None:  # an unusual name: dnspython writes it
+            try:
+                qname = dns.name.from_text(name)
+            except (dns.exception.DNSException, UnicodeError):
+                return _Reply(DnsResult(DnsOutcome.NXDOMAIN), 0.0)
         try:
-            qname = dns.name.from_text(query_name(query))
-        except (dns.exception.DNSException, UnicodeError):
-            return _Reply(DnsResult(DnsOutcome.NXDOMAIN), 0.0)
-        try:
-            rdtype = dns.rdatatype.from_text(query.rtype.value)
+            if question is None:
+                rdtype = dns.rdatatype.from_text(query.rtype.value)
+                request = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232)
             servers = self.nameservers
             all_timed_out = bool(servers)
             for host, port in servers:
                 try:
-                    return await self._ask_server(qname, rdtype, host, port)
+                    return await self._ask_server(question, request, host, port)
                 except _ServerFailed as failure:
                     all_timed_out = all_timed_out and failure.timed_out
             outcome = DnsOutcome.TIMEOUT if all_timed_out else DnsOutcome.SERVFAIL
@@ -717,60 +728,106 @@ class LiveResolver:
         return _Reply(DnsResult(outcome), self.failure_ttl)
 
     async def _ask_server(
-        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, host: str, port: int
+        self,
+        question: dnswire.Question | None,
+        request: dns.message.Message | None,
+        host: str,
+        port: int,
     ) -> _Reply:
-        request = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         try:
-            response = await _ask_udp(request, host, port, deadline)
-            if response.flags & dns.flags.TC:
-                # truncated: the whole answer over TCP, in the time left
-                response = await dns.asyncquery.tcp(
-                    request, host, timeout=max(deadline - loop.time(), 0.001), port=port
-                )
+            got = await _ask_udp(question, request, host, port, deadline)
+            if isinstance(got, dnswire.Reading) and not got.truncated:
+                reading: dnswire.Reading | None = got
+            else:
+                reading = None
+                response = got if isinstance(got, dns.message.Message) else None
+                if response is None or response.flags & dns.flags.TC:
+                    # truncated: the whole answer over TCP, in the time left
+                    if request is None:
+                        assert question is not None
+                        request = dns.message.from_wire(question.wire)
+                    response = await dns.asyncquery.tcp(
+                        request, host, timeout=max(deadline - loop.time(), 0.001), port=port
+                    )
         except (TimeoutError, dns.exception.Timeout):
             raise _ServerFailed(timed_out=True) from None
         except Exception:
             # unreachable (ICMP refused), malformed reply, TCP reset...
             raise _ServerFailed(timed_out=False) from None
-        rcode = response.rcode()
-        if rcode == dns.rcode.NXDOMAIN:
-            return _Reply(DnsResult(DnsOutcome.NXDOMAIN), _negative_ttl(response))
-        if rcode != dns.rcode.NOERROR or not isinstance(response, dns.message.QueryMessage):
-            raise _ServerFailed(timed_out=False)
-        try:
-            chain = response.resolve_chaining()
-        except Exception:
-            raise _ServerFailed(timed_out=False) from None
-        if chain.answer is None or not len(chain.answer):
-            return _Reply(DnsResult(DnsOutcome.NODATA), _negative_ttl(response))
-        return _Reply(DnsResult.answer(*_records(chain.answer)), float(chain.minimum_ttl))
+        if reading is not None:
+            return _from_reading(reading)
+        assert response is not None
+        return _interpret(response)
+
+
+def _from_reading(reading: dnswire.Reading) -> _Reply:
+    """:func:`_interpret` for a reply read by the fast path."""
+    if reading.rcode == dns.rcode.NXDOMAIN:
+        return _Reply(DnsResult(DnsOutcome.NXDOMAIN), reading.negative_ttl)
+    if reading.rcode != dns.rcode.NOERROR or reading.broken:
+        raise _ServerFailed(timed_out=False)
+    if not reading.records:
+        return _Reply(DnsResult(DnsOutcome.NODATA), reading.negative_ttl)
+    return _Reply(DnsResult.answer(*reading.records), reading.ttl)
+
+
+def _interpret(response: dns.message.Message) -> _Reply:
+    """What a reply (dnspython's reading of it) says, or _ServerFailed."""
+    rcode = response.rcode()
+    if rcode == dns.rcode.NXDOMAIN:
+        return _Reply(DnsResult(DnsOutcome.NXDOMAIN), _negative_ttl(response))
+    if rcode != dns.rcode.NOERROR or not isinstance(response, dns.message.QueryMessage):
+        raise _ServerFailed(timed_out=False)
+    try:
+        chain = response.resolve_chaining()
+    except Exception:
+        raise _ServerFailed(timed_out=False) from None
+    if chain.answer is None or not len(chain.answer):
+        return _Reply(DnsResult(DnsOutcome.NODATA), _negative_ttl(response))
+    return _Reply(DnsResult.answer(*_records(chain.answer)), float(chain.minimum_ttl))
 
 
 async def _ask_udp(
-    request: dns.message.Message, host: str, port: int, deadline: float
-) -> dns.message.Message:
+    question: dnswire.Question | None,
+    request: dns.message.Message | None,
+    host: str,
+    port: int,
+    deadline: float,
+) -> dnswire.Reading | dns.message.Message:
     """One question over UDP from a socket of its own (a fresh random source
     port, connected so that only ``host:port`` can answer), the reply matched
     to the question by id and question section; strays are ignored until the
-    deadline. dnspython builds and parses the messages; the socket is ours:
-    its asyncio backend cost about nine event-loop iterations and a
-    transport per question, twice the CPU of the question itself
-    (docs/performance.md)."""
+    deadline. The common reply is read by :mod:`.dnswire`; anything else by
+    dnspython. dnspython's asyncio backend cost about nine event-loop
+    iterations and a transport per question (docs/performance.md)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         sock.connect((host, port))
-        sock.send(request.to_wire())
+        if question is not None:
+            sock.send(question.wire)
+        else:
+            assert request is not None
+            sock.send(request.to_wire())
         async with asyncio.timeout_at(deadline):
             while True:
                 data = await loop.sock_recv(sock, 65535)
+                if question is not None:
+                    reading = dnswire.read(data, question)
+                    if reading is dnswire.NOT_OURS:
+                        continue
+                    if reading is not None:
+                        return reading
+                    if request is None:
+                        request = dns.message.from_wire(question.wire)
                 try:
                     response = dns.message.from_wire(data)
                 except dns.exception.DNSException:
                     continue  # not a DNS message: not our answer
+                assert request is not None
                 if request.is_response(response):
                     return response
 
