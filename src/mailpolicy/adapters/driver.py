@@ -283,11 +283,21 @@ async def run_connection(
         observer.connected(conn.session, services.clock())
     if metrics is not None:
         metrics.session_opened()
+    # Replies to commands that came together (pipelining) leave together:
+    # they are written out when the dialogue next waits for anything, as
+    # Postfix flushes when no more pipelined input is there.
+    out: list[bytes] = []
+
+    def flush() -> None:
+        if out:
+            channel.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
     try:
         while True:
             event = conn.next_event()
             if isinstance(event, Send):
-                channel.write(event.data)
+                out.append(event.data)
                 if metrics is not None:
                     metrics.reply(event.record.reply.code)
                 if services.on_reply is not None:
@@ -295,6 +305,7 @@ async def run_connection(
                 if observer is not None:
                     observer.reply(event.record)
             elif event is NEED_DATA:
+                flush()
                 data = await channel.read(deadlines.wait(conn))
                 if data is None:
                     conn.timed_out()
@@ -324,6 +335,7 @@ async def run_connection(
                     log.error("message spool failed: %s", e)
                     conn.failed(f"spool: {e}")
             elif isinstance(event, NeedDns):
+                flush()
                 started = time.perf_counter()
                 try:
                     answers = await services.resolver.resolve_all(event.queries)
@@ -337,6 +349,7 @@ async def run_connection(
                         metrics.dns(time.perf_counter() - started, answers.values())
                     conn.dns_answers(answers)
             elif isinstance(event, NeedCount):
+                # a counter is quick (memory, Redis): replies may wait for it
                 await _count(conn, event, services)
             elif isinstance(event, NeedRecipientCheck):
                 check = getattr(services.delivery, "check_recipient", None)
@@ -345,6 +358,7 @@ async def run_connection(
                     refusal = await refusal
                 conn.recipient_checked(refusal)
             elif isinstance(event, CheckPassword):
+                flush()
                 try:
                     ok = await asyncio.to_thread(policy.check_password, event.user, event.password)
                 except Exception as e:
@@ -353,10 +367,12 @@ async def run_connection(
                 else:
                     conn.password_checked(ok)
             elif isinstance(event, StartTls):
+                flush()  # the 220 goes out in clear before the handshake
                 conn.tls_started(await channel.start_tls())
             elif isinstance(event, NeedStamp):
                 conn.stamped(Stamp(services.clock(), services.queue_id()))
             elif isinstance(event, Deliver):
+                flush()
                 try:
                     delivered = await services.delivery.deliver(event.submission)
                 except Exception as e:
@@ -380,6 +396,7 @@ async def run_connection(
             elif isinstance(event, Close):
                 break
     finally:
+        flush()
         if metrics is not None:
             metrics.session_closed()
         spool.close()

@@ -1,0 +1,84 @@
+"""The host loop (adapters/driver.run_connection) over a channel that
+records what it is given: replies to pipelined commands leave together."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mailpolicy.adapters.dns import StaticZone
+from mailpolicy.adapters.driver import AcceptAllDelivery, Services, _Shutdown, run_connection
+from mailpolicy.config import settings_from_mapping
+from mailpolicy.dialogue import Connection
+from mailpolicy.policy import compile_policy
+
+POLICY = compile_policy(
+    settings_from_mapping(
+        {
+            "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
+            "security": {"connection_policy": {"max_connections_per_client": 0}},
+        }
+    )
+)
+
+
+class Recorder:
+    """A Channel: hands out ``chunks`` one read at a time, keeps every write."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    async def read(self, timeout: float | None) -> bytes | _Shutdown | None:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    async def start_tls(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def play(*chunks: bytes) -> tuple[Recorder, AcceptAllDelivery]:
+    channel = Recorder(*chunks)
+    delivery = AcceptAllDelivery()
+    services = Services(StaticZone.from_mapping({}), delivery=delivery, queue_id=lambda: "Q1")
+    asyncio.run(run_connection(Connection(POLICY, "192.0.2.1"), channel, services))
+    return channel, delivery
+
+
+def test_replies_to_pipelined_commands_are_written_at_once() -> None:
+    channel, delivery = play(
+        b"EHLO c.example.org\r\n",
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\n"
+        b"RCPT TO:<bob@example.com>\r\nDATA\r\n",
+        b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+    )
+    assert channel.writes[0] == b"220 mx.example.com ESMTP\r\n"
+    assert channel.writes[1].startswith(b"250-mx.example.com\r\n")
+    assert channel.writes[1].count(b"\r\n250 ") == 1  # the whole EHLO reply, once
+    assert channel.writes[2] == (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    )
+    assert channel.writes[3:] == [b"250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"]
+    assert channel.closed
+    assert [m.recipients for m in delivery.messages] == [("alice@example.com", "bob@example.com")]
+
+
+def test_a_client_that_waits_for_each_reply_gets_each_at_once() -> None:
+    channel, _ = play(
+        b"HELO c.example.org\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<alice@example.com>\r\n",
+        b"QUIT\r\n",
+    )
+    assert channel.writes == [
+        b"220 mx.example.com ESMTP\r\n",
+        b"250 mx.example.com\r\n",
+        b"250 2.1.0 Ok\r\n",
+        b"250 2.1.5 Ok\r\n",
+        b"221 2.0.0 Bye\r\n",
+    ]
