@@ -38,11 +38,11 @@ before calling.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import itertools
 import os
+import queue
 import secrets
 import socket
 import threading
@@ -383,39 +383,41 @@ class _Committer:
 
     def __init__(self, maildir: MaildirDelivery) -> None:
         self._maildir = maildir
-        self._jobs: collections.deque[_Job] = collections.deque()
-        self._wake = threading.Condition(threading.Lock())
+        # a C queue: handing a copy over costs the event loop one put
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._threads = 0
+        #: threads waiting for a copy (a new thread counts from its start)
         self._idle = 0
 
     def submit(self, job: _Job) -> None:
-        with self._wake:
-            self._jobs.append(job)
-            self._staff()
-
-    def _staff(self) -> None:
-        # called with the lock held, when jobs are waiting
-        if self._idle > 0:
-            self._wake.notify()
-        elif self._threads < self.MAX_THREADS:
-            self._threads += 1
-            threading.Thread(target=self._run, name="maildir-writer", daemon=True).start()
-        # else: a busy thread takes them with its next batch
+        self._jobs.put(job)
+        with self._lock:
+            if self._idle == 0 and self._threads < self.MAX_THREADS:
+                self._threads += 1
+                self._idle += 1
+                threading.Thread(target=self._run, name="maildir-writer", daemon=True).start()
+            # else: a waiting thread takes it, or a busy one with its next batch
 
     def _run(self) -> None:
         while True:
-            with self._wake:
-                while not self._jobs:
-                    self._idle += 1
-                    woken = self._wake.wait(self.IDLE_SECONDS)
-                    self._idle -= 1
-                    if not woken and not self._jobs:
+            try:
+                first = self._jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    # under the lock, so that a copy queued meanwhile either
+                    # is seen here or sees this thread gone and starts one
+                    if self._jobs.empty():
                         self._threads -= 1
+                        self._idle -= 1
                         return
-                take = min(len(self._jobs), self.BATCH)
-                batch = [self._jobs.popleft() for _ in range(take)]
-                if self._jobs:
-                    self._staff()
+                continue
+            with self._lock:
+                self._idle -= 1
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < self.BATCH:
+                    batch.append(self._jobs.get_nowait())
             self._maildir._write_batch(batch)
             by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
             for job in batch:
@@ -425,6 +427,8 @@ class _Committer:
                 # a closed loop (RuntimeError) has nobody waiting any more
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_settle, jobs)
+            with self._lock:
+                self._idle += 1
 
 
 def _settle(jobs: list[_Job]) -> None:
