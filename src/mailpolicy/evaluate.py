@@ -46,9 +46,10 @@ from .model import (
     Verdict,
 )
 from .policy import Policy
-from .rules import Decision, NeedDns, Outcome, Scope, Step
+from .rules import Decision, NeedDns, Outcome
 from .rules.context import Context
 from .settings import reply_text
+from .stages import SESSION
 
 __all__ = ["Lookups", "Memo", "decide", "decide_with", "evaluate", "lookups"]
 
@@ -143,25 +144,7 @@ class Memo:
 
 
 _UNSEEN: Any = object()
-# Enum members as module constants: ``Scope.SESSION`` is a descriptor call
-# (about 100 ns), paid for every rule of every decision otherwise.
-_ENVELOPE, _SESSION = Scope.ENVELOPE, Scope.SESSION
 _PERMIT, _ACCEPT, _DEFER_IF_PERMIT = Outcome.PERMIT, Outcome.ACCEPT, Outcome.DEFER_IF_PERMIT
-
-
-def _remembered(step: Step, ctx: Context, store: dict[object, object]) -> Decision | None:
-    """``step.rule.check(ctx)`` for a session- or sender-scoped rule,
-    reusing the decision made earlier for the same facts. A rule still
-    waiting for DNS raises NeedDns and nothing is remembered."""
-    env = ctx.envelope
-    key: object = step.slot if step.scope is _SESSION else (step.slot, env.sender, env.smtputf8)
-    seen: Any = store.get(key, _UNSEEN)
-    if seen is not _UNSEEN:
-        remembered: Decision | None = seen
-        return remembered
-    decision = step.rule.check(ctx)
-    store[key] = decision
-    return decision
 
 
 class _Need:
@@ -201,10 +184,12 @@ def _walk(
     pending: Decision | None = None
     white: Decision | None = None
     seen: list[Decision] | None = None
+    #: the decisions kept for this sender (made on first use)
+    senders: dict[object, object] | None = None
     observed, texts = policy.observed, policy.texts
     discard = envelope.discard
-    for chain in policy.chains[envelope.stage]:
-        if discard is not None and chain.restriction:
+    for restriction, steps in policy.compiled[envelope.stage]:
+        if discard is not None and restriction:
             if need is not None:
                 return need
             # Postfix: once a transaction is marked for discarding, every
@@ -216,16 +201,31 @@ def _walk(
                 (Evidence("transaction", "discarding", matched=discard),),
                 _observed(seen),
             )
-        for step in chain.steps:
+        for rule, kept, slot, is_white, observe in steps:
             try:
-                if step.scope is _ENVELOPE:
-                    d = step.rule.check(ctx)
+                if not kept:  # ENVELOPE: decided anew each time
+                    d = rule.check(ctx)
                 else:
-                    d = _remembered(step, ctx, store)
+                    # SESSION or SENDER: the decision made earlier for the
+                    # same facts (a rule waiting for DNS raises and nothing
+                    # is kept)
+                    if kept == SESSION:
+                        kept_in = store
+                    elif senders is None:
+                        key = ("sender", envelope.sender, envelope.smtputf8)
+                        found: Any = store.get(key)
+                        if found is None:
+                            found = store[key] = {}
+                        kept_in = senders = found
+                    else:
+                        kept_in = senders
+                    d = kept_in.get(slot, _UNSEEN)  # type: ignore[assignment]
+                    if d is _UNSEEN:
+                        d = kept_in[slot] = rule.check(ctx)
             except NeedDns as missing:
                 # Go on: later rules' questions are asked in the same round.
                 if need is None:
-                    need = _Need(missing.rule or step.rule.name, missing.queries)
+                    need = _Need(missing.rule or rule.name, missing.queries)
                 else:
                     need.queries.update(missing.queries)
                 continue
@@ -233,10 +233,10 @@ def _walk(
                 continue
             outcome = d.outcome
             if outcome is _PERMIT:
-                if step.white:
+                if is_white:
                     white = d
                 break
-            if step.observe and outcome is not _ACCEPT and d.rule in observed:
+            if observe and outcome is not _ACCEPT and d.rule in observed:
                 # observe mode: remembered, and the walk goes on as if it passed
                 if d.rule in texts:
                     d = _reworded(d, texts[d.rule])

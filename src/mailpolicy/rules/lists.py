@@ -51,58 +51,51 @@ class ListMatch:
 _Hit = tuple[int, object]
 
 
-class ListIndex:
-    """Every rule of one list colour, indexed by criterion."""
+class _Tables:
+    """The hash tables of one or more list colours, built once: a rule's
+    ordinal is its place in all of them (white rules first, then black), so
+    one probe per criterion answers every colour at once, and what one
+    session, sender or recipient hits is kept in the connection's memo."""
 
-    __slots__ = (
-        "_by_name",
-        "_criteria",
-        "_name_only",
-        "_plain_kinds",
-        "client",
-        "client_hostname",
-        "helo",
-        "kinds",
-        "recipient",
-        "rules",
-        "sender",
-    )
+    __slots__ = ("client", "client_hostname", "helo", "recipient", "sender")
 
-    def __init__(self, rules: Iterable[ListRule]) -> None:
-        self.rules = tuple(rules)
+    def __init__(self, rules: tuple[ListRule, ...]) -> None:
         self.client = NetworkTable()
-        for i, r in enumerate(self.rules):
+        for i, r in enumerate(rules):
             if r.client:
                 self.client.add_networks(Networks.of(r.client), i)
         self.client_hostname = DomainTable(
-            (d, i) for i, r in enumerate(self.rules) for d in r.client_hostname
+            (d, i) for i, r in enumerate(rules) for d in r.client_hostname
         )
-        self.helo = DomainTable((d, i) for i, r in enumerate(self.rules) for d in r.helo)
-        self.sender = AccessTable((v, i) for i, r in enumerate(self.rules) for v in r.sender)
-        self.recipient = AccessTable((v, i) for i, r in enumerate(self.rules) for v in r.recipient)
-        #: the criteria any rule uses: the others cost nothing, not even DNS
-        self.kinds = tuple(k for k in CRITERIA if any(getattr(r, k) for r in self.rules))
-        #: those that need no DNS, in order
-        self._plain_kinds = tuple(k for k in self.kinds if k != "client_hostname")
-        #: each rule's criteria, computed once
-        self._criteria = tuple(r.criteria() for r in self.rules)
-        #: rules that name client host names (few: these need DNS to judge)
-        self._by_name = frozenset(i for i, r in enumerate(self.rules) if r.client_hostname)
-        #: some rule judges by host name alone: the name is always needed
-        self._name_only = any(c == ("client_hostname",) for c in self._criteria)
+        self.helo = DomainTable((d, i) for i, r in enumerate(rules) for d in r.helo)
+        self.sender = AccessTable((v, i) for i, r in enumerate(rules) for v in r.sender)
+        self.recipient = AccessTable((v, i) for i, r in enumerate(rules) for v in r.recipient)
 
-    def __bool__(self) -> bool:
-        return bool(self.rules)
-
-    def _hits(self, ctx: Context, kind: str) -> list[_Hit]:
+    def hits(self, ctx: Context, kind: str) -> list[_Hit]:
         """``(ordinal, key)`` for each entry of ``kind`` that matches, in
         the order that decides (client: by ordinal; names: most specific
-        first)."""
+        first), from the memo when this session (client, HELO, host name),
+        sender or recipient was looked up before."""
+        envelope = ctx.envelope
+        memo_key: object
+        if kind == "sender":
+            memo_key = (self, kind, envelope.sender)
+        elif kind == "recipient":
+            memo_key = (self, kind, envelope.recipient)
+        else:
+            memo_key = (self, kind)
+        memo = ctx.memo
+        found: list[_Hit] | None = memo.get(memo_key)  # type: ignore[assignment]
+        if found is None:
+            found = memo[memo_key] = self._probe(ctx, kind)
+        return found
+
+    def _probe(self, ctx: Context, kind: str) -> list[_Hit]:
         if kind == "client":
-            found = self.client.hits(ctx.client_key)
-            if len(found) > 1:
-                found.sort(key=_first)  # stable: longest prefix first per rule
-            return [(i, (address, length)) for i, address, length in found]
+            raw = self.client.hits(ctx.client_key)
+            if len(raw) > 1:
+                raw.sort(key=_first)  # stable: longest prefix first per rule
+            return [(i, (address, length)) for i, address, length in raw]
         if kind == "client_hostname":
             name = ctx.client_name.name
             if name == "unknown":
@@ -120,6 +113,64 @@ class ListIndex:
             return []
         table = self.sender if kind == "sender" else self.recipient
         return [(i, key) for key, i in table.matches(address)]
+
+
+class ListIndex:
+    """Every rule of one list colour, indexed by criterion.
+
+    :meth:`pair` builds the white and the black index over shared tables
+    (one probe per criterion for both); ``ListIndex(rules)`` builds its own.
+    """
+
+    __slots__ = (
+        "_by_name",
+        "_criteria",
+        "_end",
+        "_name_only",
+        "_plain_kinds",
+        "_start",
+        "_tables",
+        "kinds",
+        "rules",
+    )
+
+    def __init__(
+        self, rules: Iterable[ListRule], *, tables: _Tables | None = None, start: int = 0
+    ) -> None:
+        self.rules = tuple(rules)
+        #: this colour's ordinals in the shared tables: [start, end)
+        self._start, self._end = start, start + len(self.rules)
+        self._tables = _Tables(self.rules) if tables is None else tables
+        #: the criteria any rule uses: the others cost nothing, not even DNS
+        self.kinds = tuple(k for k in CRITERIA if any(getattr(r, k) for r in self.rules))
+        #: those that need no DNS, in order
+        self._plain_kinds = tuple(k for k in self.kinds if k != "client_hostname")
+        #: each rule's criteria, computed once
+        self._criteria = tuple(r.criteria() for r in self.rules)
+        #: rules that name client host names (few: these need DNS to judge)
+        self._by_name = frozenset(i for i, r in enumerate(self.rules) if r.client_hostname)
+        #: some rule judges by host name alone: the name is always needed
+        self._name_only = any(c == ("client_hostname",) for c in self._criteria)
+
+    @classmethod
+    def pair(
+        cls, white: Iterable[ListRule], black: Iterable[ListRule]
+    ) -> tuple[ListIndex, ListIndex]:
+        """The white and the black index, sharing one table per criterion."""
+        whites, blacks = tuple(white), tuple(black)
+        tables = _Tables(whites + blacks)
+        return cls(whites, tables=tables), cls(blacks, tables=tables, start=len(whites))
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def _hits(self, ctx: Context, kind: str) -> list[_Hit]:
+        """This colour's hits of ``kind``, with its own ordinals."""
+        found = self._tables.hits(ctx, kind)
+        if not found:
+            return found
+        start, end = self._start, self._end
+        return [(i - start, key) for i, key in found if start <= i < end]
 
     def match(self, ctx: Context) -> ListMatch | None:
         """The winning rule, or ``None``."""
