@@ -113,6 +113,9 @@ class Context:
         #: what the engine's memo holds for this session's facts (see
         #: mailpolicy.evaluate.Memo): valid as long as they do not change
         self.memo: dict[object, object] = {} if memo is None else memo
+        #: what rules derive for this evaluation only, by who derived it
+        #: (the lists' hits, which the white and the black list both read)
+        self.derived: dict[object, object] = {}
 
     # -- DNS -----------------------------------------------------------------
 

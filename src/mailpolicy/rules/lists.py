@@ -54,10 +54,18 @@ _Hit = tuple[int, object]
 class _Tables:
     """The hash tables of one or more list colours, built once: a rule's
     ordinal is its place in all of them (white rules first, then black), so
-    one probe per criterion answers every colour at once, and what one
-    session, sender or recipient hits is kept in the connection's memo."""
+    one probe per criterion answers every colour at once. What a session
+    (client, HELO, host name) and a sender hit is kept in the connection's
+    memo; what one evaluation hit, for the lists that ask after each other."""
 
-    __slots__ = ("client", "client_hostname", "helo", "recipient", "sender")
+    __slots__ = (
+        "_session_kinds",
+        "client",
+        "client_hostname",
+        "helo",
+        "recipient",
+        "sender",
+    )
 
     def __init__(self, rules: tuple[ListRule, ...]) -> None:
         self.client = NetworkTable()
@@ -70,25 +78,52 @@ class _Tables:
         self.helo = DomainTable((d, i) for i, r in enumerate(rules) for d in r.helo)
         self.sender = AccessTable((v, i) for i, r in enumerate(rules) for v in r.sender)
         self.recipient = AccessTable((v, i) for i, r in enumerate(rules) for v in r.recipient)
+        #: the criteria of the session's facts that some rule uses (no DNS)
+        self._session_kinds = tuple(k for k in ("client", "helo") if getattr(self, k))
+
+    def plain(self, ctx: Context) -> dict[str, list[_Hit]]:
+        """Every criterion but the client's host name (which costs DNS) that
+        hit, with its hits (see :meth:`hits`); empty when none did."""
+        derived = ctx.derived
+        found: dict[str, list[_Hit]] | None = derived.get(self)  # type: ignore[assignment]
+        if found is not None:
+            return found
+        memo = ctx.memo
+        session: dict[str, list[_Hit]] | None = memo.get(self)  # type: ignore[assignment]
+        if session is None:
+            session = {}
+            memo[self] = session
+            for kind in self._session_kinds:
+                hit = self._probe(ctx, kind)
+                if hit:
+                    session[kind] = hit
+        found = session
+        if self.sender:
+            key = (self, ctx.envelope.sender)
+            sender: list[_Hit] | None = memo.get(key)  # type: ignore[assignment]
+            if sender is None:
+                sender = memo[key] = self._probe(ctx, "sender")
+            if sender:
+                found = {**found, "sender": sender}
+        if self.recipient:
+            recipient = self._probe(ctx, "recipient")
+            if recipient:
+                found = {**found, "recipient": recipient}
+        derived[self] = found
+        return found
 
     def hits(self, ctx: Context, kind: str) -> list[_Hit]:
         """``(ordinal, key)`` for each entry of ``kind`` that matches, in
         the order that decides (client: by ordinal; names: most specific
-        first), from the memo when this session (client, HELO, host name),
-        sender or recipient was looked up before."""
-        envelope = ctx.envelope
-        memo_key: object
-        if kind == "sender":
-            memo_key = (self, kind, envelope.sender)
-        elif kind == "recipient":
-            memo_key = (self, kind, envelope.recipient)
-        else:
-            memo_key = (self, kind)
-        memo = ctx.memo
-        found: list[_Hit] | None = memo.get(memo_key)  # type: ignore[assignment]
-        if found is None:
-            found = memo[memo_key] = self._probe(ctx, kind)
-        return found
+        first)."""
+        if kind == "client_hostname":
+            key = (self, kind)
+            memo = ctx.memo
+            found: list[_Hit] | None = memo.get(key)  # type: ignore[assignment]
+            if found is None:
+                found = memo[key] = self._probe(ctx, kind)
+            return found
+        return self.plain(ctx).get(kind, [])
 
     def _probe(self, ctx: Context, kind: str) -> list[_Hit]:
         if kind == "client":
@@ -175,10 +210,15 @@ class ListIndex:
     def match(self, ctx: Context) -> ListMatch | None:
         """The winning rule, or ``None``."""
         hits: dict[str, list[_Hit]] = {}
-        for kind in self._plain_kinds:
-            found = self._hits(ctx, kind)
-            if found:
-                hits[kind] = found
+        plain = self._tables.plain(ctx)
+        if plain:
+            start, end = self._start, self._end
+            for kind in self._plain_kinds:
+                found = plain.get(kind)
+                if found:
+                    mine = [(i - start, key) for i, key in found if start <= i < end]
+                    if mine:
+                        hits[kind] = mine
         # The client's host name costs DNS lookups: ask for it only when a
         # rule could still match through it (every other criterion of the
         # rule already matched), never just because the list mentions it.
