@@ -281,7 +281,14 @@ TABLE: tuple[Row, ...] = (
         _with_accounts,
         scope=SENDER,
     ),
-    Row(S.RCPT, "relay", "relay.trusted_networks", lambda b, k: PermitMynetworks(k), _always),
+    Row(
+        S.RCPT,
+        "relay",
+        "relay.trusted_networks",
+        lambda b, k: PermitMynetworks(k),
+        _always,
+        scope=SESSION,
+    ),
     Row(S.RCPT, "relay", "general.smtp_auth.enabled", lambda b, k: PermitAuthenticated(k)),
     Row(
         S.RCPT,
@@ -305,7 +312,14 @@ TABLE: tuple[Row, ...] = (
         lambda b, k: BlackList(k, b.black),
         lambda b, v: bool(b.black),
     ),
-    Row(S.RCPT, "checks", "relay.trusted_networks", lambda b, k: PermitMynetworks(k), _always),
+    Row(
+        S.RCPT,
+        "checks",
+        "relay.trusted_networks",
+        lambda b, k: PermitMynetworks(k),
+        _always,
+        scope=SESSION,
+    ),
     Row(S.RCPT, "checks", "general.smtp_auth.enabled", lambda b, k: PermitAuthenticated(k)),
     Row(
         S.RCPT,

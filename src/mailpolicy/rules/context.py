@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar, overload
 
 import attrs
 
-from ..addresses import Address, AddressError, is_valid_hostname, parse_address
+from ..addresses import Address, AddressError, is_valid_hostname, normal_address, parse_address
 from ..lookup import DomainTable, NetworkTable, ip_key
 from ..model import DnsQuery, DnsResult, Envelope, IPAddress, RType, Session
 from ..settings import Settings
@@ -142,8 +142,12 @@ class Context:
 
     @_cached
     def client_text(self) -> str:
-        """``str(client_ip)``, computed once."""
-        return str(self.session.client_ip)
+        """``str(client_ip)``, computed once (an IPv4 address without
+        ``ipaddress``'s slower formatting)."""
+        ip = self.session.client_ip
+        if ip.version == 4:
+            return _v4_text(int(ip))
+        return str(ip)
 
     @_cached
     def client_key(self) -> tuple[int, int]:
@@ -253,7 +257,7 @@ def _parse(text: str) -> Address | None:
     if m is not None and len(text) <= 1000:
         domain = m.group(2)
         if len(domain) <= 255 and _NOT_NUMERIC.search(domain):
-            return Address(m.group(1), domain.lower(), given=text)
+            return normal_address(m.group(1), domain.lower(), text)
     return _parse_slow(text)
 
 
