@@ -60,6 +60,7 @@ from mailpolicy.rules.helo import RejectUnknownHelo
 from mailpolicy.rules.lists import BlackList, ListIndex, WhiteList
 from mailpolicy.rules.sender import RejectUnknownSenderDomain
 from mailpolicy.settings import reply_text
+from mailpolicy.stages import compiled_rules
 
 # ---------------------------------------------------------------------------
 # The reference walk
@@ -426,18 +427,17 @@ def test_a_rule_that_is_off_is_never_called(
     assert [v.action for v in _transaction(on, zone)] == [Action.ACCEPT] * 5
     assert counted.calls >= 1
     # and it is not in the compiled RCPT stage at all when off
-    compiled = [step[0] for _, steps in off.compiled[Stage.RCPT] for step in steps]
-    assert not [rule for rule in compiled if isinstance(rule, cls)]
-    assert [rule for _, steps in on.compiled[Stage.RCPT] for rule, *_ in steps if type(rule) is cls]
+    assert not [r for r in compiled_rules(off.compiled[Stage.RCPT]) if isinstance(r, cls)]
+    assert [r for r in compiled_rules(on.compiled[Stage.RCPT]) if isinstance(r, cls)]
 
 
 def test_every_rule_that_is_on_is_compiled_once_in_table_order() -> None:
     policy = make_policy(EVERY_CHECK)
     for stage in Stage:
-        walked = [rule for _, steps in policy.compiled[stage] for rule, *_ in steps]
+        walked = compiled_rules(policy.compiled[stage])
         assert walked == [rule for _, rule in policy.rules(stage)]
     keys = {row.key for row in TABLE}
-    names = {rule.name for _, steps in policy.compiled[Stage.RCPT] for rule, *_ in steps}
+    names = {rule.name for rule in compiled_rules(policy.compiled[Stage.RCPT])}
     assert {n for n in names if not n.startswith("security.advanced.dnsbl.")} <= keys
 
 

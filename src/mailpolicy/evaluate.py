@@ -188,7 +188,7 @@ def _walk(
     senders: dict[object, object] | None = None
     observed, texts = policy.observed, policy.texts
     discard = envelope.discard
-    for restriction, steps in policy.compiled[envelope.stage]:
+    for restriction, runs in policy.compiled[envelope.stage]:
         if discard is not None and restriction:
             if need is not None:
                 return need
@@ -201,64 +201,76 @@ def _walk(
                 (Evidence("transaction", "discarding", matched=discard),),
                 _observed(seen),
             )
-        for rule, kept, slot, is_white, observe in steps:
-            try:
-                if not kept:  # ENVELOPE: decided anew each time
-                    d = rule.check(ctx)
+        for quiet, kept, steps in runs:
+            kept_in: dict[object, object] | None = None
+            if kept:
+                # SESSION or SENDER: decisions made earlier for the same facts
+                if kept == SESSION:
+                    kept_in = store
+                elif senders is None:
+                    key = ("sender", envelope.sender, envelope.smtputf8)
+                    found: Any = store.get(key)
+                    if found is None:
+                        found = store[key] = {}
+                    kept_in = senders = found
                 else:
-                    # SESSION or SENDER: the decision made earlier for the
-                    # same facts (a rule waiting for DNS raises and nothing
-                    # is kept)
-                    if kept == SESSION:
-                        kept_in = store
-                    elif senders is None:
-                        key = ("sender", envelope.sender, envelope.smtputf8)
-                        found: Any = store.get(key)
-                        if found is None:
-                            found = store[key] = {}
-                        kept_in = senders = found
+                    kept_in = senders
+                if quiet is not None and quiet in kept_in:
+                    continue  # none of these rules had anything to say
+            calm = quiet is not None
+            for rule, slot, is_white, observe in steps:
+                try:
+                    if kept_in is None:  # ENVELOPE: decided anew each time
+                        d = rule.check(ctx)
                     else:
-                        kept_in = senders
-                    d = kept_in.get(slot, _UNSEEN)  # type: ignore[assignment]
-                    if d is _UNSEEN:
-                        d = kept_in[slot] = rule.check(ctx)
-            except NeedDns as missing:
-                # Go on: later rules' questions are asked in the same round.
-                if need is None:
-                    need = _Need(missing.rule or rule.name, missing.queries)
-                else:
-                    need.queries.update(missing.queries)
-                continue
-            if d is None:
-                continue
-            outcome = d.outcome
-            if outcome is _PERMIT:
-                if is_white:
-                    white = d
-                break
-            if observe and outcome is not _ACCEPT and d.rule in observed:
-                # observe mode: remembered, and the walk goes on as if it passed
+                        # a rule waiting for DNS raises and nothing is kept
+                        d = kept_in.get(slot, _UNSEEN)  # type: ignore[assignment]
+                        if d is _UNSEEN:
+                            d = kept_in[slot] = rule.check(ctx)
+                except NeedDns as missing:
+                    calm = False
+                    # Go on: later rules' questions are asked in the same round.
+                    if need is None:
+                        need = _Need(missing.rule or rule.name, missing.queries)
+                    else:
+                        need.queries.update(missing.queries)
+                    continue
+                if d is None:
+                    continue
+                calm = False
+                outcome = d.outcome
+                if outcome is _PERMIT:
+                    if is_white:
+                        white = d
+                    break  # ends the chain
+                if observe and outcome is not _ACCEPT and d.rule in observed:
+                    # observe mode: remembered, and the walk goes on as if it passed
+                    if d.rule in texts:
+                        d = _reworded(d, texts[d.rule])
+                    if seen is None:
+                        seen = [d]
+                    else:
+                        seen.append(d)
+                    continue
+                if outcome is _DEFER_IF_PERMIT:
+                    if pending is None and d.rule in texts:
+                        d = _reworded(d, texts[d.rule])
+                    pending = pending or d
+                    continue
+                if need is not None:
+                    # A final decision, but an earlier rule still waiting for
+                    # DNS might have decided differently.
+                    return need
+                if outcome is _ACCEPT:
+                    return _accept(pending, None, seen)
                 if d.rule in texts:
                     d = _reworded(d, texts[d.rule])
-                if seen is None:
-                    seen = [d]
-                else:
-                    seen.append(d)
+                return _verdict(_FINAL[outcome], d, seen)
+            else:
+                if calm and kept_in is not None:
+                    kept_in[quiet] = True
                 continue
-            if outcome is _DEFER_IF_PERMIT:
-                if pending is None and d.rule in texts:
-                    d = _reworded(d, texts[d.rule])
-                pending = pending or d
-                continue
-            if need is not None:
-                # A final decision, but an earlier rule still waiting for
-                # DNS might have decided differently.
-                return need
-            if outcome is _ACCEPT:
-                return _accept(pending, None, seen)
-            if d.rule in texts:
-                d = _reworded(d, texts[d.rule])
-            return _verdict(_FINAL[outcome], d, seen)
+            break  # a PERMIT ended the chain
     if need is not None:
         return need
     return _accept(pending, white, seen)
