@@ -60,7 +60,13 @@ class ClientName:
     status: NameStatus
     reverse: str
     reverse_status: NameStatus
-    evidence: tuple[tuple[str, str], ...]
+    #: the DNS answers relied on (PTR, then the forward lookup)
+    answers: tuple[tuple[DnsQuery, DnsResult], ...]
+
+    @property
+    def evidence(self) -> tuple[tuple[str, str], ...]:
+        """The answers as text, for a refusal's evidence (made only then)."""
+        return tuple((str(query), str(result)) for query, result in self.answers)
 
 
 _T = TypeVar("_T")
@@ -191,27 +197,28 @@ class Context:
     def _client_name(self) -> ClientName:
         ip = self.session.client_ip
         text = self.client_text
-        ptr = self.dns1(DnsQuery.of(text, RType.PTR))
-        ptr_ev = (f"{text}/PTR", str(ptr))
+        ptr_query = DnsQuery.of(text, RType.PTR)
+        ptr = self.dns1(ptr_query)
+        answers: tuple[tuple[DnsQuery, DnsResult], ...] = ((ptr_query, ptr),)
         if ptr.outcome.temporary:
-            return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, (ptr_ev,))
+            return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, answers)
         if not ptr.found:
-            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, answers)
         reverse = ptr.records[0].lower().rstrip(".")
         if not is_valid_hostname(reverse):
             # Postfix's sockaddr_to_hostname() refuses a numeric or malformed
             # PTR name: the client then has no name at all.
-            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
-        rtype = RType.A if ip.version == 4 else RType.AAAA
-        fwd = self.dns1(DnsQuery.of(reverse, rtype))
-        ev = (ptr_ev, (f"{reverse}/{rtype.value}", str(fwd)))
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, answers)
+        fwd_query = DnsQuery.of(reverse, RType.A if ip.version == 4 else RType.AAAA)
+        fwd = self.dns1(fwd_query)
+        answers = ((ptr_query, ptr), (fwd_query, fwd))
         if fwd.outcome.temporary:
             status = NameStatus.TEMP
         elif fwd.found and any(r == text or _same_ip(r, ip) for r in fwd.records):
-            return ClientName(reverse, NameStatus.OK, reverse, NameStatus.OK, ev)
+            return ClientName(reverse, NameStatus.OK, reverse, NameStatus.OK, answers)
         else:
             status = NameStatus.FAIL
-        return ClientName("unknown", status, reverse, NameStatus.OK, ev)
+        return ClientName("unknown", status, reverse, NameStatus.OK, answers)
 
     # -- the envelope ----------------------------------------------------------
 
