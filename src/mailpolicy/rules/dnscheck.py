@@ -31,16 +31,21 @@ def domain_existence(
 ) -> tuple[Existence, tuple[tuple[str, str], ...]]:
     """Whether ``domain`` has any of ``types``, with the answers relied on
     (none for ``FOUND``: nothing refuses then, so no evidence is built)."""
-    queries = tuple(DnsQuery.of(domain, t) for t in types)
+    # plain loops: this runs for every HELO and sender domain, and a
+    # generator costs a frame per call
+    queries: tuple[DnsQuery, ...] = ()
+    for rtype in types:
+        queries += (DnsQuery.of(domain, rtype),)
     results = ctx.dns(*queries)
     if RType.MX in types and results[types.index(RType.MX)].null_mx:
         found = Existence.NULL_MX
-    elif any(r.found for r in results):
-        return Existence.FOUND, ()
-    elif any(r.outcome.temporary for r in results):
-        found = Existence.TEMPORARY
     else:
         found = Existence.NOT_FOUND
+        for result in results:
+            if result.found:
+                return Existence.FOUND, ()
+            if result.outcome.temporary:
+                found = Existence.TEMPORARY
     return found, tuple((str(q), str(r)) for q, r in zip(queries, results, strict=True))
 
 
