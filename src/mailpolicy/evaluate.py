@@ -94,8 +94,9 @@ class Memo:
     to every :func:`decide` / :func:`evaluate` of that connection.
 
     It keeps what depends on the session's facts only (the DNSBL verdict, the
-    verified client name, the HELO checks) and on the session and the sender
-    (the sender checks), so that the RCPTs of a transaction do not re-judge
+    verified client name, the HELO checks, what the client and HELO hit in
+    the lists) and on the session and the sender (the sender checks, the
+    sender's list hits), so that the RCPTs of a transaction do not re-judge
     them. It survives the session being rebuilt (``attrs.evolve`` for new
     counters, HELO, AUTH, ``with_dns``) and stays correct: whenever a fact
     such decisions may read changes (client, HELO, ESMTP, TLS, AUTH,
