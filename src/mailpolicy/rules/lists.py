@@ -126,8 +126,11 @@ class _Tables:
         return self.plain(ctx).get(kind, [])
 
     def _probe(self, ctx: Context, kind: str) -> list[_Hit]:
+        # Most probes hit nothing: no list is built for them.
         if kind == "client":
             raw = self.client.hits(ctx.client_key)
+            if not raw:
+                return []
             if len(raw) > 1:
                 raw.sort(key=_first)  # stable: longest prefix first per rule
             return [(i, (address, length)) for i, address, length in raw]
@@ -135,19 +138,23 @@ class _Tables:
             name = ctx.client_name.name
             if name == "unknown":
                 return []
-            return [(i, key) for key, i in self.client_hostname.matches(name)]
+            return _swapped(self.client_hostname.matches(name))
         if kind == "helo":
             helo = ctx.session.helo
             # Postfix looks a HELO name up as sent: with a trailing dot it
             # matches no entry (an address's domain loses its dot first).
             if not helo or helo.endswith("."):
                 return []
-            return [(i, key) for key, i in self.helo.matches(helo)]
+            return _swapped(self.helo.matches(helo))
         address: Address | None = ctx.sender if kind == "sender" else ctx.recipient
         if address is None:
             return []
-        table = self.sender if kind == "sender" else self.recipient
-        return [(i, key) for key, i in table.matches(address)]
+        return _swapped((self.sender if kind == "sender" else self.recipient).matches(address))
+
+
+def _swapped(matches: list[tuple[str, int]]) -> list[_Hit]:
+    """A table's ``(key, ordinal)`` matches as hits, ``(ordinal, key)``."""
+    return [(i, key) for key, i in matches] if matches else []
 
 
 class ListIndex:
