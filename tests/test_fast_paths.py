@@ -13,6 +13,7 @@ import ipaddress
 import json
 import pickle
 import random
+import string
 import tomllib
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mailpolicy.config as config
-from mailpolicy.addresses import AddressError, parse_address
+from mailpolicy.addresses import AddressError, _valid_hostname, parse_address
 from mailpolicy.model import Networks
 from mailpolicy.rules.context import _parse
 
@@ -215,3 +216,77 @@ def test_networks_behave_like_the_tuple_of_their_networks() -> None:
     assert pickle.loads(pickle.dumps(compact)) == compact
     assert copy.deepcopy(compact) == compact
     assert Networks.from_entries(compact.entries()) == compact
+
+
+def _hostname_by_characters(name: str) -> bool:
+    """Postfix's valid_hostname() as it was written here before the regular
+    expression, one character at a time (the reference)."""
+    if not name:
+        return False
+    label_length = 0
+    non_numeric = False
+    last = len(name) - 1
+    for i, ch in enumerate(name):
+        if ch in string.ascii_letters or ch in string.digits or ch == "_":
+            label_length += 1
+            if label_length > 63:
+                return False
+            if ch not in string.digits:
+                non_numeric = True
+        elif ch == ".":
+            if label_length == 0 or i == last:
+                return False
+            label_length = 0
+        elif ch == "-":
+            label_length += 1
+            if label_length == 1 or i == last or name[i + 1] == ".":
+                return False
+        else:
+            return False
+    return non_numeric and len(name) <= 255
+
+
+HOSTNAME_EXAMPLES = [
+    "",
+    ".",
+    "a",
+    "a.",
+    ".a",
+    "a..b",
+    "mail.example.com",
+    "192.0.2.10",
+    "1-2.3",
+    "_dmarc.example",
+    "a-b.c",
+    "-a.b",
+    "a-.b",
+    "a.b-",
+    "x" * 63 + ".example",
+    "x" * 64 + ".example",
+    ".".join(["abcdefg"] * 32),  # 255 characters
+    ".".join(["abcdefg"] * 32) + "x",
+    "exa mple.com",
+    "bücher.example",
+    "a\n",
+    "a.b\n",
+    "\uff11\uff12.example",  # non-ASCII digits are no digits
+]
+
+
+@pytest.mark.parametrize("name", HOSTNAME_EXAMPLES)
+def test_hostname_pattern_agrees_with_the_character_loop(name: str) -> None:
+    assert _valid_hostname(name) is _hostname_by_characters(name)
+
+
+@given(st.text(alphabet="ab09_-.Zé\n ", max_size=80) | st.text(max_size=40))
+def test_hostname_pattern_agrees_on_random_names(name: str) -> None:
+    assert _valid_hostname(name) is _hostname_by_characters(name)
+
+
+@given(
+    st.lists(st.from_regex(r"[a-z0-9_-]{1,70}", fullmatch=True), min_size=1, max_size=6).map(
+        ".".join
+    )
+)
+def test_hostname_pattern_agrees_on_random_labels(name: str) -> None:
+    assert _valid_hostname(name) is _hostname_by_characters(name)

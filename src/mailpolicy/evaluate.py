@@ -46,9 +46,10 @@ from .model import (
     Verdict,
 )
 from .policy import Policy
-from .rules import Decision, NeedDns, Outcome, Scope, Step
+from .rules import Decision, NeedDns, Outcome
 from .rules.context import Context
 from .settings import reply_text
+from .stages import SESSION
 
 __all__ = ["Lookups", "Memo", "decide", "decide_with", "evaluate", "lookups"]
 
@@ -93,8 +94,9 @@ class Memo:
     to every :func:`decide` / :func:`evaluate` of that connection.
 
     It keeps what depends on the session's facts only (the DNSBL verdict, the
-    verified client name, the HELO checks) and on the session and the sender
-    (the sender checks), so that the RCPTs of a transaction do not re-judge
+    verified client name, the HELO checks, what the client and HELO hit in
+    the lists) and on the session and the sender (the sender checks, the
+    sender's list hits), so that the RCPTs of a transaction do not re-judge
     them. It survives the session being rebuilt (``attrs.evolve`` for new
     counters, HELO, AUTH, ``with_dns``) and stays correct: whenever a fact
     such decisions may read changes (client, HELO, ESMTP, TLS, AUTH,
@@ -143,25 +145,7 @@ class Memo:
 
 
 _UNSEEN: Any = object()
-# Enum members as module constants: ``Scope.SESSION`` is a descriptor call
-# (about 100 ns), paid for every rule of every decision otherwise.
-_ENVELOPE, _SESSION = Scope.ENVELOPE, Scope.SESSION
 _PERMIT, _ACCEPT, _DEFER_IF_PERMIT = Outcome.PERMIT, Outcome.ACCEPT, Outcome.DEFER_IF_PERMIT
-
-
-def _remembered(step: Step, ctx: Context, store: dict[object, object]) -> Decision | None:
-    """``step.rule.check(ctx)`` for a session- or sender-scoped rule,
-    reusing the decision made earlier for the same facts. A rule still
-    waiting for DNS raises NeedDns and nothing is remembered."""
-    env = ctx.envelope
-    key: object = step.slot if step.scope is _SESSION else (step.slot, env.sender, env.smtputf8)
-    seen: Any = store.get(key, _UNSEEN)
-    if seen is not _UNSEEN:
-        remembered: Decision | None = seen
-        return remembered
-    decision = step.rule.check(ctx)
-    store[key] = decision
-    return decision
 
 
 class _Need:
@@ -201,10 +185,12 @@ def _walk(
     pending: Decision | None = None
     white: Decision | None = None
     seen: list[Decision] | None = None
+    #: the decisions kept for this sender (made on first use)
+    senders: dict[object, object] | None = None
     observed, texts = policy.observed, policy.texts
     discard = envelope.discard
-    for chain in policy.chains[envelope.stage]:
-        if discard is not None and chain.restriction:
+    for restriction, runs in policy.compiled[envelope.stage]:
+        if discard is not None and restriction:
             if need is not None:
                 return need
             # Postfix: once a transaction is marked for discarding, every
@@ -216,49 +202,76 @@ def _walk(
                 (Evidence("transaction", "discarding", matched=discard),),
                 _observed(seen),
             )
-        for step in chain.steps:
-            try:
-                if step.scope is _ENVELOPE:
-                    d = step.rule.check(ctx)
+        for quiet, kept, steps in runs:
+            kept_in: dict[object, object] | None = None
+            if kept:
+                # SESSION or SENDER: decisions made earlier for the same facts
+                if kept == SESSION:
+                    kept_in = store
+                elif senders is None:
+                    key = ("sender", envelope.sender, envelope.smtputf8)
+                    found: Any = store.get(key)
+                    if found is None:
+                        found = store[key] = {}
+                    kept_in = senders = found
                 else:
-                    d = _remembered(step, ctx, store)
-            except NeedDns as missing:
-                # Go on: later rules' questions are asked in the same round.
-                if need is None:
-                    need = _Need(missing.rule or step.rule.name, missing.queries)
-                else:
-                    need.queries.update(missing.queries)
-                continue
-            if d is None:
-                continue
-            outcome = d.outcome
-            if outcome is _PERMIT:
-                if step.white:
-                    white = d
-                break
-            if step.observe and outcome is not _ACCEPT and d.rule in observed:
-                # observe mode: remembered, and the walk goes on as if it passed
+                    kept_in = senders
+                if quiet is not None and quiet in kept_in:
+                    continue  # none of these rules had anything to say
+            calm = quiet is not None
+            for rule, slot, is_white, observe in steps:
+                try:
+                    if kept_in is None:  # ENVELOPE: decided anew each time
+                        d = rule.check(ctx)
+                    else:
+                        # a rule waiting for DNS raises and nothing is kept
+                        d = kept_in.get(slot, _UNSEEN)  # type: ignore[assignment]
+                        if d is _UNSEEN:
+                            d = kept_in[slot] = rule.check(ctx)
+                except NeedDns as missing:
+                    calm = False
+                    # Go on: later rules' questions are asked in the same round.
+                    if need is None:
+                        need = _Need(missing.rule or rule.name, missing.queries)
+                    else:
+                        need.queries.update(missing.queries)
+                    continue
+                if d is None:
+                    continue
+                calm = False
+                outcome = d.outcome
+                if outcome is _PERMIT:
+                    if is_white:
+                        white = d
+                    break  # ends the chain
+                if observe and outcome is not _ACCEPT and d.rule in observed:
+                    # observe mode: remembered, and the walk goes on as if it passed
+                    if d.rule in texts:
+                        d = _reworded(d, texts[d.rule])
+                    if seen is None:
+                        seen = [d]
+                    else:
+                        seen.append(d)
+                    continue
+                if outcome is _DEFER_IF_PERMIT:
+                    if pending is None and d.rule in texts:
+                        d = _reworded(d, texts[d.rule])
+                    pending = pending or d
+                    continue
+                if need is not None:
+                    # A final decision, but an earlier rule still waiting for
+                    # DNS might have decided differently.
+                    return need
+                if outcome is _ACCEPT:
+                    return _accept(pending, None, seen)
                 if d.rule in texts:
                     d = _reworded(d, texts[d.rule])
-                if seen is None:
-                    seen = [d]
-                else:
-                    seen.append(d)
+                return _verdict(_FINAL[outcome], d, seen)
+            else:
+                if calm and kept_in is not None:
+                    kept_in[quiet] = True
                 continue
-            if outcome is _DEFER_IF_PERMIT:
-                if pending is None and d.rule in texts:
-                    d = _reworded(d, texts[d.rule])
-                pending = pending or d
-                continue
-            if need is not None:
-                # A final decision, but an earlier rule still waiting for
-                # DNS might have decided differently.
-                return need
-            if outcome is _ACCEPT:
-                return _accept(pending, None, seen)
-            if d.rule in texts:
-                d = _reworded(d, texts[d.rule])
-            return _verdict(_FINAL[outcome], d, seen)
+            break  # a PERMIT ended the chain
     if need is not None:
         return need
     return _accept(pending, white, seen)

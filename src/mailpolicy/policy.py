@@ -58,6 +58,7 @@ from .settings import (
     GeneralSettings,
     Settings,
 )
+from .stages import CompiledChain, compile_stages
 
 __all__ = ["TABLE", "Policy", "Row", "compile_policy", "observable"]
 
@@ -280,7 +281,14 @@ TABLE: tuple[Row, ...] = (
         _with_accounts,
         scope=SENDER,
     ),
-    Row(S.RCPT, "relay", "relay.trusted_networks", lambda b, k: PermitMynetworks(k), _always),
+    Row(
+        S.RCPT,
+        "relay",
+        "relay.trusted_networks",
+        lambda b, k: PermitMynetworks(k),
+        _always,
+        scope=SESSION,
+    ),
     Row(S.RCPT, "relay", "general.smtp_auth.enabled", lambda b, k: PermitAuthenticated(k)),
     Row(
         S.RCPT,
@@ -304,7 +312,14 @@ TABLE: tuple[Row, ...] = (
         lambda b, k: BlackList(k, b.black),
         lambda b, v: bool(b.black),
     ),
-    Row(S.RCPT, "checks", "relay.trusted_networks", lambda b, k: PermitMynetworks(k), _always),
+    Row(
+        S.RCPT,
+        "checks",
+        "relay.trusted_networks",
+        lambda b, k: PermitMynetworks(k),
+        _always,
+        scope=SESSION,
+    ),
     Row(S.RCPT, "checks", "general.smtp_auth.enabled", lambda b, k: PermitAuthenticated(k)),
     Row(
         S.RCPT,
@@ -529,6 +544,12 @@ class Policy:
     observed: frozenset[str] = frozenset()
     #: reply texts by rule name (the tables' ``text`` overrides)
     texts: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    #: ``chains`` in the form the engine walks (:mod:`mailpolicy.stages`)
+    compiled: dict[Stage, tuple[CompiledChain, ...]] = attrs.field(init=False, repr=False)
+
+    @compiled.default
+    def _compile_stages(self) -> dict[Stage, tuple[CompiledChain, ...]]:
+        return compile_stages(self.chains)
 
     def counters(self, stage: Stage) -> frozenset[str]:
         """The :class:`~mailpolicy.model.Counters` fields the enabled rules of
@@ -587,11 +608,15 @@ def compile_policy(settings: Settings) -> Policy:
         inbound_domains=DomainTable((d, i) for i, d in enumerate(relay.inbound_domains)),
     )
     lists = settings.security.lists
+    # one table per criterion for both colours: one probe answers both
+    white, black = ListIndex.pair(
+        (r for r in lists if r.list == "white"), (r for r in lists if r.list == "black")
+    )
     build = _Build(
         settings=settings,
         shared=shared,
-        white=ListIndex(r for r in lists if r.list == "white"),
-        black=ListIndex(r for r in lists if r.list == "black"),
+        white=white,
+        black=black,
         owners=Owners.build(settings.accounts),
         exempt=NetworkTable(
             (net, i) for i, net in enumerate(relay.trusted_networks + g.smtp_auth.local_networks)

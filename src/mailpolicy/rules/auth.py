@@ -26,6 +26,13 @@ class Owners:
     """Address (or ``@domain``) -> the logins that own it."""
 
     table: Mapping[str, frozenset[str]]
+    #: the domains any key names: an address elsewhere has no owner, known
+    #: without quoting its local part to look it up
+    domains: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
+
+    @domains.default
+    def _domains(self) -> frozenset[str]:
+        return frozenset(key.rpartition("@")[2] for key in self.table)
 
     @classmethod
     def build(cls, accounts: Iterable[Account]) -> Owners:
@@ -37,6 +44,8 @@ class Owners:
 
     def owners(self, address: Address) -> frozenset[str] | None:
         """The owners of ``address``, or ``None`` when nobody owns it."""
+        if address.domain and address.domain not in self.domains:
+            return None
         found = self.table.get(address.text.lower())
         if found is None and address.domain:
             found = self.table.get("@" + address.domain)

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar, overload
 
 import attrs
 
-from ..addresses import Address, AddressError, is_valid_hostname, parse_address
+from ..addresses import Address, AddressError, is_valid_hostname, normal_address, parse_address
 from ..lookup import DomainTable, NetworkTable, ip_key
 from ..model import DnsQuery, DnsResult, Envelope, IPAddress, RType, Session
 from ..settings import Settings
@@ -60,7 +60,13 @@ class ClientName:
     status: NameStatus
     reverse: str
     reverse_status: NameStatus
-    evidence: tuple[tuple[str, str], ...]
+    #: the DNS answers relied on (PTR, then the forward lookup)
+    answers: tuple[tuple[DnsQuery, DnsResult], ...]
+
+    @property
+    def evidence(self) -> tuple[tuple[str, str], ...]:
+        """The answers as text, for a refusal's evidence (made only then)."""
+        return tuple((str(query), str(result)) for query, result in self.answers)
 
 
 _T = TypeVar("_T")
@@ -113,6 +119,9 @@ class Context:
         #: what the engine's memo holds for this session's facts (see
         #: mailpolicy.evaluate.Memo): valid as long as they do not change
         self.memo: dict[object, object] = {} if memo is None else memo
+        #: what rules derive for this evaluation only, by who derived it
+        #: (the lists' hits, which the white and the black list both read)
+        self.derived: dict[object, object] = {}
 
     # -- DNS -----------------------------------------------------------------
 
@@ -139,8 +148,12 @@ class Context:
 
     @_cached
     def client_text(self) -> str:
-        """``str(client_ip)``, computed once."""
-        return str(self.session.client_ip)
+        """``str(client_ip)``, computed once (an IPv4 address without
+        ``ipaddress``'s slower formatting)."""
+        ip = self.session.client_ip
+        if ip.version == 4:
+            return _v4_text(int(ip))
+        return str(ip)
 
     @_cached
     def client_key(self) -> tuple[int, int]:
@@ -184,27 +197,28 @@ class Context:
     def _client_name(self) -> ClientName:
         ip = self.session.client_ip
         text = self.client_text
-        ptr = self.dns1(DnsQuery.of(text, RType.PTR))
-        ptr_ev = (f"{text}/PTR", str(ptr))
+        ptr_query = DnsQuery.of(text, RType.PTR)
+        ptr = self.dns1(ptr_query)
+        answers: tuple[tuple[DnsQuery, DnsResult], ...] = ((ptr_query, ptr),)
         if ptr.outcome.temporary:
-            return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, (ptr_ev,))
+            return ClientName("unknown", NameStatus.TEMP, "unknown", NameStatus.TEMP, answers)
         if not ptr.found:
-            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, answers)
         reverse = ptr.records[0].lower().rstrip(".")
         if not is_valid_hostname(reverse):
             # Postfix's sockaddr_to_hostname() refuses a numeric or malformed
             # PTR name: the client then has no name at all.
-            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, (ptr_ev,))
-        rtype = RType.A if ip.version == 4 else RType.AAAA
-        fwd = self.dns1(DnsQuery.of(reverse, rtype))
-        ev = (ptr_ev, (f"{reverse}/{rtype.value}", str(fwd)))
+            return ClientName("unknown", NameStatus.FAIL, "unknown", NameStatus.FAIL, answers)
+        fwd_query = DnsQuery.of(reverse, RType.A if ip.version == 4 else RType.AAAA)
+        fwd = self.dns1(fwd_query)
+        answers = ((ptr_query, ptr), (fwd_query, fwd))
         if fwd.outcome.temporary:
             status = NameStatus.TEMP
         elif fwd.found and any(r == text or _same_ip(r, ip) for r in fwd.records):
-            return ClientName(reverse, NameStatus.OK, reverse, NameStatus.OK, ev)
+            return ClientName(reverse, NameStatus.OK, reverse, NameStatus.OK, answers)
         else:
             status = NameStatus.FAIL
-        return ClientName("unknown", status, reverse, NameStatus.OK, ev)
+        return ClientName("unknown", status, reverse, NameStatus.OK, answers)
 
     # -- the envelope ----------------------------------------------------------
 
@@ -250,7 +264,7 @@ def _parse(text: str) -> Address | None:
     if m is not None and len(text) <= 1000:
         domain = m.group(2)
         if len(domain) <= 255 and _NOT_NUMERIC.search(domain):
-            return Address(m.group(1), domain.lower(), given=text)
+            return normal_address(m.group(1), domain.lower(), text)
     return _parse_slow(text)
 
 

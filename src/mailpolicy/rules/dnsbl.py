@@ -27,7 +27,7 @@ class RejectRblClient:
         # 192.0.2.10 in bl.example is 10.2.0.192.bl.example; IPv6 nibble by
         # nibble (RFC 5782). The reversed address is computed once per evaluation.
         query = DnsQuery.of(f"{ctx.reversed_client}.{self.zone.zone}", RType.A)
-        (result,) = ctx.dns(query)
+        result = ctx.dns1(query)
         if not result.found:
             return None
         if self.zone.answer is not None and str(self.zone.answer) not in result.records:

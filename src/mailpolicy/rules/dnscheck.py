@@ -34,9 +34,13 @@ def domain_existence(
 ) -> tuple[Existence, tuple[tuple[str, str], ...]]:
     """Whether ``domain`` has any of ``types``, with the answers relied on
     (none for ``FOUND``: nothing refuses then, so no evidence is built)."""
-    queries = tuple(DnsQuery.of(domain, t) for t in types)
+    # plain loops: this runs for every HELO and sender domain, and a
+    # generator costs a frame per call
+    queries: tuple[DnsQuery, ...] = ()
+    for rtype in types:
+        queries += (DnsQuery.of(domain, rtype),)
     if len(types) > 1 and types[0] is RType.MX:
-        (mx,) = ctx.dns(queries[0])
+        mx = ctx.dns1(queries[0])
         if mx.null_mx:
             return Existence.NULL_MX, ((str(queries[0]), str(mx)),)
         if mx.found:
@@ -44,12 +48,13 @@ def domain_existence(
     results = ctx.dns(*queries)
     if RType.MX in types and results[types.index(RType.MX)].null_mx:
         found = Existence.NULL_MX
-    elif any(r.found for r in results):
-        return Existence.FOUND, ()
-    elif any(r.outcome.temporary for r in results):
-        found = Existence.TEMPORARY
     else:
         found = Existence.NOT_FOUND
+        for result in results:
+            if result.found:
+                return Existence.FOUND, ()
+            if result.outcome.temporary:
+                found = Existence.TEMPORARY
     return found, tuple((str(q), str(r)) for q, r in zip(queries, results, strict=True))
 
 

@@ -51,35 +51,138 @@ class ListMatch:
 _Hit = tuple[int, object]
 
 
+class _Tables:
+    """The hash tables of one or more list colours, built once: a rule's
+    ordinal is its place in all of them (white rules first, then black), so
+    one probe per criterion answers every colour at once. What a session
+    (client, HELO, host name) and a sender hit is kept in the connection's
+    memo; what one evaluation hit, for the lists that ask after each other."""
+
+    __slots__ = (
+        "_session_kinds",
+        "client",
+        "client_hostname",
+        "helo",
+        "recipient",
+        "sender",
+    )
+
+    def __init__(self, rules: tuple[ListRule, ...]) -> None:
+        self.client = NetworkTable()
+        for i, r in enumerate(rules):
+            if r.client:
+                self.client.add_networks(Networks.of(r.client), i)
+        self.client_hostname = DomainTable(
+            (d, i) for i, r in enumerate(rules) for d in r.client_hostname
+        )
+        self.helo = DomainTable((d, i) for i, r in enumerate(rules) for d in r.helo)
+        self.sender = AccessTable((v, i) for i, r in enumerate(rules) for v in r.sender)
+        self.recipient = AccessTable((v, i) for i, r in enumerate(rules) for v in r.recipient)
+        #: the criteria of the session's facts that some rule uses (no DNS)
+        self._session_kinds = tuple(k for k in ("client", "helo") if getattr(self, k))
+
+    def plain(self, ctx: Context) -> dict[str, list[_Hit]]:
+        """Every criterion but the client's host name (which costs DNS) that
+        hit, with its hits (see :meth:`hits`); empty when none did."""
+        derived = ctx.derived
+        found: dict[str, list[_Hit]] | None = derived.get(self)  # type: ignore[assignment]
+        if found is not None:
+            return found
+        memo = ctx.memo
+        session: dict[str, list[_Hit]] | None = memo.get(self)  # type: ignore[assignment]
+        if session is None:
+            session = {}
+            memo[self] = session
+            for kind in self._session_kinds:
+                hit = self._probe(ctx, kind)
+                if hit:
+                    session[kind] = hit
+        found = session
+        if self.sender:
+            key = (self, ctx.envelope.sender)
+            sender: list[_Hit] | None = memo.get(key)  # type: ignore[assignment]
+            if sender is None:
+                sender = memo[key] = self._probe(ctx, "sender")
+            if sender:
+                found = {**found, "sender": sender}
+        if self.recipient:
+            recipient = self._probe(ctx, "recipient")
+            if recipient:
+                found = {**found, "recipient": recipient}
+        derived[self] = found
+        return found
+
+    def hits(self, ctx: Context, kind: str) -> list[_Hit]:
+        """``(ordinal, key)`` for each entry of ``kind`` that matches, in
+        the order that decides (client: by ordinal; names: most specific
+        first)."""
+        if kind == "client_hostname":
+            key = (self, kind)
+            memo = ctx.memo
+            found: list[_Hit] | None = memo.get(key)  # type: ignore[assignment]
+            if found is None:
+                found = memo[key] = self._probe(ctx, kind)
+            return found
+        return self.plain(ctx).get(kind, [])
+
+    def _probe(self, ctx: Context, kind: str) -> list[_Hit]:
+        # Most probes hit nothing: no list is built for them.
+        if kind == "client":
+            raw = self.client.hits(ctx.client_key)
+            if not raw:
+                return []
+            if len(raw) > 1:
+                raw.sort(key=_first)  # stable: longest prefix first per rule
+            return [(i, (address, length)) for i, address, length in raw]
+        if kind == "client_hostname":
+            name = ctx.client_name.name
+            if name == "unknown":
+                return []
+            return _swapped(self.client_hostname.matches(name))
+        if kind == "helo":
+            helo = ctx.session.helo
+            # Postfix looks a HELO name up as sent: with a trailing dot it
+            # matches no entry (an address's domain loses its dot first).
+            if not helo or helo.endswith("."):
+                return []
+            return _swapped(self.helo.matches(helo))
+        address: Address | None = ctx.sender if kind == "sender" else ctx.recipient
+        if address is None:
+            return []
+        return _swapped((self.sender if kind == "sender" else self.recipient).matches(address))
+
+
+def _swapped(matches: list[tuple[str, int]]) -> list[_Hit]:
+    """A table's ``(key, ordinal)`` matches as hits, ``(ordinal, key)``."""
+    return [(i, key) for key, i in matches] if matches else []
+
+
 class ListIndex:
-    """Every rule of one list colour, indexed by criterion."""
+    """Every rule of one list colour, indexed by criterion.
+
+    :meth:`pair` builds the white and the black index over shared tables
+    (one probe per criterion for both); ``ListIndex(rules)`` builds its own.
+    """
 
     __slots__ = (
         "_by_name",
         "_criteria",
+        "_end",
         "_name_only",
         "_plain_kinds",
-        "client",
-        "client_hostname",
-        "helo",
+        "_start",
+        "_tables",
         "kinds",
-        "recipient",
         "rules",
-        "sender",
     )
 
-    def __init__(self, rules: Iterable[ListRule]) -> None:
+    def __init__(
+        self, rules: Iterable[ListRule], *, tables: _Tables | None = None, start: int = 0
+    ) -> None:
         self.rules = tuple(rules)
-        self.client = NetworkTable()
-        for i, r in enumerate(self.rules):
-            if r.client:
-                self.client.add_networks(Networks.of(r.client), i)
-        self.client_hostname = DomainTable(
-            (d, i) for i, r in enumerate(self.rules) for d in r.client_hostname
-        )
-        self.helo = DomainTable((d, i) for i, r in enumerate(self.rules) for d in r.helo)
-        self.sender = AccessTable((v, i) for i, r in enumerate(self.rules) for v in r.sender)
-        self.recipient = AccessTable((v, i) for i, r in enumerate(self.rules) for v in r.recipient)
+        #: this colour's ordinals in the shared tables: [start, end)
+        self._start, self._end = start, start + len(self.rules)
+        self._tables = _Tables(self.rules) if tables is None else tables
         #: the criteria any rule uses: the others cost nothing, not even DNS
         self.kinds = tuple(k for k in CRITERIA if any(getattr(r, k) for r in self.rules))
         #: those that need no DNS, in order
@@ -91,43 +194,38 @@ class ListIndex:
         #: some rule judges by host name alone: the name is always needed
         self._name_only = any(c == ("client_hostname",) for c in self._criteria)
 
+    @classmethod
+    def pair(
+        cls, white: Iterable[ListRule], black: Iterable[ListRule]
+    ) -> tuple[ListIndex, ListIndex]:
+        """The white and the black index, sharing one table per criterion."""
+        whites, blacks = tuple(white), tuple(black)
+        tables = _Tables(whites + blacks)
+        return cls(whites, tables=tables), cls(blacks, tables=tables, start=len(whites))
+
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def _hits(self, ctx: Context, kind: str) -> list[_Hit]:
-        """``(ordinal, key)`` for each entry of ``kind`` that matches, in
-        the order that decides (client: by ordinal; names: most specific
-        first)."""
-        if kind == "client":
-            found = self.client.hits(ctx.client_key)
-            if len(found) > 1:
-                found.sort(key=_first)  # stable: longest prefix first per rule
-            return [(i, (address, length)) for i, address, length in found]
-        if kind == "client_hostname":
-            name = ctx.client_name.name
-            if name == "unknown":
-                return []
-            return [(i, key) for key, i in self.client_hostname.matches(name)]
-        if kind == "helo":
-            helo = ctx.session.helo
-            # Postfix looks a HELO name up as sent: with a trailing dot it
-            # matches no entry (an address's domain loses its dot first).
-            if not helo or helo.endswith("."):
-                return []
-            return [(i, key) for key, i in self.helo.matches(helo)]
-        address: Address | None = ctx.sender if kind == "sender" else ctx.recipient
-        if address is None:
-            return []
-        table = self.sender if kind == "sender" else self.recipient
-        return [(i, key) for key, i in table.matches(address)]
+        """This colour's hits of ``kind``, with its own ordinals."""
+        found = self._tables.hits(ctx, kind)
+        if not found:
+            return found
+        start, end = self._start, self._end
+        return [(i - start, key) for i, key in found if start <= i < end]
 
     def match(self, ctx: Context) -> ListMatch | None:
         """The winning rule, or ``None``."""
         hits: dict[str, list[_Hit]] = {}
-        for kind in self._plain_kinds:
-            found = self._hits(ctx, kind)
-            if found:
-                hits[kind] = found
+        plain = self._tables.plain(ctx)
+        if plain:
+            start, end = self._start, self._end
+            for kind in self._plain_kinds:
+                found = plain.get(kind)
+                if found:
+                    mine = [(i - start, key) for i, key in found if start <= i < end]
+                    if mine:
+                        hits[kind] = mine
         # The client's host name costs DNS lookups: ask for it only when a
         # rule could still match through it (every other criterion of the
         # rule already matched), never just because the list mentions it.
