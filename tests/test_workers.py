@@ -3,6 +3,7 @@ finishes every worker's messages, a dead worker is replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -213,9 +214,36 @@ def test_sigterm_lets_every_worker_finish_its_message(workers: Workers) -> None:
     assert len(list(mail.iterdir())) == len(opened)
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on 127.0.0.1:port."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":
+            out.add(f[9])
+    return out
+
+
+def _sockets_of(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                out.add(link[8:-1])
+    return out
+
+
 @pytest.mark.timeout(120)
 def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
     first = workers.workers()
+    # each worker accepts on a listening socket of its own (SO_REUSEPORT),
+    # which the parent keeps: the replacement takes over the same one
+    listening = _listening_inodes(workers.port)
+    assert len(listening) == 2
+    held = {pid: _sockets_of(pid) & listening for pid in first}
+    assert sorted(len(v) for v in held.values()) == [1, 1]
+    assert held[first[0]] != held[first[1]]
     os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 20
     while True:
@@ -225,6 +253,9 @@ def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
         assert time.monotonic() < deadline, workers.log.read_text()
         time.sleep(0.2)
     assert "starting another" in workers.log.read_text()
+    (new,) = set(now) - set(first)
+    assert _sockets_of(new) & listening == held[first[0]]
+    assert _listening_inodes(workers.port) == listening
     s, pid = workers.connect()
     assert pid in now
     s.close()

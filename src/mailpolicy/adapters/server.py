@@ -94,9 +94,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-async def _listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+async def _listening_sockets(
+    host: str, port: int, backlog: int, *, reuse_port: bool = False
+) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for every address of ``host``
-    (as ``loop.create_server`` would make, with our backlog)."""
+    (as ``loop.create_server`` would make, with our backlog). ``reuse_port``:
+    with ``SO_REUSEPORT``, so that several such sets share the port and the
+    kernel spreads connections over them (``serve --workers``)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -111,6 +115,8 @@ async def _listening_sockets(host: str, port: int, backlog: int) -> list[socket.
             sock = socket.socket(family, kind, proto)
             out.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)

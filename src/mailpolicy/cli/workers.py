@@ -1,9 +1,14 @@
 """``mailpolicy serve --workers N``: one parent, N worker processes.
 
-The parent binds every listener once and hands the listening sockets to N
+The parent binds every listener and hands the listening sockets to N
 workers (fresh interpreters, ``pass_fds``), each a complete ``mailpolicy
-serve`` accepting on the same sockets, so the kernel spreads the clients
-over the processes and over the machine's CPUs. Per-client limits hold as
+serve``. Where the system has ``SO_REUSEPORT`` (Linux), each worker gets a
+socket set of its own on the same port and the kernel spreads the clients
+evenly over them; with one shared socket the kernel wakes the worker that
+waited last, so one busy worker could take nearly every connection. The
+parent keeps every set open, so a worker that dies loses no waiting
+client: its replacement takes over the same sockets. Elsewhere the workers
+share one set. Per-client limits hold as
 with one process: with ``--state redis://`` the workers share Redis; without
 it the parent serves one in-memory store on a Unix socket
 (:mod:`mailpolicy.adapters.localstore`).
@@ -79,20 +84,48 @@ def supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int)
     return asyncio.run(_supervise(args, listeners, backlog))
 
 
-async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int) -> int:
-    bound: list[tuple[Listener, socket.socket]] = []
+async def _bind(
+    listeners: list[Listener], backlog: int, sets: int
+) -> list[list[tuple[Listener, socket.socket]]]:
+    """``sets`` socket sets on the listeners' ports (SO_REUSEPORT), or one
+    shared set where the system lacks it."""
+    reuse = hasattr(socket, "SO_REUSEPORT")
+    out: list[list[tuple[Listener, socket.socket]]] = []
     try:
-        for listener in listeners:
-            for sock in await _listening_sockets(listener.host, listener.port, backlog):
-                bound.append((listener, sock))
+        for _ in range(sets if reuse else 1):
+            bound: list[tuple[Listener, socket.socket]] = []
+            out.append(bound)
+            for listener in listeners:
+                port = listener.port
+                if out[0] is not bound and port == 0:
+                    # the port the first set got
+                    port = next(s for lst, s in out[0] if lst is listener).getsockname()[1]
+                socks = await _listening_sockets(listener.host, port, backlog, reuse_port=reuse)
+                bound += [(listener, sock) for sock in socks]
+    except OSError:
+        for bound in out:
+            for _, sock in bound:
+                sock.close()
+        raise
+    return out
+
+
+async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int) -> int:
+    try:
+        sets = await _bind(listeners, backlog, args.workers)
     except OSError as e:
-        for _, sock in bound:
-            sock.close()
         print(f"mailpolicy: cannot listen: {e.strerror or e}", file=sys.stderr)
         return 2
-    for listener, sock in bound:
+    for listener, sock in sets[0]:
         host, port = sock.getsockname()[:2]
-        log.info("listening on %s:%s (%s), %d workers", host, port, listener.name, args.workers)
+        log.info(
+            "listening on %s:%s (%s), %d workers%s",
+            host,
+            port,
+            listener.name,
+            args.workers,
+            ", a socket each" if len(sets) > 1 else "",
+        )
     folder = tempfile.mkdtemp(prefix="mailpolicy-workers-")
     store_server: LocalStoreServer | None = None
     state = args.state
@@ -100,12 +133,17 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
         store_server = LocalStoreServer(os.path.join(folder, "state.sock"))
         await store_server.start()
         state = f"local://{store_server.path}"
-    fds = [sock.fileno() for _, sock in bound]
-    argv = worker_argv(args, state, [(lst, sock.fileno()) for lst, sock in bound])
+
+    def argv_of(slot: int) -> tuple[list[str], list[int]]:
+        bound = sets[slot % len(sets)]
+        fds = [sock.fileno() for _, sock in bound]
+        return worker_argv(args, state, [(lst, sock.fileno()) for lst, sock in bound]), fds
+
     stopping = asyncio.Event()
     workers: dict[int, asyncio.subprocess.Process] = {}
 
     async def start(slot: int) -> None:
+        argv, fds = argv_of(slot)
         proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
         workers[slot] = proc
         log.info("worker %d started (pid %d)", slot, proc.pid)
@@ -140,8 +178,9 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
         await asyncio.gather(*(watch(slot) for slot in range(args.workers)))
         await asyncio.gather(*(proc.wait() for proc in workers.values()))
     finally:
-        for _, sock in bound:
-            sock.close()
+        for bound in sets:
+            for _, sock in bound:
+                sock.close()
         if store_server is not None:
             await store_server.close()
         with contextlib.suppress(OSError):
