@@ -8,9 +8,11 @@ socket (:class:`LocalStoreServer`), and each worker counts through a
 
 The protocol is one JSON object a line each way: ``{"id", "op", "kind",
 "client", "now", "window"}`` in, ``{"id", "value"}`` or ``{"id", "error"}``
-out. A worker's connection slots are tied to its socket: when a worker dies,
-the server gives back every slot it still held, so a crash never leaves a
-client locked out.
+out; a request without ``id`` (a closed connection: the worker needs no
+answer, and its requests are served in order) gets none. A worker's
+connection slots are tied to its socket: when a worker dies, the server
+gives back every slot it still held, so a crash never leaves a client
+locked out.
 """
 
 from __future__ import annotations
@@ -58,10 +60,13 @@ class LocalStoreServer:
                 request = json.loads(line)
                 try:
                     value = await self._do(request, held)
-                    answer: dict[str, Any] = {"id": request["id"], "value": value}
+                    answer: dict[str, Any] = {"id": request.get("id"), "value": value}
                 except (KeyError, TypeError, ValueError) as e:
                     answer = {"id": request.get("id"), "error": str(e)}
-                writer.write(json.dumps(answer).encode() + b"\n")
+                if "id" in request:
+                    writer.write(json.dumps(answer).encode() + b"\n")
+                elif "error" in answer:
+                    log.warning("local store: %s", answer["error"])
         except (ConnectionError, json.JSONDecodeError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
@@ -136,7 +141,9 @@ class LocalStore:
             self._stream = None
 
     async def _call(self, **request: Any) -> Any:
-        writer = await self._connect()
+        writer = self._stream
+        if writer is None or writer.is_closing():
+            writer = await self._connect()
         ident = next(self._ids)
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[ident] = waiter
@@ -150,7 +157,14 @@ class LocalStore:
         return ConnectionCounts(int(concurrent), int(rate))
 
     async def connection_closed(self, client: str) -> None:
-        await self._call(op="closed", kind="connection", client=client, now=0, window=1)
+        # no answer awaited: the parent serves a worker's requests in order,
+        # so a later "opened" counts after this, and a lost connection gives
+        # back every slot the worker held anyway
+        writer = self._stream
+        if writer is None or writer.is_closing():
+            writer = await self._connect()
+        request = {"op": "closed", "kind": "connection", "client": client, "now": 0, "window": 1}
+        writer.write(json.dumps(request).encode() + b"\n")
 
     async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
         return int(await self._call(op="hit", kind=kind, client=client, now=now, window=window))
