@@ -4,11 +4,15 @@ records what it is given: replies to pipelined commands leave together."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+
+import pytest
 
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.driver import AcceptAllDelivery, Services, _Shutdown, run_connection
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.dialogue import Connection
+from mailpolicy.model import DnsQuery, DnsResult
 from mailpolicy.policy import compile_policy
 
 POLICY = compile_policy(
@@ -82,3 +86,76 @@ def test_a_client_that_waits_for_each_reply_gets_each_at_once() -> None:
         b"250 2.1.5 Ok\r\n",
         b"221 2.0.0 Bye\r\n",
     ]
+
+
+class Asked:
+    """A resolver (a static zone) that records every question it gets."""
+
+    def __init__(self, zone: StaticZone) -> None:
+        self.zone = zone
+        self.questions: list[str] = []
+
+    async def resolve(self, query: DnsQuery) -> DnsResult:
+        self.questions.append(str(query))
+        await asyncio.sleep(0)  # an answer comes back later, as over UDP
+        return self.zone.lookup(query)
+
+    async def resolve_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
+        return {q: await self.resolve(q) for q in queries}
+
+
+ZONE = StaticZone.from_mapping(
+    {
+        "192.0.2.1": {"PTR": ["client.example.org"]},
+        "client.example.org": {"A": ["192.0.2.1"]},
+    }
+)
+
+
+class Watching(Recorder):
+    """A Recorder that notes, at each read, which questions were asked."""
+
+    def __init__(self, resolver: Asked, *chunks: bytes) -> None:
+        super().__init__(*chunks)
+        self.resolver = resolver
+        self.asked_at_read: list[list[str]] = []
+
+    async def read(self, timeout: float | None) -> bytes | _Shutdown | None:
+        await asyncio.sleep(0.01)  # the client takes a moment to answer
+        self.asked_at_read.append(list(self.resolver.questions))
+        return await super().read(timeout)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_the_client_name_is_asked_at_connect_once(check: bool) -> None:
+    policy = compile_policy(
+        settings_from_mapping(
+            {
+                "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
+                "security": {
+                    "connection_policy": {
+                        "max_connections_per_client": 0,
+                        "reject_unknown_reverse_client_hostname": check,
+                    }
+                },
+            }
+        )
+    )
+    resolver = Asked(ZONE)
+    channel = Watching(
+        resolver,
+        b"HELO c.example.org\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"RCPT TO:<alice@example.com>\r\n",
+        b"QUIT\r\n",
+    )
+    services = Services(resolver, delivery=AcceptAllDelivery())
+    asyncio.run(run_connection(Connection(policy, "192.0.2.1"), channel, services))
+    assert channel.writes[3] == b"250 2.1.5 Ok\r\n"
+    if check:
+        both = ["192.0.2.1/PTR", "client.example.org/A"]
+        # asked while the client was still at HELO, and never again
+        assert channel.asked_at_read[1] == both
+        assert resolver.questions == both
+    else:
+        assert resolver.questions == []

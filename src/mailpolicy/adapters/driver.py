@@ -46,7 +46,8 @@ from ..dialogue import (
     Submission,
     TlsStarted,
 )
-from ..model import Action, Reply, Session, Stage
+from ..model import Action, DnsQuery, DnsResult, Reply, RType, Session, Stage
+from ..policy import Policy
 from ..settings import ServerSettings
 from .dns import Resolver
 from .state import MemoryStore, StateStore
@@ -266,6 +267,48 @@ class _Spool:
             self.file = None
 
 
+class _ClientName:
+    """The client's name asked as soon as it connects, as Postfix's smtpd
+    does before its banner: the PTR, then its name's address. A rule that
+    needs them (at RCPT, usually) finds them answered or on the way (the
+    live resolver shares a question in flight), so one session waits for
+    the DNS once less. Asked only when the policy judges the client's name."""
+
+    def __init__(self, resolver: Resolver, session: Session) -> None:
+        self.answers: dict[DnsQuery, DnsResult] = {}
+        self.task = asyncio.get_running_loop().create_task(self._ask(resolver, session))
+
+    @staticmethod
+    def wanted(policy: Policy) -> bool:
+        security = policy.settings.security
+        cp = security.connection_policy
+        return (
+            cp.reject_unknown_reverse_client_hostname
+            or cp.reject_unknown_client_hostname
+            or any(rule.client_hostname for rule in security.lists)
+        )
+
+    async def _ask(self, resolver: Resolver, session: Session) -> None:
+        ip = session.client_ip
+        ptr = DnsQuery.of(str(ip), RType.PTR)
+        try:
+            found = self.answers[ptr] = await resolver.resolve(ptr)
+            if found.found:
+                name = found.records[0].lower().rstrip(".")
+                forward = DnsQuery.of(name, RType.A if ip.version == 4 else RType.AAAA)
+                self.answers[forward] = await resolver.resolve(forward)
+        except Exception:  # the session asks again, and reports it then
+            log.debug("client name prefetch failed", exc_info=True)
+
+    async def resolve_all(
+        self, resolver: Resolver, queries: frozenset[DnsQuery]
+    ) -> dict[DnsQuery, DnsResult]:
+        known = {q: self.answers[q] for q in queries if q in self.answers}
+        if len(known) < len(queries):
+            known.update(await resolver.resolve_all([q for q in queries if q not in known]))
+        return known
+
+
 async def run_connection(
     conn: Connection,
     channel: Channel,
@@ -279,6 +322,9 @@ async def run_connection(
     deadlines = _Deadlines(services)
     spool = _Spool(services.spool_dir)
     metrics = services.metrics
+    prefetch = (
+        _ClientName(services.resolver, conn.session) if _ClientName.wanted(policy) else None
+    )
     if observer is not None:
         observer.connected(conn.session, services.clock())
     if metrics is not None:
@@ -338,7 +384,10 @@ async def run_connection(
                 flush()
                 started = time.perf_counter()
                 try:
-                    answers = await services.resolver.resolve_all(event.queries)
+                    if prefetch is not None:
+                        answers = await prefetch.resolve_all(services.resolver, event.queries)
+                    else:
+                        answers = await services.resolver.resolve_all(event.queries)
                 except Exception as e:
                     if metrics is not None:
                         metrics.dns_failed(time.perf_counter() - started)
@@ -397,6 +446,8 @@ async def run_connection(
                 break
     finally:
         flush()
+        if prefetch is not None:
+            prefetch.task.cancel()
         if metrics is not None:
             metrics.session_closed()
         spool.close()
