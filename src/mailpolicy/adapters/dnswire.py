@@ -129,11 +129,8 @@ def _read(
     rrsets: dict[tuple[str, int], tuple[int, list[str]]] = {}
     seen: set[tuple[str, int, str | bytes]] = set()
     for _ in range(ancount):
-        owner, off = _name(data, off)
-        kind, klass, ttl, length = _RR.unpack_from(data, off)
-        off += 10
-        stop = off + length
-        if stop > len(data) or klass != 1:
+        owner, kind, klass, ttl, off, stop = _record(data, off)
+        if klass != 1:
             raise _Unusual
         text = _rdata(data, off, stop, kind)
         key = (owner, kind)
@@ -152,11 +149,8 @@ def _read(
     negative: float | None = None
     soa_owner = None
     for _ in range(nscount):
-        owner, off = _name(data, off)
-        kind, klass, ttl, length = _RR.unpack_from(data, off)
-        off += 10
-        stop = off + length
-        if stop > len(data) or klass != 1 or kind not in (SOA, NS):
+        owner, kind, klass, ttl, off, stop = _record(data, off)
+        if klass != 1 or kind not in (SOA, NS):
             raise _Unusual
         _check_names(data, off, stop, kind)
         if kind == SOA and soa_owner in (None, owner):
@@ -171,18 +165,13 @@ def _read(
         off = stop
     opt = False
     for _ in range(arcount):
-        owner, off = _name(data, off)
-        kind, klass, ttl, length = _RR.unpack_from(data, off)
-        off += 10
-        stop = off + length
-        if stop > len(data):
-            raise _Unusual
+        owner, kind, klass, ttl, off, stop = _record(data, off)
         if kind == OPT:
             # one, at the root, no extended rcode (dnspython would combine it)
             if opt or owner or ttl >> 24:
                 raise _Unusual
             opt = True
-        elif klass != 1 or (kind, length) not in ((A, 4), (AAAA, 16)):
+        elif klass != 1 or (kind, stop - off) not in ((A, 4), (AAAA, 16)):
             raise _Unusual
         off = stop
     if off != len(data):
@@ -193,6 +182,17 @@ def _read(
     if rcode != _NOERROR:
         return Reading(rcode, negative_ttl=neg)
     return _chain(rrsets, data, rtype, neg)
+
+
+def _record(data: bytes, off: int) -> tuple[str, int, int, int, int, int]:
+    """A resource record's owner, type, class and TTL, and where its data
+    starts and ends."""
+    owner, off = _name(data, off)
+    kind, klass, ttl, length = _RR.unpack_from(data, off)
+    stop = off + 10 + length
+    if stop > len(data):
+        raise _Unusual
+    return owner, kind, klass, ttl, off + 10, stop
 
 
 def _chain(

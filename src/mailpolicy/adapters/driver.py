@@ -322,9 +322,7 @@ async def run_connection(
     deadlines = _Deadlines(services)
     spool = _Spool(services.spool_dir)
     metrics = services.metrics
-    prefetch = (
-        _ClientName(services.resolver, conn.session) if _ClientName.wanted(policy) else None
-    )
+    prefetch = _ClientName(services.resolver, conn.session) if _ClientName.wanted(policy) else None
     if observer is not None:
         observer.connected(conn.session, services.clock())
     if metrics is not None:
