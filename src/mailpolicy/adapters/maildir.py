@@ -154,13 +154,7 @@ class MaildirDelivery:
 
     def maildir(self, recipient: str) -> Path:
         """The Maildir of ``recipient`` (not created)."""
-        name = mailbox_name(recipient)
-        path = self.root / name
-        # mailbox_name cannot produce a separator, "." or ".."; checking the
-        # result anyway keeps that promise local and visible.
-        if path.parent != self.root or path.name != name or name in (".", ".."):
-            raise ValueError(f"recipient address escapes the maildir root: {recipient!r}")
-        return path
+        return Path(self._maildir_path(recipient))
 
     def deliver(self, recipient: str, message: bytes, *, name: str | None = None) -> Path:
         """Write ``message`` to the Maildir of ``recipient``; return its path in ``new/``.
@@ -274,7 +268,9 @@ class MaildirDelivery:
     def _maildir_path(self, recipient: str) -> str:
         # maildir() as a string: pathlib costs more than the write on this path
         name = mailbox_name(recipient)
-        if name in (".", "..") or "/" in name:
+        # mailbox_name cannot produce a separator, "." or ".."; checking the
+        # result anyway keeps that promise local and visible.
+        if name in (".", "..") or "/" in name or "\0" in name:
             raise ValueError(f"recipient address escapes the maildir root: {recipient!r}")
         return os.path.join(self._root, name)
 
