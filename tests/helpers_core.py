@@ -73,6 +73,21 @@ SERVFAIL = DnsResult(DnsOutcome.SERVFAIL)
 TIMEOUT = DnsResult(DnsOutcome.TIMEOUT)
 
 
+class Counting:
+    """Counts the calls of a method of a class (patched on the class): a
+    rule's ``check`` by default."""
+
+    def __init__(self, monkeypatch: Any, cls: type, name: str = "check") -> None:
+        self.calls = 0
+        original = getattr(cls, name)
+
+        def counted(*args: object) -> object:
+            self.calls += 1
+            return original(*args)
+
+        monkeypatch.setattr(cls, name, counted)
+
+
 def answer(*records: str) -> DnsResult:
     """An ANSWER with ``records`` (presentation format)."""
     return DnsResult.answer(*records)

@@ -22,6 +22,7 @@ from helpers_core import (
     OUTSIDER,
     SERVFAIL,
     TIMEOUT,
+    Counting,
     Zone,
     account,
     answer,
@@ -358,20 +359,6 @@ def test_compiled_decisions_equal_the_reference_walk(
 
 # ---------------------------------------------------------------------------
 # What compiling saves
-
-
-class Counting:
-    """Counts the calls of ``cls.name`` made by the code under test."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type, name: str = "check") -> None:
-        self.calls = 0
-        original = getattr(cls, name)
-
-        def counted(*args: Any) -> Any:
-            self.calls += 1
-            return original(*args)
-
-        monkeypatch.setattr(cls, name, counted)
 
 
 EVERY_CHECK: dict[str, Any] = {

@@ -9,6 +9,7 @@ from helpers_core import (
     OUTSIDER,
     OUTSIDER_HELO,
     SERVFAIL,
+    Counting,
     Zone,
     answer,
     make_policy,
@@ -113,21 +114,6 @@ def test_a_memo_used_with_another_policy_starts_afresh() -> None:
 
 # ---------------------------------------------------------------------------
 # One computation per connection, whatever else changes between RCPTs
-
-
-class Counting:
-    """Counts the calls of a method of a class (patched on the class): a
-    rule's ``check`` by default."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type, name: str = "check") -> None:
-        self.calls = 0
-        original = getattr(cls, name)
-
-        def counted(*args: object) -> object:
-            self.calls += 1
-            return original(*args)
-
-        monkeypatch.setattr(cls, name, counted)
 
 
 RATE_POLICY = make_policy(

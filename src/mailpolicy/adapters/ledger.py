@@ -97,7 +97,7 @@ class DeliveryLedger:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         # lookup_now's connection, and the lock it never waits for
-        self._reader: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._purged_at = 0.0
         self._closed = False
@@ -197,14 +197,14 @@ class DeliveryLedger:
         if not self._read_lock.acquire(blocking=False):
             return None
         try:
-            if self._reader is None:
+            if self._read_db is None:
                 if self._closed or not self.path.exists():
                     return None
                 uri = self.path.absolute().as_uri() + "?mode=rw"
-                self._reader = sqlite3.connect(
+                self._read_db = sqlite3.connect(
                     uri, uri=True, timeout=0, check_same_thread=False, isolation_level=None
                 )
-            rows = self._reader.execute(*query).fetchall()
+            rows = self._read_db.execute(*query).fetchall()
         except (sqlite3.Error, OSError):
             return None
         finally:
@@ -301,6 +301,6 @@ class DeliveryLedger:
                 self._db.close()
                 self._db = None
         with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+            if self._read_db is not None:
+                self._read_db.close()
+                self._read_db = None
