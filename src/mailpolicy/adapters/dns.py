@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import ipaddress
 import json
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
@@ -51,7 +49,7 @@ import dns.rrset
 
 from ..model import DnsOutcome, DnsQuery, DnsResult, RType
 from ..settings import DnsSettings
-from . import dnswire
+from . import dnsudp, dnswire
 
 __all__ = [
     "ZONE_TYPES",
@@ -549,6 +547,17 @@ def _negative_ttl(response: dns.message.Message) -> float:
     return 0.0
 
 
+class _Waiting:
+    """A question being asked: its loop, and the futures of the callers
+    waiting for the same answer (``None`` tells them to ask themselves)."""
+
+    __slots__ = ("futures", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.futures: list[asyncio.Future[_Reply | None]] = []
+
+
 class _ServerFailed(Exception):
     """This nameserver gave no usable answer; try the next one."""
 
@@ -611,7 +620,8 @@ class LiveResolver:
         self._cache: collections.OrderedDict[DnsQuery, tuple[float, DnsResult]] = (
             collections.OrderedDict()
         )
-        self._inflight: dict[DnsQuery, asyncio.Task[_Reply]] = {}
+        self._inflight: dict[DnsQuery, _Waiting] = {}
+        self._channels = dnsudp.Channels()
 
     @classmethod
     def from_settings(cls, settings: DnsSettings, **kwargs: Any) -> LiveResolver:
@@ -654,32 +664,41 @@ class LiveResolver:
             self._cache.popitem(last=False)
 
     async def resolve(self, query: DnsQuery) -> DnsResult:
-        """:class:`Resolver` protocol. Never raises (except on cancellation)."""
+        """:class:`Resolver` protocol. Never raises (except on cancellation).
+
+        The first caller asks; callers with the same query meanwhile wait for
+        its answer. Should the asker be cancelled, they ask again themselves.
+        """
         try:
             hit = self.cached(query)
             if hit is not None:
                 return hit
             loop = asyncio.get_running_loop()
-            task = self._inflight.get(query)
-            if task is None or task.get_loop() is not loop:
-                task = loop.create_task(self._ask(query))
-                self._inflight[query] = task
-                task.add_done_callback(functools.partial(self._done, query))
-            # shield: one caller giving up must not cancel the others' answer
-            reply = await asyncio.shield(task)
+            waiting = self._inflight.get(query)
+            while waiting is not None and waiting.loop is loop:
+                future: asyncio.Future[_Reply | None] = loop.create_future()
+                waiting.futures.append(future)
+                shared = await future
+                if shared is not None:
+                    return shared.result
+                waiting = self._inflight.get(query)
+            waiting = self._inflight[query] = _Waiting(loop)
+            reply = None
+            try:
+                reply = await self._ask(query)
+            finally:
+                if self._inflight.get(query) is waiting:
+                    del self._inflight[query]
+                if reply is not None:
+                    self._store(query, reply.result, reply.ttl)
+                for future in waiting.futures:
+                    if not future.done():
+                        future.set_result(reply)
             return reply.result
         except asyncio.CancelledError:
             raise
         except Exception:
             return DnsResult(DnsOutcome.SERVFAIL)
-
-    def _done(self, query: DnsQuery, task: asyncio.Task[_Reply]) -> None:
-        if self._inflight.get(query) is task:
-            del self._inflight[query]
-        if task.cancelled() or task.exception() is not None:
-            return
-        reply = task.result()
-        self._store(query, reply.result, reply.ttl)
 
     async def resolve_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """:class:`Resolver` protocol: all at once, duplicates asked once.
@@ -737,7 +756,7 @@ class LiveResolver:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         try:
-            got = await _ask_udp(question, request, host, port, deadline)
+            got = await dnsudp.ask(self._channels, question, request, host, port, deadline)
             if isinstance(got, dnswire.Reading) and not got.truncated:
                 reading: dnswire.Reading | None = got
             else:
@@ -787,49 +806,6 @@ def _interpret(response: dns.message.Message) -> _Reply:
     if chain.answer is None or not len(chain.answer):
         return _Reply(DnsResult(DnsOutcome.NODATA), _negative_ttl(response))
     return _Reply(DnsResult.answer(*_records(chain.answer)), float(chain.minimum_ttl))
-
-
-async def _ask_udp(
-    question: dnswire.Question | None,
-    request: dns.message.Message | None,
-    host: str,
-    port: int,
-    deadline: float,
-) -> dnswire.Reading | dns.message.Message:
-    """One question over UDP from a socket of its own (a fresh random source
-    port, connected so that only ``host:port`` can answer), the reply matched
-    to the question by id and question section; strays are ignored until the
-    deadline. The common reply is read by :mod:`.dnswire`; anything else by
-    dnspython. dnspython's asyncio backend cost about nine event-loop
-    iterations and a transport per question (docs/performance.md)."""
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect((host, port))
-        if question is not None:
-            sock.send(question.wire)
-        else:
-            assert request is not None
-            sock.send(request.to_wire())
-        async with asyncio.timeout_at(deadline):
-            while True:
-                data = await loop.sock_recv(sock, 65535)
-                if question is not None:
-                    reading = dnswire.read(data, question)
-                    if reading is dnswire.NOT_OURS:
-                        continue
-                    if reading is not None:
-                        return reading
-                    if request is None:
-                        request = dns.message.from_wire(question.wire)
-                try:
-                    response = dns.message.from_wire(data)
-                except dns.exception.DNSException:
-                    continue  # not a DNS message: not our answer
-                assert request is not None
-                if request.is_response(response):
-                    return response
 
 
 def _system_nameservers() -> tuple[tuple[str, int], ...]:
