@@ -4,7 +4,7 @@ records what it is given: replies to pipelined commands leave together."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pytest
 
@@ -159,3 +159,46 @@ def test_the_client_name_is_asked_at_connect_once(check: bool) -> None:
         assert resolver.questions == both
     else:
         assert resolver.questions == []
+
+
+class Rounds(Connection):
+    """A Connection that notes the answers the host gives it, round by round."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.rounds: list[list[str]] = []
+
+    def dns_answers(self, answers: Mapping[DnsQuery, DnsResult]) -> None:
+        self.rounds.append(sorted(str(q) for q in answers))
+        super().dns_answers(answers)
+
+
+def test_the_name_asked_at_connect_comes_with_its_address_in_one_round() -> None:
+    policy = compile_policy(
+        settings_from_mapping(
+            {
+                "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
+                "security": {
+                    "connection_policy": {
+                        "max_connections_per_client": 0,
+                        "reject_unknown_client_hostname": True,
+                    }
+                },
+            }
+        )
+    )
+    resolver = Asked(ZONE)
+    channel = Watching(
+        resolver,
+        b"HELO c.example.org\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"RCPT TO:<alice@example.com>\r\n",
+        b"QUIT\r\n",
+    )
+    conn = Rounds(policy, "192.0.2.1")
+    asyncio.run(run_connection(conn, channel, Services(resolver, delivery=AcceptAllDelivery())))
+    assert channel.writes[3] == b"250 2.1.5 Ok\r\n"
+    # the rule asked for the PTR; the name's A, asked at connect, came with it:
+    # no second round to ask for it
+    assert conn.rounds == [["192.0.2.1/PTR", "client.example.org/A"]]
+    assert resolver.questions == ["192.0.2.1/PTR", "client.example.org/A"]

@@ -303,9 +303,13 @@ class _ClientName:
     async def resolve_all(
         self, resolver: Resolver, queries: frozenset[DnsQuery]
     ) -> dict[DnsQuery, DnsResult]:
-        known = {q: self.answers[q] for q in queries if q in self.answers}
-        if len(known) < len(queries):
-            known.update(await resolver.resolve_all([q for q in queries if q not in known]))
+        """The answers to ``queries``, and the client name's answers already
+        in hand with them: a rule that asked for the PTR asks next for its
+        name's address, and finds it given (a decision round fewer)."""
+        missing = [q for q in queries if q not in self.answers]
+        asked = await resolver.resolve_all(missing) if missing else {}
+        known = dict(self.answers)  # after the wait: the prefetch may have gone on
+        known.update(asked)
         return known
 
 
