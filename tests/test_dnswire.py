@@ -67,7 +67,9 @@ def add(
 def replies(draw: st.DrawFn) -> tuple[dnswire.Question, bytes]:
     qname = dns.name.Name([*draw(st.lists(PLAIN_LABEL, min_size=1, max_size=3)), ""])
     qtype = draw(st.sampled_from(["A", "AAAA", "MX", "PTR", "TXT"]))
-    question = dnswire.query(qname.to_text(), qtype, draw(st.integers(0, 65535)))
+    question = dnswire.query(
+        qname.to_text(), qtype, draw(st.integers(0, 65535)), edns=draw(st.booleans())
+    )
     assert question is not None
     request = dns.message.from_wire(question.wire)
     response = dns.message.make_response(request)
@@ -203,3 +205,16 @@ def test_reverse_names_are_dnspythons(ip: object) -> None:
 
     expected = dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
     assert query_name(DnsQuery.of(str(ip), RType.PTR)) == expected
+
+
+@pytest.mark.parametrize("edns", [False, True])
+@pytest.mark.parametrize("rtype", ["A", "AAAA", "MX", "PTR", "TXT"])
+def test_queries_are_the_bytes_dnspython_writes(rtype: str, edns: bool) -> None:
+    question = dnswire.query("Mail.Example.com.", rtype, 4660, edns=edns)
+    assert question is not None
+    expected = dns.message.make_query(
+        "Mail.Example.com.", rtype, use_edns=0 if edns else False, payload=1232, id=4660
+    )
+    assert question.wire == expected.to_wire()
+    # plain, as glibc's stub resolver sends: no additional record at all
+    assert (question.wire[10:12] == b"\x00\x01") is edns

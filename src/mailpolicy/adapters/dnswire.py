@@ -73,11 +73,12 @@ class Reading:
 NOT_OURS = Reading(-1)
 
 
-def query(name: str, rtype: str, qid: int | None = None) -> Question | None:
-    """The bytes of a recursive query for ``name`` (EDNS0, 1232-byte payload,
-    as dnspython's ``make_query(..., use_edns=0, payload=1232)``), or
-    ``None`` when the name is not plain ASCII host-name labels. ``qid``:
-    the message id, random unless given."""
+def query(name: str, rtype: str, qid: int | None = None, *, edns: bool = False) -> Question | None:
+    """The bytes of a recursive query for ``name``, or ``None`` when the
+    name is not plain ASCII host-name labels. ``qid``: the message id, random
+    unless given. ``edns``: with an OPT record offering a 1232-byte payload
+    (as dnspython's ``make_query(..., use_edns=0, payload=1232)``); without
+    it, a plain query as glibc's stub resolver (and so Postfix) sends."""
     code = CODES.get(rtype)
     if code is None or not name.isascii():
         return None
@@ -95,8 +96,11 @@ def query(name: str, rtype: str, qid: int | None = None) -> Question | None:
     section = bytes(out) + struct.pack("!HH", code, 1)
     if qid is None:
         qid = secrets.randbits(16)
-    # RD set; one question; one additional record: the OPT pseudo-record
-    wire = _HEADER.pack(qid, 0x0100, 1, 0, 0, 1) + section + b"\x00" + _RR.pack(OPT, 1232, 0, 0)
+    if edns:
+        # RD set; one question; one additional record: the OPT pseudo-record
+        wire = _HEADER.pack(qid, 0x0100, 1, 0, 0, 1) + section + b"\x00" + _RR.pack(OPT, 1232, 0, 0)
+    else:
+        wire = _HEADER.pack(qid, 0x0100, 1, 0, 0, 0) + section  # RD set; one question
     return Question(qid, wire, section, code)
 
 
