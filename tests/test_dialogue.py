@@ -27,6 +27,7 @@ from mailpolicy.dialogue import (
     NeedDns,
     NeedRecipientCheck,
     NeedStamp,
+    Prefetch,
     Send,
     Stamp,
     StartTls,
@@ -569,3 +570,52 @@ def test_the_example_host_runs() -> None:
     assert "S: 554 5.7.1 <someone@elsewhere.example>: Relay access denied" in lines
     assert "S: 250 2.0.0 Ok: queued as EXAMPLE1" in lines
     assert lines[-1].startswith("1 message stored")
+
+
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("a@Example.ORG", {DnsQuery("example.org", RType.MX)}),
+        ("a%b.example@example.com", {DnsQuery("b.example", RType.MX)}),  # where it leads
+        ("a@[192.0.2.1]", set()),  # an address literal is never looked up
+        ("", set()),  # the null sender
+        ("bob@example.com", set()),  # our own domain
+    ],
+)
+def test_the_sender_domain_is_named_ahead_once_mail_is_accepted(
+    sender: str, expected: set[DnsQuery]
+) -> None:
+    policy = make_policy({"security": {"sender_policy": {"reject_unknown_sender_domain": True}}})
+    host = connect(policy)
+    host.run(b"EHLO c.example.org\r\n")
+    [reply] = host.run(b"MAIL FROM:<%s>\r\n" % sender.encode())
+    assert reply.reply.code == 250
+    notes = [e for e in host.events if isinstance(e, Prefetch)]
+    assert [set(n.queries) for n in notes] == ([expected] if expected else [])
+    if expected:  # named before the 250 leaves: the host asks while the client sends RCPT
+        assert host.events.index(notes[0]) < host.events.index(reply)
+    assert policy.questions_ahead(host.conn.session, sender) == frozenset(expected)
+    # what was named ahead is what the RCPT check then asks first
+    assert host.asked_dns == []
+    host.run(b"RCPT TO:<alice@example.com>\r\n")
+    assert (host.asked_dns[0] if host.asked_dns else set()) == expected
+
+
+def test_nothing_is_named_ahead_without_the_check_or_for_a_refused_sender() -> None:
+    plain = connect()
+    plain.run(b"EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\n")
+    assert not [e for e in plain.events if isinstance(e, Prefetch)]
+    policy = make_policy({"security": {"sender_policy": {"reject_unknown_sender_domain": True}}})
+    refused = connect(policy)
+    codes = refused.codes(b"EHLO c.example.org\r\nMAIL FROM:<a@example.org> SIZE=999999999\r\n")
+    assert codes[-1] == (552, "5.3.4")
+    assert not [e for e in refused.events if isinstance(e, Prefetch)]
+
+
+def test_an_answer_given_ahead_is_not_named_again() -> None:
+    policy = make_policy({"security": {"sender_policy": {"reject_unknown_sender_domain": True}}})
+    host = connect(policy)
+    mx = DnsQuery("example.org", RType.MX)
+    session = host.conn.session.with_dns({mx: DnsResult.answer("10 mx.example.org")})
+    assert policy.questions_ahead(session, "a@example.org") == frozenset()
+    assert policy.questions_ahead(host.conn.session, "a@example.org") == {mx}

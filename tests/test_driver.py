@@ -202,3 +202,33 @@ def test_the_name_asked_at_connect_comes_with_its_address_in_one_round() -> None
     # no second round to ask for it
     assert conn.rounds == [["192.0.2.1/PTR", "client.example.org/A"]]
     assert resolver.questions == ["192.0.2.1/PTR", "client.example.org/A"]
+
+
+def test_the_sender_domain_is_asked_while_the_client_sends_rcpt() -> None:
+    policy = compile_policy(
+        settings_from_mapping(
+            {
+                "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
+                "security": {
+                    "connection_policy": {"max_connections_per_client": 0},
+                    "sender_policy": {"reject_unknown_sender_domain": True},
+                },
+            }
+        )
+    )
+    zone = StaticZone.from_mapping({"sender.example": {"MX": ["10 mx.sender.example"]}})
+    resolver = Asked(zone)
+    channel = Watching(
+        resolver,
+        b"HELO c.example.org\r\n",
+        b"MAIL FROM:<a@sender.example>\r\n",
+        b"RCPT TO:<alice@example.com>\r\n",
+        b"QUIT\r\n",
+    )
+    conn = Rounds(policy, "192.0.2.1")
+    asyncio.run(run_connection(conn, channel, Services(resolver, delivery=AcceptAllDelivery())))
+    assert channel.writes[2:4] == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]
+    # asked when MAIL was accepted, before the RCPT was read; asked once
+    assert channel.asked_at_read[:3] == [[], [], ["sender.example/MX"]]  # HELO, MAIL, RCPT
+    assert resolver.questions == ["sender.example/MX"]
+    assert conn.rounds == [["sender.example/MX"]]

@@ -19,13 +19,13 @@ from typing import Any
 import attrs
 
 from .lookup import DomainTable, NetworkTable
-from .model import Session, Stage
+from .model import DnsQuery, Envelope, Session, Stage
 from .passwords import dummy_hash_like, verify_password
 from .rules import Chain, Rule, Scope, Step
 from .rules.auth import Owners, RejectUnauthenticatedLocalSender, SenderMustMatchLogin
 from .rules.connection import RejectUnknownClientHostname, RejectUnknownReverseClientHostname
 from .rules.content import DisableAutoForwarding, MaxAttachmentSize
-from .rules.context import Shared
+from .rules.context import Context, Shared
 from .rules.dnsbl import RejectRblClient
 from .rules.helo import RejectInvalidHelo, RejectNonFqdnHelo, RejectUnknownHelo, RequireHelo
 from .rules.limits import (
@@ -547,9 +547,31 @@ class Policy:
     #: ``chains`` in the form the engine walks (:mod:`mailpolicy.stages`)
     compiled: dict[Stage, tuple[CompiledChain, ...]] = attrs.field(init=False, repr=False)
 
+    #: the RCPT rules that can name their questions once the sender is known
+    _ahead: tuple[Callable[[Context], tuple[DnsQuery, ...]], ...] = attrs.field(
+        init=False, repr=False
+    )
+
     @compiled.default
     def _compile_stages(self) -> dict[Stage, tuple[CompiledChain, ...]]:
         return compile_stages(self.chains)
+
+    @_ahead.default
+    def _rules_ahead(self) -> tuple[Callable[[Context], tuple[DnsQuery, ...]], ...]:
+        found = (getattr(rule, "ahead", None) for _, rule in self.rules(Stage.RCPT))
+        return tuple(ahead for ahead in found if ahead is not None)
+
+    def questions_ahead(self, session: Session, sender: str) -> frozenset[DnsQuery]:
+        """The DNS questions the RCPT stage will ask about ``sender`` whatever
+        the recipient (``reject_unknown_sender_domain``: the domain's MX), and
+        that ``session`` has no answer to yet. A host may ask them as soon as
+        MAIL is accepted, so that the answers are in, or on the way, when the
+        first RCPT needs them (``mailpolicy serve`` does)."""
+        if not self._ahead:
+            return frozenset()
+        ctx = Context(self.shared, session, Envelope(Stage.MAIL, sender=sender))
+        wanted = {query for ahead in self._ahead for query in ahead(ctx)}
+        return frozenset(query for query in wanted if query not in session.dns)
 
     def counters(self, stage: Stage) -> frozenset[str]:
         """The :class:`~mailpolicy.model.Counters` fields the enabled rules of

@@ -11,13 +11,14 @@ optional :class:`SessionObserver` (``serve --capture``) what happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -38,6 +39,7 @@ from ..dialogue import (
     NeedSpooled,
     NeedStamp,
     Observed,
+    Prefetch,
     ReplyRecord,
     Send,
     Spool,
@@ -267,19 +269,30 @@ class _Spool:
             self.file = None
 
 
-class _ClientName:
-    """The client's name asked as soon as it connects, as Postfix's smtpd
-    does before its banner: the PTR, then its name's address. A rule that
-    needs them (at RCPT, usually) finds them answered or on the way (the
-    live resolver shares a question in flight), so one session waits for
-    the DNS once less. Asked only when the policy judges the client's name."""
+class _Prefetch:
+    """DNS questions asked before the rule that needs them runs, their
+    answers kept for the session's next rounds.
 
-    def __init__(self, resolver: Resolver, session: Session) -> None:
+    - The client's name as soon as it connects, as Postfix's smtpd does
+      before its banner: the PTR, then its name's address (when the policy
+      judges the client's name).
+    - What the RCPT rules will ask about the sender, as soon as MAIL is
+      accepted (:meth:`~mailpolicy.policy.Policy.questions_ahead`: the
+      sender domain's MX). The client's RCPT then crosses the question.
+
+    A rule that needs them finds them answered or on the way (the live
+    resolver shares a question in flight): one session waits for the DNS
+    less often. Every answer in hand goes with the next round asked, so a
+    rule that asked for the PTR finds its name's address given too.
+    """
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
         self.answers: dict[DnsQuery, DnsResult] = {}
-        self.task = asyncio.get_running_loop().create_task(self._ask(resolver, session))
+        self.tasks: list[asyncio.Task[None]] = []
 
     @staticmethod
-    def wanted(policy: Policy) -> bool:
+    def client_name_wanted(policy: Policy) -> bool:
         security = policy.settings.security
         cp = security.connection_policy
         return (
@@ -288,29 +301,52 @@ class _ClientName:
             or any(rule.client_hostname for rule in security.lists)
         )
 
-    async def _ask(self, resolver: Resolver, session: Session) -> None:
+    def client_name(self, session: Session) -> None:
+        self._start(self._client_name(session))
+
+    def ask(self, queries: Iterable[DnsQuery]) -> None:
+        for query in queries:
+            if query not in self.answers:
+                self._start(self._one(query))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.append(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self.tasks.remove(task)
+
+    async def _one(self, query: DnsQuery) -> None:
+        try:
+            self.answers[query] = await self.resolver.resolve(query)
+        except Exception:  # the session asks again, and reports it then
+            log.debug("prefetch of %s failed", query, exc_info=True)
+
+    async def _client_name(self, session: Session) -> None:
         ip = session.client_ip
         ptr = DnsQuery.of(str(ip), RType.PTR)
         try:
-            found = self.answers[ptr] = await resolver.resolve(ptr)
+            found = self.answers[ptr] = await self.resolver.resolve(ptr)
             if found.found:
                 name = found.records[0].lower().rstrip(".")
                 forward = DnsQuery.of(name, RType.A if ip.version == 4 else RType.AAAA)
-                self.answers[forward] = await resolver.resolve(forward)
+                self.answers[forward] = await self.resolver.resolve(forward)
         except Exception:  # the session asks again, and reports it then
             log.debug("client name prefetch failed", exc_info=True)
 
-    async def resolve_all(
-        self, resolver: Resolver, queries: frozenset[DnsQuery]
-    ) -> dict[DnsQuery, DnsResult]:
-        """The answers to ``queries``, and the client name's answers already
-        in hand with them: a rule that asked for the PTR asks next for its
-        name's address, and finds it given (a decision round fewer)."""
+    async def resolve_all(self, queries: frozenset[DnsQuery]) -> dict[DnsQuery, DnsResult]:
+        """The answers to ``queries``, and every other answer already in hand."""
         missing = [q for q in queries if q not in self.answers]
-        asked = await resolver.resolve_all(missing) if missing else {}
+        asked = await self.resolver.resolve_all(missing) if missing else {}
         known = dict(self.answers)  # after the wait: the prefetch may have gone on
         known.update(asked)
         return known
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
 
 async def run_connection(
@@ -326,7 +362,9 @@ async def run_connection(
     deadlines = _Deadlines(services)
     spool = _Spool(services.spool_dir)
     metrics = services.metrics
-    prefetch = _ClientName(services.resolver, conn.session) if _ClientName.wanted(policy) else None
+    prefetch = _Prefetch(services.resolver)
+    if _Prefetch.client_name_wanted(policy):
+        prefetch.client_name(conn.session)
     if observer is not None:
         observer.connected(conn.session, services.clock())
     if metrics is not None:
@@ -370,6 +408,8 @@ async def run_connection(
                 if metrics is not None and event.stage != "delivery":
                     stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
                     metrics.verdict(stage, event.verdict)
+            elif isinstance(event, Prefetch):
+                prefetch.ask(event.queries)
             elif isinstance(event, Observed):
                 log_observed(conn.session, event)
                 if metrics is not None:
@@ -386,10 +426,7 @@ async def run_connection(
                 flush()
                 started = time.perf_counter()
                 try:
-                    if prefetch is not None:
-                        answers = await prefetch.resolve_all(services.resolver, event.queries)
-                    else:
-                        answers = await services.resolver.resolve_all(event.queries)
+                    answers = await prefetch.resolve_all(event.queries)
                 except Exception as e:
                     if metrics is not None:
                         metrics.dns_failed(time.perf_counter() - started)
@@ -448,8 +485,7 @@ async def run_connection(
                 break
     finally:
         flush()
-        if prefetch is not None:
-            prefetch.task.cancel()
+        prefetch.cancel()
         if metrics is not None:
             metrics.session_closed()
         spool.close()

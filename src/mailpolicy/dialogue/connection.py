@@ -73,6 +73,7 @@ from .events import (
     NeedSpooled,
     NeedStamp,
     Observed,
+    Prefetch,
     ReplyRecord,
     Send,
     Spool,
@@ -726,6 +727,9 @@ class Connection:
             yield from self._refuse(Stage.MAIL, verdict, sender=sender)
             return
         self._tx = _Transaction(sender, "SMTPUTF8" in params, size)
+        ahead = self.policy.questions_ahead(self.session, sender)
+        if ahead:
+            yield Prefetch(ahead)
         yield from self._say(R.OK_MAIL, verdict if verdict.rule or verdict.observed else None)
 
     def cmd_rcpt(self, arg: str) -> Steps:

@@ -14,8 +14,9 @@ Every value :meth:`Connection.next_event` returns is one of these. Three kinds:
   :meth:`~Connection.counted`, ...) or :meth:`~Connection.failed`, before it
   asks for the next event.
 * **notes**: :class:`CommandReceived`, :class:`Decided`, :class:`Authenticated`,
-  :class:`MessageReceived`, :class:`TlsStarted`. Nothing to do; a host logs
-  them or shows them to an observer (capture) and asks for the next event.
+  :class:`MessageReceived`, :class:`TlsStarted`, :class:`Prefetch`. Nothing to
+  do; a host logs them or shows them to an observer (capture) and asks for
+  the next event. (A host may act on :class:`Prefetch` to save time.)
 
 All are frozen attrs values: a test compares them with ``==``.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "NeedSpooled",
     "NeedStamp",
     "Observed",
+    "Prefetch",
     "ReplyRecord",
     "Send",
     "Spool",
@@ -262,6 +264,17 @@ class Observed:
 
 
 @attrs.frozen
+class Prefetch:
+    """A note: DNS questions a later rule will ask whatever comes next (the
+    sender domain's MX, once MAIL is accepted:
+    :meth:`~mailpolicy.policy.Policy.questions_ahead`). A host may ask them
+    now, without waiting, and give the answers with the :class:`NeedDns`
+    round that needs them, or ignore this."""
+
+    queries: frozenset[DnsQuery]
+
+
+@attrs.frozen
 class Authenticated:
     """An AUTH attempt's outcome (never the password)."""
 
@@ -298,6 +311,7 @@ Event = (
     | Deliver
     | CommandReceived
     | Decided
+    | Prefetch
     | Observed
     | Authenticated
     | MessageReceived

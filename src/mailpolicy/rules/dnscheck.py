@@ -19,7 +19,7 @@ from . import Decision, Outcome, reply
 from .context import Context
 from .relay import real_destination
 
-__all__ = ["Existence", "domain_existence", "reject_unknown_address"]
+__all__ = ["Existence", "domain_existence", "existence_ahead", "reject_unknown_address"]
 
 
 class Existence(enum.Enum):
@@ -73,10 +73,8 @@ def reject_unknown_address(
     refuses. The address is judged by where it really leads (``a%b@us`` is
     ``b``'s) and not at all when that is one of our own domains.
     """
-    if address is None or address.is_null or not address.domain or address.is_literal:
-        return None
-    domain, _ = real_destination(address, ctx.shared)
-    if ctx.is_local_domain(domain) or domain.startswith("["):
+    domain = _domain_to_check(ctx, address)
+    if address is None or domain is None:
         return None
     found, dns = domain_existence(ctx, _dns_name(domain))
     if found is Existence.FOUND:
@@ -91,6 +89,28 @@ def reject_unknown_address(
         return Decision(Outcome.DEFER_IF_PERMIT, rule, reply(450, detail, text), ev)
     code = ctx.settings.replies.unknown_address
     return Decision(Outcome.REJECT, rule, reply(code, detail, text), ev)
+
+
+def existence_ahead(ctx: Context, address: Address | None) -> tuple[DnsQuery, ...]:
+    """The question :func:`reject_unknown_address` asks first about
+    ``address`` (its domain's MX), or none when it asks nothing: what a host
+    may ask as soon as the address is known."""
+    domain = _domain_to_check(ctx, address)
+    if domain is None:
+        return ()
+    return (DnsQuery.of(_dns_name(domain), RType.MX),)
+
+
+def _domain_to_check(ctx: Context, address: Address | None) -> str | None:
+    """The domain whose existence is judged: where ``address`` really leads
+    (``a%b@us`` is ``b``'s), or ``None`` for no check (no address, the null
+    sender, an address literal, one of our own domains)."""
+    if address is None or address.is_null or not address.domain or address.is_literal:
+        return None
+    domain, _ = real_destination(address, ctx.shared)
+    if ctx.is_local_domain(domain) or domain.startswith("["):
+        return None
+    return domain
 
 
 def _dns_name(domain: str) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import attrs
 
 from ..addresses import is_fqdn
-from ..model import Evidence
+from ..model import DnsQuery, Evidence
 from . import Decision, Outcome, reply
 from .context import Context
-from .dnscheck import reject_unknown_address
+from .dnscheck import existence_ahead, reject_unknown_address
 
 __all__ = ["RejectNonFqdnSender", "RejectUnknownSenderDomain"]
 
@@ -48,3 +48,8 @@ class RejectUnknownSenderDomain:
 
     def check(self, ctx: Context) -> Decision | None:
         return reject_unknown_address(ctx, self.name, ctx.sender, "sender", "1.8", (550, "7.27"))
+
+    def ahead(self, ctx: Context) -> tuple[DnsQuery, ...]:
+        """What :meth:`check` will ask whatever the recipient (see
+        :meth:`mailpolicy.policy.Policy.questions_ahead`)."""
+        return existence_ahead(ctx, ctx.sender)
