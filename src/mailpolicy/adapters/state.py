@@ -186,13 +186,30 @@ class MemoryStore:
         return len(self._connections) + len(self._rates)
 
     async def connection_opened(self, client: str, now: float, window: int) -> ConnectionCounts:
+        return self.opened_now(client, now, window)
+
+    async def connection_closed(self, client: str) -> None:
+        self.closed_now(client)
+
+    async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
+        return self.count_now(kind, client, now, window, add=1)
+
+    async def peek(self, kind: CountKind, client: str, now: float, window: int) -> int:
+        return self.count_now(kind, client, now, window, add=0)
+
+    # The same, for a caller that cannot await (the local store's server
+    # answers in its protocol callback): the store never waits for anything.
+
+    def opened_now(self, client: str, now: float, window: int) -> ConnectionCounts:
+        """:meth:`connection_opened`, synchronously."""
         with self._lock:
             rate = self._count("connection", client, now, window, add=1)
             concurrent = self._connections.get(client, 0) + 1
             self._connections[client] = concurrent
         return ConnectionCounts(concurrent, rate)
 
-    async def connection_closed(self, client: str) -> None:
+    def closed_now(self, client: str) -> None:
+        """:meth:`connection_closed`, synchronously."""
         with self._lock:
             left = self._connections.get(client, 0) - 1
             # Never below zero, and no entry at zero: memory follows the
@@ -202,13 +219,10 @@ class MemoryStore:
             else:
                 self._connections.pop(client, None)
 
-    async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
+    def count_now(self, kind: str, client: str, now: float, window: int, *, add: int) -> int:
+        """:meth:`hit` (``add=1``) or :meth:`peek` (``add=0``), synchronously."""
         with self._lock:
-            return self._count(kind, client, now, window, add=1)
-
-    async def peek(self, kind: CountKind, client: str, now: float, window: int) -> int:
-        with self._lock:
-            return self._count(kind, client, now, window, add=0)
+            return self._count(kind, client, now, window, add=add)
 
     async def close(self) -> None:
         with self._lock:
