@@ -15,13 +15,24 @@ import pickle
 import random
 import string
 import tomllib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mailpolicy.config as config
-from mailpolicy.addresses import AddressError, _valid_hostname, parse_address
+from mailpolicy.addresses import (
+    AddressError,
+    _mail_from_tokens,
+    _rcpt_to_tokens,
+    _simple_path,
+    _valid_hostname,
+    parse_address,
+    parse_mail_from,
+    parse_rcpt_to,
+)
 from mailpolicy.model import Networks
 from mailpolicy.rules.context import _parse
 
@@ -192,6 +203,67 @@ def test_address_fast_path_is_parse_address(text: str) -> None:
 @given(st.from_regex(r"[a-zA-Z0-9._%+!-]{1,12}@[a-zA-Z0-9._-]{1,20}", fullmatch=True))
 def test_address_fast_path_on_random_addresses(text: str) -> None:
     assert _fast_address(text) == _slow_address(text)
+
+
+def _outcome(parse: Callable[[], tuple[object, dict[str, str | None]]]) -> object:
+    try:
+        address, params = parse()
+    except AddressError as e:
+        return str(e)
+    return address, getattr(address, "given", None), params
+
+
+COMMANDS = [
+    *(f"<{text}>" for text in ADDRESSES),
+    "<a@b.example> SIZE=10",
+    "<>",
+    "<a@b.example",
+    "a@b.example>",
+    "<<a@b.example>>",
+    "<@r.example:a@b.example>",
+    "<a b@c.example>",
+    "<" + "a" * 990 + "@b.example>",
+    "<" + "a" * 989 + "@b.example>",
+    "<" + "a" * 988 + "@b.example>",
+]
+
+
+@pytest.mark.parametrize("path", COMMANDS)
+@pytest.mark.parametrize(("verb", "fast", "slow"), [
+    ("FROM:", parse_mail_from, lambda arg: _mail_from_tokens(arg, None)),
+    ("from:", parse_mail_from, lambda arg: _mail_from_tokens(arg, None)),
+    ("TO:", parse_rcpt_to, lambda arg: _rcpt_to_tokens(arg, False)),
+])  # fmt: skip
+def test_mail_and_rcpt_fast_paths_are_the_tokenizer(
+    path: str, verb: str, fast: Callable[[str], Any], slow: Callable[[str], Any]
+) -> None:
+    arg = verb + path
+    assert _outcome(lambda: fast(arg)) == _outcome(lambda: slow(arg))
+
+
+@given(
+    st.from_regex(
+        r"(FROM|To|to|from):<[a-zA-Z0-9._%+!-]{0,12}@?[a-zA-Z0-9._-]{0,20}>", fullmatch=True
+    )
+)
+def test_mail_and_rcpt_fast_paths_on_random_commands(arg: str) -> None:
+    if arg[:2].lower() == "to":
+        assert _outcome(lambda: parse_rcpt_to(arg)) == _outcome(lambda: _rcpt_to_tokens(arg, False))
+    else:
+        assert _outcome(lambda: parse_mail_from(arg)) == _outcome(
+            lambda: _mail_from_tokens(arg, None)
+        )
+
+
+def test_the_fast_path_takes_the_common_command_and_nothing_more() -> None:
+    taken = _simple_path("FROM:<A.B@Example.COM>", 5)
+    assert taken is not None and (taken.local, taken.domain, taken.given) == (
+        "A.B",
+        "example.com",
+        "A.B@Example.COM",
+    )
+    for arg in ("FROM:<a@b.example> SIZE=1", "FROM: <a@b.example>", "FROM:<>", "FROM:<a@1.2>"):
+        assert _simple_path(arg, 5) is None
 
 
 def test_networks_behave_like_the_tuple_of_their_networks() -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "parse_address",
     "parse_mail_from",
     "parse_rcpt_to",
+    "simple_address",
 ]
 
 #: The longest path (as sent, brackets included) we accept.
@@ -660,6 +661,39 @@ def parse_address(text: str, *, smtputf8: bool = True) -> Address:
         raise _bad_address() from None
 
 
+#: The common address shape, ``dot-atom@host.name`` in plain ASCII, which
+#: :func:`parse_address` turns into ``Address(local, domain.lower(),
+#: given=text)`` whenever the domain is a valid host name: labels of letters,
+#: digits, ``_`` and inner ``-`` (at most 63), not all digits, at most 255
+#: characters. Anything else takes the full parser.
+_SIMPLE_ADDRESS = re.compile(
+    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@"
+    r"((?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+)
+_SIMPLE_NOT_NUMERIC = re.compile(r"[A-Za-z_]")
+
+
+def simple_address(text: str) -> Address | None:
+    """``parse_address(text)`` for the common shape (see ``_SIMPLE_ADDRESS``),
+    built without the parser; ``None`` for anything else, which then needs
+    :func:`parse_address` (tests/test_fast_paths.py holds them equal)."""
+    m = _SIMPLE_ADDRESS.fullmatch(text)
+    if m is not None and len(text) <= 1000:
+        domain = m.group(2)
+        if len(domain) <= 255 and _SIMPLE_NOT_NUMERIC.search(domain):
+            return normal_address(m.group(1), domain.lower(), text)
+    return None
+
+
+def _simple_path(arg: str, verb: int) -> Address | None:
+    """The address of ``FROM:<a@b.example>`` / ``TO:<...>`` with nothing else
+    on the line (``verb``: the length of ``FROM:``/``TO:``), or ``None``."""
+    if verb + 2 < len(arg) <= verb + MAX_PATH_LENGTH and arg[verb] == "<" and arg[-1] == ">":
+        return simple_address(arg[verb + 1 : -1])
+    return None
+
+
 def parse_mail_from(
     arg: str, *, smtputf8: bool | None = None
 ) -> tuple[Address, dict[str, str | None]]:
@@ -674,6 +708,15 @@ def parse_mail_from(
     without ``FROM:`` and a path, ``501 5.1.7 Bad sender address syntax`` for
     a malformed path.
     """
+    if arg[:5].lower() == "from:":
+        simple = _simple_path(arg, 5)
+        if simple is not None:
+            return simple, {}
+    return _mail_from_tokens(arg, smtputf8)
+
+
+def _mail_from_tokens(arg: str, smtputf8: bool | None) -> tuple[Address, dict[str, str | None]]:
+    """:func:`parse_mail_from` by Postfix's tokenizer, for any argument."""
     tokens = _tokenize(arg)
     if len(tokens) < 2 or tokens[0][0].lower() != "from:":
         raise AddressError(501, "5.5.4", "Syntax: MAIL FROM:<address>")
@@ -700,6 +743,15 @@ def parse_rcpt_to(arg: str, *, smtputf8: bool = False) -> tuple[Address, dict[st
     without ``TO:`` and a path, ``501 5.1.3 Bad recipient address syntax`` for
     a malformed path or ``<>``.
     """
+    if arg[:3].lower() == "to:":
+        simple = _simple_path(arg, 3)
+        if simple is not None:
+            return simple, {}
+    return _rcpt_to_tokens(arg, smtputf8)
+
+
+def _rcpt_to_tokens(arg: str, smtputf8: bool) -> tuple[Address, dict[str, str | None]]:
+    """:func:`parse_rcpt_to` by Postfix's tokenizer, for any argument."""
     tokens = _tokenize(arg)
     if len(tokens) < 2 or tokens[0][0].lower() != "to:":
         raise AddressError(501, "5.5.4", "Syntax: RCPT TO:<address>")

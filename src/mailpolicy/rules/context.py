@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, overload
 
 import attrs
 
-from ..addresses import Address, AddressError, is_valid_hostname, normal_address, parse_address
+from ..addresses import Address, AddressError, is_valid_hostname, parse_address, simple_address
 from ..lookup import DomainTable, NetworkTable, ip_key
 from ..model import DnsQuery, DnsResult, Envelope, IPAddress, RType, Session
 from ..settings import Settings
@@ -244,27 +243,12 @@ def _v4_text(value: int) -> str:
     return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
 
 
-#: The common address shape, ``dot-atom@host.name`` in plain ASCII, which
-#: :func:`~mailpolicy.addresses.parse_address` turns into ``Address(local,
-#: domain.lower(), given=text)`` whenever the domain is a valid host name: labels of
-#: letters, digits, ``_`` and inner ``-`` (at most 63), not all digits, at most
-#: 255 characters. Anything else takes the full parser.
-_SIMPLE_ADDRESS = re.compile(
-    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@"
-    r"((?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
-    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
-)
-_NOT_NUMERIC = re.compile(r"[A-Za-z_]")
-
-
 def _parse(text: str) -> Address | None:
     """``parse_address`` (``None`` if it refuses), with a fast path for the
     common shape."""
-    m = _SIMPLE_ADDRESS.fullmatch(text)
-    if m is not None and len(text) <= 1000:
-        domain = m.group(2)
-        if len(domain) <= 255 and _NOT_NUMERIC.search(domain):
-            return normal_address(m.group(1), domain.lower(), text)
+    simple = simple_address(text)
+    if simple is not None:
+        return simple
     return _parse_slow(text)
 
 
