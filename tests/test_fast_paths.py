@@ -362,3 +362,11 @@ def test_hostname_pattern_agrees_on_random_names(name: str) -> None:
 )
 def test_hostname_pattern_agrees_on_random_labels(name: str) -> None:
     assert _valid_hostname(name) is _hostname_by_characters(name)
+
+
+@given(st.text(max_size=300) | st.from_regex(r"[!-~]{0,300}", fullmatch=True))
+def test_header_safe_fast_path_is_the_character_loop(text: str) -> None:
+    from mailpolicy.dialogue.message import _NEUTER, header_safe
+
+    expected = "".join(c if " " < c < "\x7f" else "?" for c in text[:255]).translate(_NEUTER)
+    assert header_safe(text) == expected

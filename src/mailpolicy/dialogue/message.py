@@ -9,6 +9,7 @@ import email.policy
 import functools
 import ipaddress
 import math
+import re
 from email.utils import formatdate
 
 import attrs
@@ -125,10 +126,15 @@ def has_bare_lf(data: bytes, *, after_cr: bool = False) -> bool:
 _NEUTER = str.maketrans(dict.fromkeys('<>()\\";:@', "?"))
 
 
+_PRINTABLE = re.compile(r"[!-~]*")
+
+
 def header_safe(text: str) -> str:
     """A client-supplied name fit for our Received: header: printable ASCII
     only (no CR/LF header injection, no NUL), Postfix's specials neutered."""
-    cleaned = "".join(c if " " < c < "\x7f" else "?" for c in text[:255])
+    cleaned = text[:255]
+    if not _PRINTABLE.fullmatch(cleaned):
+        cleaned = "".join(c if " " < c < "\x7f" else "?" for c in cleaned)
     return cleaned.translate(_NEUTER)
 
 
@@ -148,6 +154,8 @@ def verified_client_name(session: Session) -> str:
     fwd = session.dns.get(DnsQuery.of(name, RType.A if ip.version == 4 else RType.AAAA))
     if fwd is None or not fwd.found:
         return "unknown"
+    if text in fwd.records:  # the usual case, without parsing each record
+        return header_safe(name)
     for record in fwd.records:
         with contextlib.suppress(ValueError):
             if ipaddress.ip_address(record.strip()) == ip:
