@@ -30,6 +30,7 @@ from .driver import AcceptAllDelivery, Delivery, Services, SessionObserver
 from .interfaces import listening_addresses
 from .state import MemoryStore, StateStore
 from .transport import SmtpProtocol
+from .wire import SocketWire
 
 __all__ = ["Listener", "MailServer", "listeners_from_settings", "parse_hostport", "tls_context"]
 
@@ -292,7 +293,7 @@ class MailServer:
                 continue
             delay = 0.0
             try:
-                await loop.connect_accepted_socket(make, conn)
+                SocketWire(loop, conn, make())
             except OSError as e:
                 log.warning("connection from a client failed at once: %s", e)
                 conn.close()

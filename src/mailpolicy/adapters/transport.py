@@ -1,7 +1,8 @@
-"""The socket side of ``mailpolicy serve``: an asyncio protocol per connection.
+"""The socket side of ``mailpolicy serve``: a protocol per connection.
 
-It owns its layers, all through public APIs: the bytes (``asyncio.BufferedProtocol``
-callbacks), TLS (``ssl.SSLObject`` over memory BIOs, so STARTTLS, implicit
+It owns its layers, all through public APIs: the bytes (``BufferedProtocol``
+callbacks, from the server's own socket layer :class:`~.wire.SocketWire`,
+or from any asyncio transport), TLS (``ssl.SSLObject`` over memory BIOs, so STARTTLS, implicit
 TLS and implicit TLS behind a PROXY line are one code path and bytes read
 ahead are never lost or misread), the PROXY v1 line, flow control and the
 idle timer. The dialogue itself runs in :func:`.driver.run_connection`.
@@ -20,7 +21,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from ..dialogue import Connection
 from ..lookup import NetworkTable, ip_key
@@ -112,6 +113,25 @@ _READ_SIZE = 1 << 16
 _read_buffer = _ReadBuffer()
 
 
+class _Transport(Protocol):
+    """What SmtpProtocol uses of its transport: a :class:`~.wire.SocketWire`
+    (what the server gives it) or any ``asyncio.Transport``."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
 class SmtpProtocol(asyncio.BufferedProtocol):
     """One client connection of a listener."""
 
@@ -136,7 +156,7 @@ class SmtpProtocol(asyncio.BufferedProtocol):
         self.proxy_from = proxy_from
         self._observer = observer
         self._on_close = on_close
-        self.transport: asyncio.Transport | None = None
+        self.transport: _Transport | None = None
         self.conn: Connection | None = None
         self._chunks: list[bytes] = []
         self._size = 0
@@ -150,9 +170,8 @@ class SmtpProtocol(asyncio.BufferedProtocol):
 
     # -- asyncio callbacks -------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports have the methods, not the base class
-        self.transport = cast(asyncio.Transport, transport)
+    def connection_made(self, transport: Any) -> None:
+        self.transport = cast(_Transport, transport)
         self._task = asyncio.get_running_loop().create_task(self._main())
 
     def get_buffer(self, sizehint: int) -> memoryview:
