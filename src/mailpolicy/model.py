@@ -61,6 +61,7 @@ __all__ = [
     "Session",
     "Stage",
     "Verdict",
+    "ip_text",
 ]
 
 
@@ -409,8 +410,20 @@ class Counters:
     global_recipient_rate: int = 0
 
 
+@functools.lru_cache(maxsize=4096)
+def ip_text(ip: IPAddress) -> str:
+    """``str(ip)``, remembered: a session writes its client's address in
+    several places (the PTR question, logs, the Received header), and
+    ``ipaddress`` formats slowly."""
+    return str(ip)
+
+
+#: ``ipaddress.ip_address``, remembered (clients come back)
+_parse_ip = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+
+
 def _ip(value: str | IPAddress) -> IPAddress:
-    ip = ipaddress.ip_address(value) if isinstance(value, str) else value
+    ip = _parse_ip(value) if isinstance(value, str) else value
     # Postfix treats an IPv4-mapped IPv6 peer as the IPv4 address "for
     # logging, hostname verification and access checks" (smtpd_peer.c).
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import json
 import time
@@ -101,14 +102,20 @@ def query_name(query: DnsQuery) -> str:
     name (``10.2.0.192.in-addr.arpa``); otherwise the name itself.
     """
     if query.rtype is RType.PTR:
-        ip = _ip_or_none(query.name)
-        if ip is not None:
-            # the same name as dns.reversename.from_address (which asks an
-            # IPv4-mapped address under in-addr.arpa), without its objects
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                return ip.ipv4_mapped.reverse_pointer
-            return ip.reverse_pointer
+        return _reverse_name(query.name)
     return query.name
+
+
+@functools.lru_cache(maxsize=4096)
+def _reverse_name(name: str) -> str:
+    ip = _ip_or_none(name)
+    if ip is None:
+        return name
+    # the same name as dns.reversename.from_address (which asks an
+    # IPv4-mapped address under in-addr.arpa), without its objects
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.reverse_pointer
+    return ip.reverse_pointer
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from ..dialogue import (
     Submission,
     TlsStarted,
 )
-from ..model import Action, DnsQuery, DnsResult, Reply, RType, Session, Stage
+from ..model import Action, DnsQuery, DnsResult, Reply, RType, Session, Stage, ip_text
 from ..policy import Policy
 from ..settings import ServerSettings
 from .dns import Resolver
@@ -326,7 +326,7 @@ class _Prefetch:
 
     async def _client_name(self, session: Session) -> None:
         ip = session.client_ip
-        ptr = DnsQuery.of(str(ip), RType.PTR)
+        ptr = DnsQuery.of(ip_text(ip), RType.PTR)
         try:
             found = self.answers[ptr] = await self.resolver.resolve(ptr)
             if found.found:
@@ -358,7 +358,7 @@ async def run_connection(
     """Run ``conn`` to its end over ``channel``. Never raises for the
     client's or a service's faults; gives back a counted connection slot."""
     policy = conn.policy
-    client = str(conn.session.client_ip)
+    client = ip_text(conn.session.client_ip)
     deadlines = _Deadlines(services)
     spool = _Spool(services.spool_dir)
     metrics = services.metrics
@@ -525,7 +525,7 @@ def log_observed(session: Session, event: Observed) -> None:
     """One log line per refusal a rule in observe mode would have made."""
     for seen in event.verdict.observed:
         fields: dict[str, object] = {
-            "client": str(session.client_ip),
+            "client": ip_text(session.client_ip),
             "stage": event.stage.value,
             "observed": True,
             "action": seen.action.value,
@@ -547,7 +547,7 @@ def log_decision(session: Session, event: Decided) -> None:
     ):
         return
     stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
-    fields: dict[str, object] = {"client": str(session.client_ip), "stage": stage}
+    fields: dict[str, object] = {"client": ip_text(session.client_ip), "stage": stage}
     if stage == "delivery":
         reply = str(verdict.reply)
         fields.update(event.facts)

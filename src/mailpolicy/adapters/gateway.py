@@ -311,8 +311,10 @@ class GatewayDelivery:
         temporary: list[tuple[str, Reply]],
         permanent: list[tuple[str, Reply]],
     ) -> Reply:
-        for rcpt in delivered:
-            log.info("%s: delivered to <%s>", s.queue_id, rcpt)
+        if log.isEnabledFor(logging.DEBUG):
+            # at INFO, the session's "message ... to ...: 250" line says it once
+            for rcpt in delivered:
+                log.debug("%s: delivered to <%s>", s.queue_id, rcpt)
         if temporary:
             rcpt, reply = temporary[0]
             log.warning("%s: deferred <%s>: %s", s.queue_id, rcpt, reply)

@@ -15,7 +15,7 @@ from email.utils import formatdate
 import attrs
 
 from ..addresses import is_valid_hostname
-from ..model import DnsQuery, MessageFacts, RType, Session
+from ..model import DnsQuery, MessageFacts, RType, Session, ip_text
 from ..settings import GeneralSettings
 
 __all__ = [
@@ -144,7 +144,7 @@ def verified_client_name(session: Session) -> str:
     Postfix puts it in ``Received:``; ``unknown`` when there is none or it
     was never looked up (no DNS question is asked for a header)."""
     ip = session.client_ip
-    text = str(ip)
+    text = ip_text(ip)
     ptr = session.dns.get(DnsQuery.of(text, RType.PTR))
     if ptr is None or not ptr.found:
         return "unknown"
@@ -185,7 +185,7 @@ def received_header(
     for_part = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
     name = verified_client_name(session)
     text = (
-        f"Received: from {helo} ({name} [{session.client_ip}])\r\n"
+        f"Received: from {helo} ({name} [{ip_text(session.client_ip)}])\r\n"
         f"\tby {hostname} (mailpolicy) with {proto} id {queue_id}{for_part};"
         f" {date}\r\n"
     )
