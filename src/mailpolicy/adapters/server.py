@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 import ssl
 import time
@@ -174,9 +175,7 @@ class MailServer:
         self._sockets: list[socket.socket] = []
         #: listening sockets made elsewhere (a worker's, inherited from its parent)
         self._inherited = list(sockets) if sockets is not None else None
-        self._accepting: list[asyncio.Task[None]] = []
-        #: set when a session ends (room under max_connections)
-        self._room = asyncio.Event()
+        self._acceptors: list[_Acceptor] = []
         #: (listener, the address actually bound: port 0 becomes a real port)
         self.bound: list[tuple[Listener, tuple[str, int]]] = []
 
@@ -212,7 +211,8 @@ class MailServer:
 
     def _closed(self, session: SmtpProtocol) -> None:
         self.sessions.discard(session)
-        self._room.set()
+        for acceptor in self._acceptors:
+            acceptor.room()  # under max_connections again
 
     async def start(self) -> None:
         """Bind every listener; ``bound`` then holds the real addresses."""
@@ -224,7 +224,7 @@ class MailServer:
             addr = sock.getsockname()
             self.bound.append((listener, (str(addr[0]), int(addr[1]))))
             self._sockets.append(sock)
-            self._accepting.append(loop.create_task(self._accept(sock, listener)))
+            self._acceptors.append(_Acceptor(self, loop, sock, listener))
             log.info(
                 "listening on %s:%s (%s, %s)",
                 addr[0],
@@ -259,45 +259,6 @@ class MailServer:
             out += [(listener, sock) for sock in socks]
         return out
 
-    async def _accept(self, sock: socket.socket, listener: Listener) -> None:
-        """Our own accept loop (public asyncio API only): it stops taking
-        connections at ``server.max_connections`` (they wait in the listen
-        queue), and when the process runs out of file descriptors it backs
-        off quietly, with one log line, instead of spinning."""
-        loop = asyncio.get_running_loop()
-        make = self._factory(listener)
-        cap = self.policy.settings.server.max_connections
-        delay = 0.0
-        warned = 0.0
-        while True:
-            while cap and len(self.sessions) >= cap:
-                self._room.clear()
-                await self._room.wait()
-            try:
-                conn, _addr = await loop.sock_accept(sock)
-            except OSError as e:
-                if e.errno not in _OUT_OF_RESOURCES:
-                    log.warning("accept on %s failed: %s", listener.name, e)
-                    await asyncio.sleep(0.1)
-                    continue
-                delay = min(max(delay * 2, 0.05), 1.0)
-                if loop.time() - warned > 60:
-                    warned = loop.time()
-                    log.warning(
-                        "out of resources accepting on %s (%s, %d sessions open); backing off",
-                        listener.name,
-                        e.strerror,
-                        len(self.sessions),
-                    )
-                await asyncio.sleep(delay)
-                continue
-            delay = 0.0
-            try:
-                SocketWire(loop, conn, make())
-            except OSError as e:
-                log.warning("connection from a client failed at once: %s", e)
-                conn.close()
-
     def port(self, name: str = "smtp") -> int:
         """The bound port of the listener called ``name``."""
         for listener, (_, port) in self.bound:
@@ -307,10 +268,9 @@ class MailServer:
 
     async def stop(self, grace: float = 30) -> None:
         """Stop accepting; send idle clients 421; let busy sessions finish."""
-        for task in self._accepting:
-            task.cancel()
-        await asyncio.gather(*self._accepting, return_exceptions=True)
-        self._accepting.clear()
+        for acceptor in self._acceptors:
+            acceptor.stop()
+        self._acceptors.clear()
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
@@ -337,3 +297,95 @@ class MailServer:
                 session.abort()
             for w in pending:
                 w.cancel()
+
+
+class _Acceptor:
+    """Takes the connections of one listening socket, in the loop's read
+    callback: a session starts with a plain call, no task or future per
+    connection (public asyncio API only: ``add_reader``).
+
+    It stops taking connections at ``server.max_connections`` (they wait in
+    the listen queue) until a session ends, and when the process runs out of
+    file descriptors it backs off quietly, with one log line a minute,
+    instead of spinning."""
+
+    #: connections taken per callback, so that a flood cannot starve the rest
+    BATCH = 16
+
+    def __init__(
+        self,
+        server: MailServer,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        listener: Listener,
+    ) -> None:
+        self.server = server
+        self.loop = loop
+        self.sock = sock
+        self.listener = listener
+        self.make = server._factory(listener)
+        self.cap = server.policy.settings.server.max_connections
+        self.listening = False
+        self.stopped = False
+        self.delay = 0.0
+        self.warned = -math.inf
+        self.resume()
+
+    def resume(self) -> None:
+        if not self.listening and not self.stopped:
+            self.listening = True
+            self.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def pause(self) -> None:
+        if self.listening:
+            self.listening = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def room(self) -> None:
+        if not self.listening and not self.delay:
+            self.resume()
+
+    def stop(self) -> None:
+        self.pause()
+        self.stopped = True
+
+    def _ready(self) -> None:
+        for _ in range(self.BATCH):
+            if self.cap and len(self.server.sessions) >= self.cap:
+                self.pause()  # room() resumes when a session ends
+                return
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._failed(e)
+                return
+            self.delay = 0.0
+            try:
+                SocketWire(self.loop, conn, self.make())
+            except OSError as e:
+                log.warning("connection from a client failed at once: %s", e)
+                conn.close()
+
+    def _failed(self, e: OSError) -> None:
+        self.pause()
+        if e.errno not in _OUT_OF_RESOURCES:
+            log.warning("accept on %s failed: %s", self.listener.name, e)
+            self.delay = 0.1
+        else:
+            self.delay = min(max(self.delay * 2, 0.05), 1.0)
+            if self.loop.time() - self.warned > 60:
+                self.warned = self.loop.time()
+                log.warning(
+                    "out of resources accepting on %s (%s, %d sessions open); backing off",
+                    self.listener.name,
+                    e.strerror,
+                    len(self.server.sessions),
+                )
+        self.loop.call_later(self.delay, self._retry)
+
+    def _retry(self) -> None:
+        # the delay stays set until a connection is taken: room() must not
+        # cut a back-off short
+        self.resume()
