@@ -1339,6 +1339,26 @@ def test_idle_client_times_out_with_421(serve: ServerStarter) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_the_idle_timeout_counts_from_the_last_command(serve: ServerStarter) -> None:
+    # one timer per connection, moved later as commands come: a client that
+    # speaks every 0.3 s outlives many 0.5 s timeouts, then times out once silent
+    server = serve(make_settings(), timeout=0.5)
+    with Client(server.port()) as c:
+        assert c.expect().code == 220
+        started = time.monotonic()
+        while True:
+            assert c.cmd("NOOP").code == 250
+            last = time.monotonic()
+            if last - started > 2.5:
+                break
+            time.sleep(0.3)
+        answer = c.expect()
+        assert (answer.code, answer.enhanced) == (421, "4.4.2")
+        assert 0.4 < time.monotonic() - last < 2
+        assert c.at_eof()
+
+
+@pytest.mark.timeout(30)
 def test_client_stalling_in_data_times_out_and_nothing_is_delivered(
     serve: ServerStarter,
 ) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import ssl
 import threading
 from collections.abc import Callable
@@ -42,11 +43,6 @@ _HANDSHAKE_TIMEOUT = 30.0
 
 #: what a read's waiter holds when its time ran out
 _TIMED_OUT = object()
-
-
-def _expire(waiter: asyncio.Future[object]) -> None:
-    if not waiter.done():
-        waiter.set_result(_TIMED_OUT)
 
 
 class _Tls:
@@ -167,6 +163,9 @@ class SmtpProtocol(asyncio.BufferedProtocol):
         self._tls: _Tls | None = None
         self._handshake: asyncio.Future[bool] | None = None
         self._task: asyncio.Task[None] | None = None
+        #: the waiting read's deadline (loop time) and the connection's one timer
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -224,15 +223,12 @@ class SmtpProtocol(asyncio.BufferedProtocol):
                 return SHUTDOWN
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            # a timer that resolves the waiter costs less than wait_for's task
-            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            self._arm(loop, math.inf if timeout is None else loop.time() + timeout)
             try:
                 if await waiter is _TIMED_OUT:
                     return None
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
         if not self._chunks:
             return b""
         data = b"".join(self._chunks)
@@ -321,6 +317,36 @@ class SmtpProtocol(asyncio.BufferedProtocol):
             self.transport.pause_reading()
         self._wake()
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Time out the waiting read at ``deadline``. One timer per
+        connection, moved only when a deadline comes earlier: a read usually
+        ends long before its deadline, and a timer made and cancelled per
+        read cost 3 % of serve's samples. When the timer fires early (the
+        deadline moved later meanwhile), it sets itself again."""
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None and timer.when() <= deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = loop.call_at(deadline, self._tick) if deadline != math.inf else None
+
+    def _tick(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not reading now: the next read sets a timer of its own
+        loop = waiter.get_loop()
+        if loop.time() >= self._deadline:
+            waiter.set_result(_TIMED_OUT)
+        elif self._deadline != math.inf:
+            self._timer = loop.call_at(self._deadline, self._tick)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -394,6 +420,7 @@ class SmtpProtocol(asyncio.BufferedProtocol):
         except Exception:
             log.exception("SMTP session error with %s", self._peer())
         finally:
+            self._disarm()
             self.close()
             if self._on_close is not None:
                 self._on_close(self)
