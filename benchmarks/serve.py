@@ -275,13 +275,19 @@ class Process:
     """A server started as one process (its children are its workers)."""
 
     def __init__(
-        self, name: str, port: int, command: list[str], log: Path, maildir: Path | None = None
+        self,
+        name: str,
+        port: int,
+        command: list[str],
+        log: Path,
+        maildir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.port = port
         self.maildir = maildir
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def wait(self) -> None:
         """Until it listens (the servers start side by side: less waiting)."""

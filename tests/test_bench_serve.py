@@ -182,3 +182,24 @@ def test_a_quick_run_shows_live_checks_and_delivers_every_message() -> None:
         assert got == sent
     ratios = re.findall(r"^\| mailpolicy serve --workers \d / postfix \| \*\*\d", done.stdout, re.M)
     assert len(ratios) == 2
+
+
+@pytest.mark.skipif(
+    shutil.which("smtp-source") is None and not Path("/usr/sbin/smtp-source").exists(),
+    reason="needs Postfix's smtp-source",
+)
+def test_compare_versions_runs_this_checkout_against_itself() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare_versions.py"),
+            *("--old", str(ROOT / "src"), "--rounds", "1", "--messages", "40", "--sessions", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"new / old: [0-9.]+x messages/s, [0-9.]+x CPU per message", done.stdout)
+    assert len(re.findall(r"round 1 (?:old|new): +[0-9,]+ messages/s", done.stdout)) == 2
