@@ -23,13 +23,10 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload
 from evaluate import machine
-from serve import HELO, RECIPIENT, SENDER, Process, restriction_lists, serve_policy, tree_cpu
+from serve import HELO, Process, restriction_lists, serve_policy, smtp_source, tree_cpu
 
 NEW_SRC = Path(__file__).resolve().parent.parent / "src"
 CLIENT = "127.0.0.1"
@@ -54,22 +51,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((CLIENT, 0))
         return int(sock.getsockname()[1])
-
-
-def smtp_source(port: int, sessions: int, messages: int, length: int) -> float:
-    """Messages per second smtp-source reached (it fails on any refusal)."""
-    command = [
-        shutil.which("smtp-source") or "/usr/sbin/smtp-source",
-        *("-s", str(sessions), "-m", str(messages), "-l", str(length)),
-        *("-M", HELO, "-f", SENDER, "-t", RECIPIENT),
-        f"{CLIENT}:{port}",
-    ]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0 or done.stderr.strip():
-        raise RuntimeError(f"smtp-source failed ({done.returncode}): {done.stderr.strip()[:500]}")
-    return messages / elapsed
 
 
 def one_round(
@@ -89,9 +70,10 @@ def one_round(
     server = Process(f"serve {src}", port, command, folder / f"serve-{port}.log", env=env)
     try:
         server.wait()
-        smtp_source(port, args.sessions, max(50, args.messages // 10), args.length)  # warm-up
+        warm_up = max(50, args.messages // 10)
+        smtp_source(port, args.sessions, warm_up, args.length, CLIENT)
         before = tree_cpu(server.root)
-        rate = smtp_source(port, args.sessions, args.messages, args.length)
+        rate = args.messages / smtp_source(port, args.sessions, args.messages, args.length, CLIENT)
         cpu = tree_cpu(server.root) - before
     finally:
         server.stop()

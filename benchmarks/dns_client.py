@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from mailpolicy.adapters.dns import LiveResolver
 from mailpolicy.model import DnsQuery, RType
@@ -35,15 +37,25 @@ with ZoneServer(zone).run_in_thread() as server:
 """
 
 
+@contextlib.contextmanager
+def zone_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ZoneServer with the questions' answers, in a process of its own:
+    the process and its ``IP:PORT``."""
+    server = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        yield server, server.stdout.readline().strip()
+    finally:
+        server.kill()
+        server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    server = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        nameserver = server.stdout.readline().strip()
+    with zone_server() as (_, nameserver):
         resolver = LiveResolver([nameserver], max_entries=0, timeout=2.0)
         questions = [
             DnsQuery.of("known.example", RType.MX),
@@ -63,9 +75,6 @@ def main() -> None:
             cpu = (time.process_time() - cpu) / args.questions * 1e6
             wall = (time.perf_counter() - wall) / args.questions * 1e6
             print(f"per question: {cpu:4.0f} us CPU, {wall:5.0f} us wall", flush=True)
-    finally:
-        server.kill()
-        server.wait()
 
 
 if __name__ == "__main__":

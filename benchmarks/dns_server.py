@@ -16,24 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
+from pathlib import Path
 
 import dns.message
 
-_SERVER = """
-import sys, time
-from mailpolicy.adapters.dns import StaticZone
-from mailpolicy.adapters.dnsserver import ZoneServer
-zone = StaticZone.from_mapping({
-    "known.example": {"MX": ["10 mx.known.example"]},
-    "127.0.0.1": {"PTR": ["client.example.net"]},
-    "client.example.net": {"A": ["127.0.0.1"]},
-})
-with ZoneServer(zone, ttl=0).run_in_thread() as server:
-    print(server.nameserver, flush=True)
-    time.sleep(3600)
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dns_client import zone_server
 
 QUESTIONS = [
     ("1.0.0.127.in-addr.arpa", "PTR"),
@@ -53,10 +43,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    server = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        host, port = server.stdout.readline().strip().rsplit(":", 1)
+    with zone_server() as (server, nameserver):
+        host, port = nameserver.rsplit(":", 1)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.connect((host, int(port)))
             sock.settimeout(5)
@@ -78,9 +66,6 @@ def main() -> None:
                         f"round {number + 1}, {kind:<16}: "
                         f"{1e6 * spent / args.questions:5.0f} us of server CPU a question"
                     )
-    finally:
-        server.kill()
-        server.wait()
 
 
 if __name__ == "__main__":

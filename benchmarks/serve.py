@@ -441,13 +441,15 @@ def namespace(folder: Path) -> None:
 # Driving
 
 
-def smtp_source(port: int, sessions: int, messages: int, length: int) -> float:
+def smtp_source(
+    port: int, sessions: int, messages: int, length: int, address: str = ADDRESS
+) -> float:
     """Seconds smtp-source took for ``messages`` (it fails on any refusal)."""
     command = [
         shutil.which("smtp-source") or "/usr/sbin/smtp-source",
         *("-s", str(sessions), "-m", str(messages), "-l", str(length)),
         *("-M", HELO, "-f", SENDER, "-t", RECIPIENT),
-        f"{ADDRESS}:{port}",
+        f"{address}:{port}",
     ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)

@@ -13,7 +13,7 @@ from mailpolicy.adapters.driver import AcceptAllDelivery, Services, _Shutdown, r
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.dialogue import Connection
 from mailpolicy.model import DnsQuery, DnsResult
-from mailpolicy.policy import compile_policy
+from mailpolicy.policy import Policy, compile_policy
 
 POLICY = compile_policy(
     settings_from_mapping(
@@ -126,29 +126,39 @@ class Watching(Recorder):
         return await super().read(timeout)
 
 
-@pytest.mark.parametrize("check", [True, False])
-def test_the_client_name_is_asked_at_connect_once(check: bool) -> None:
-    policy = compile_policy(
+def checking(**sections: dict[str, bool]) -> Policy:
+    """The test policy with these ``security`` checks on (or off)."""
+    security: dict[str, dict[str, object]] = {
+        "connection_policy": {"max_connections_per_client": 0}
+    }
+    for name, checks in sections.items():
+        security.setdefault(name, {}).update(checks)
+    return compile_policy(
         settings_from_mapping(
             {
                 "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
-                "security": {
-                    "connection_policy": {
-                        "max_connections_per_client": 0,
-                        "reject_unknown_reverse_client_hostname": check,
-                    }
-                },
+                "security": security,
             }
         )
     )
-    resolver = Asked(ZONE)
-    channel = Watching(
+
+
+def transaction(resolver: Asked, sender: bytes = b"") -> Watching:
+    """HELO, MAIL from ``sender``, RCPT to a local user, QUIT: one a read."""
+    return Watching(
         resolver,
         b"HELO c.example.org\r\n",
-        b"MAIL FROM:<>\r\n",
+        b"MAIL FROM:<%s>\r\n" % sender,
         b"RCPT TO:<alice@example.com>\r\n",
         b"QUIT\r\n",
     )
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_the_client_name_is_asked_at_connect_once(check: bool) -> None:
+    policy = checking(connection_policy={"reject_unknown_reverse_client_hostname": check})
+    resolver = Asked(ZONE)
+    channel = transaction(resolver)
     services = Services(resolver, delivery=AcceptAllDelivery())
     asyncio.run(run_connection(Connection(policy, "192.0.2.1"), channel, services))
     assert channel.writes[3] == b"250 2.1.5 Ok\r\n"
@@ -174,27 +184,9 @@ class Rounds(Connection):
 
 
 def test_the_name_asked_at_connect_comes_with_its_address_in_one_round() -> None:
-    policy = compile_policy(
-        settings_from_mapping(
-            {
-                "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
-                "security": {
-                    "connection_policy": {
-                        "max_connections_per_client": 0,
-                        "reject_unknown_client_hostname": True,
-                    }
-                },
-            }
-        )
-    )
+    policy = checking(connection_policy={"reject_unknown_client_hostname": True})
     resolver = Asked(ZONE)
-    channel = Watching(
-        resolver,
-        b"HELO c.example.org\r\n",
-        b"MAIL FROM:<>\r\n",
-        b"RCPT TO:<alice@example.com>\r\n",
-        b"QUIT\r\n",
-    )
+    channel = transaction(resolver)
     conn = Rounds(policy, "192.0.2.1")
     asyncio.run(run_connection(conn, channel, Services(resolver, delivery=AcceptAllDelivery())))
     assert channel.writes[3] == b"250 2.1.5 Ok\r\n"
@@ -205,26 +197,10 @@ def test_the_name_asked_at_connect_comes_with_its_address_in_one_round() -> None
 
 
 def test_the_sender_domain_is_asked_while_the_client_sends_rcpt() -> None:
-    policy = compile_policy(
-        settings_from_mapping(
-            {
-                "general": {"hostname": "mx.example.com", "local_domains": ["example.com"]},
-                "security": {
-                    "connection_policy": {"max_connections_per_client": 0},
-                    "sender_policy": {"reject_unknown_sender_domain": True},
-                },
-            }
-        )
-    )
+    policy = checking(sender_policy={"reject_unknown_sender_domain": True})
     zone = StaticZone.from_mapping({"sender.example": {"MX": ["10 mx.sender.example"]}})
     resolver = Asked(zone)
-    channel = Watching(
-        resolver,
-        b"HELO c.example.org\r\n",
-        b"MAIL FROM:<a@sender.example>\r\n",
-        b"RCPT TO:<alice@example.com>\r\n",
-        b"QUIT\r\n",
-    )
+    channel = transaction(resolver, b"a@sender.example")
     conn = Rounds(policy, "192.0.2.1")
     asyncio.run(run_connection(conn, channel, Services(resolver, delivery=AcceptAllDelivery())))
     assert channel.writes[2:4] == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]
