@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import dns.message
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
 import dns.rrset
 import pytest
 
@@ -39,7 +42,9 @@ def answer(query: dns.message.Message, name: str | None = None) -> bytes:
     response.answer.append(dns.rrset.from_text(owner + ".", 0, "IN", "A", address_of(owner)))
     if name is not None:
         # a reply to another question: its question section names ``name``
-        response.question = [dns.rrset.RRset(dns.name.from_text(name), 1, 1)]
+        response.question = [
+            dns.rrset.RRset(dns.name.from_text(name), dns.rdataclass.IN, dns.rdatatype.A)
+        ]
     return response.to_wire()
 
 
@@ -98,7 +103,7 @@ def a(name: str) -> DnsQuery:
 def udp_sockets() -> int:
     """This process's open UDP sockets (from /proc: fds that are sockets,
     matched against the kernel's UDP table by inode)."""
-    inodes = set()
+    inodes: set[str] = set()
     for table in ("/proc/net/udp", "/proc/net/udp6"):
         with open(table) as lines:
             next(lines)
@@ -207,7 +212,12 @@ def test_sockets_are_closed_when_they_retire_and_when_the_loop_ends(server: Serv
 
 def test_a_cancelled_asker_leaves_the_other_callers_to_ask_themselves() -> None:
     with Server() as server:
-        server.respond = lambda query: (time.sleep(0.2), [answer(query)])[1]
+
+        def slowly(query: dns.message.Message) -> list[bytes]:
+            time.sleep(0.2)
+            return [answer(query)]
+
+        server.respond = slowly
         resolver = LiveResolver([server.nameserver], timeout=2)
 
         async def scenario() -> tuple[DnsOutcome, tuple[str, ...]]:

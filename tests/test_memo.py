@@ -3,6 +3,8 @@ and each session-level decision made once per connection."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 from helpers_core import (
@@ -185,7 +187,7 @@ def test_a_new_helo_is_judged_again(monkeypatch: pytest.MonkeyPatch) -> None:
     ids=lambda c: next(iter(c)),
 )
 def test_a_changed_fact_drops_session_decisions(
-    monkeypatch: pytest.MonkeyPatch, change: dict[str, object]
+    monkeypatch: pytest.MonkeyPatch, change: dict[str, Any]
 ) -> None:
     # without AUTH, so that a logged-in client still reaches the HELO check
     policy = make_policy(
