@@ -4,6 +4,7 @@ records what it is given: replies to pipelined commands leave together."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping
 
 import pytest
@@ -208,3 +209,33 @@ def test_the_sender_domain_is_asked_while_the_client_sends_rcpt() -> None:
     assert channel.asked_at_read[:3] == [[], [], ["sender.example/MX"]]  # HELO, MAIL, RCPT
     assert resolver.questions == ["sender.example/MX"]
     assert conn.rounds == [["sender.example/MX"]]
+
+
+def test_a_decision_is_logged_after_its_reply_is_written() -> None:
+    channel = Recorder(
+        b"HELO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\n",
+        b"DATA\r\n",
+        b"Subject: x\r\n\r\nbody\r\n.\r\n",
+        b"QUIT\r\n",
+    )
+    writes_at_log: list[int] = []
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("message "):
+                writes_at_log.append(len(channel.writes))
+
+    decisions = logging.getLogger("mailpolicy.decisions")
+    handler, level = Watch(), decisions.level
+    decisions.addHandler(handler)
+    decisions.setLevel(logging.INFO)
+    try:
+        services = Services(
+            StaticZone.from_mapping({}), delivery=AcceptAllDelivery(), queue_id=lambda: "Q1"
+        )
+        asyncio.run(run_connection(Connection(POLICY, "192.0.2.1"), channel, services))
+    finally:
+        decisions.removeHandler(handler)
+        decisions.setLevel(level)
+    queued = next(i for i, w in enumerate(channel.writes) if b"queued as Q1" in w)
+    assert writes_at_log == [queued + 1]  # logged once the 250 was written, not before

@@ -374,10 +374,18 @@ async def run_connection(
     # Postfix flushes when no more pipelined input is there.
     out: list[bytes] = []
 
+    # Decisions are logged once their replies are written: the client does
+    # not wait for our log line (the session, its facts, are as decided).
+    decided: list[tuple[Session, Decided]] = []
+
     def flush() -> None:
         if out:
             channel.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+        if decided:
+            for session, note in decided:
+                log_decision(session, note)
+            decided.clear()
 
     try:
         while True:
@@ -404,7 +412,7 @@ async def run_connection(
                 if observer is not None:
                     observer.command(event.line, event.pending)
             elif isinstance(event, Decided):
-                log_decision(conn.session, event)
+                decided.append((conn.session, event))
                 if metrics is not None and event.stage != "delivery":
                     stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
                     metrics.verdict(stage, event.verdict)
