@@ -212,13 +212,6 @@ class Channels:
             current = per_loop[(host, port)] = _Socket(loop, host, port)
         return current
 
-    def close(self) -> None:
-        """Close every socket (from the thread of their loops, or after they closed)."""
-        for per_loop in list(self._current.values()):
-            for sock in per_loop.values():
-                sock.close()
-        self._current.clear()
-
 
 def _expire(future: asyncio.Future[Answer]) -> None:
     if not future.done():
