@@ -83,7 +83,12 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import workload  # noqa: E402
 from evaluate import machine  # noqa: E402
-from postfix_instance import BASE_MAIN_CF, MASTER_CF, can_run  # noqa: E402
+from postfix_instance import (  # noqa: E402
+    BASE_MAIN_CF,
+    MASTER_CF,
+    can_run,
+    use_loopback_resolver,
+)
 
 #: the servers listen here and smtp-source connects from here (a connection
 #: to a local address leaves from that address)
@@ -425,16 +430,7 @@ def namespace(folder: Path) -> None:
     run("ip", "link", "set", "lo", "up")
     for address in (ADDRESS, NO_PTR):
         run("ip", "addr", "add", f"{address}/32", "dev", "lo")
-    files = {
-        "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-        "hosts": "127.0.0.1 localhost\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\nservices: files\n",
-    }
-    for name, text in files.items():
-        path = folder / name
-        path.write_text(text)
-        path.chmod(0o644)
-        run("mount", "--bind", str(path), f"/etc/{name}")
+    use_loopback_resolver(folder)
 
 
 # ---------------------------------------------------------------------------

@@ -410,13 +410,20 @@ def _namespace(run: Path, case: Case) -> None:
             _sh("ip", "addr", "add", f"{ip}/32", "dev", "lo")
         else:
             _sh("ip", "-6", "addr", "add", f"{ip}/128", "dev", "lo", "nodad")
+    use_loopback_resolver(run)
+
+
+def use_loopback_resolver(folder: Path) -> None:
+    """Inside a private mount namespace: the resolver is 127.0.0.1:53 (one
+    try, a second's timeout), names come from files then DNS. The files are
+    written in ``folder`` and bound over ``/etc``."""
     files = {
         "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
         "hosts": "127.0.0.1 localhost\n::1 localhost\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\nservices: files\n",
     }
     for name, text in files.items():
-        path = run / name
+        path = folder / name
         path.write_text(text, encoding="ascii")
         path.chmod(0o644)
         _sh("mount", "--bind", str(path), f"/etc/{name}")

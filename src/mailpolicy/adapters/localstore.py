@@ -46,8 +46,8 @@ class _Lines(asyncio.BufferedProtocol):
     ``on_line``; a line over :data:`LINE_LIMIT` closes the connection."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray(LINE_LIMIT)
-        self._view = memoryview(self._buffer)
+        self._space = bytearray(LINE_LIMIT)
+        self._space_view = memoryview(self._space)
         self._partial = b""
         self.transport: asyncio.Transport | None = None
 
@@ -55,10 +55,10 @@ class _Lines(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        return self._space_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = self._view[:nbytes].tobytes()
+        data = self._space_view[:nbytes].tobytes()
         if self._partial:
             data = self._partial + data
         *lines, self._partial = data.split(b"\n")

@@ -327,7 +327,9 @@ class _Acceptor:
         self.cap = server.policy.settings.server.max_connections
         self.listening = False
         self.stopped = False
+        #: the out-of-resources back-off, doubled each time, 0 once a connection is taken
         self.delay = 0.0
+        self.backing_off = False
         self.warned = -math.inf
         self.resume()
 
@@ -342,7 +344,7 @@ class _Acceptor:
             self.loop.remove_reader(self.sock.fileno())
 
     def room(self) -> None:
-        if not self.listening and not self.delay:
+        if not self.listening and not self.backing_off:
             self.resume()
 
     def stop(self) -> None:
@@ -372,9 +374,10 @@ class _Acceptor:
         self.pause()
         if e.errno not in _OUT_OF_RESOURCES:
             log.warning("accept on %s failed: %s", self.listener.name, e)
-            self.delay = 0.1
+            wait = 0.1
         else:
             self.delay = min(max(self.delay * 2, 0.05), 1.0)
+            wait = self.delay
             if self.loop.time() - self.warned > 60:
                 self.warned = self.loop.time()
                 log.warning(
@@ -383,9 +386,9 @@ class _Acceptor:
                     e.strerror,
                     len(self.server.sessions),
                 )
-        self.loop.call_later(self.delay, self._retry)
+        self.backing_off = True  # room() must not cut the wait short
+        self.loop.call_later(wait, self._retry)
 
     def _retry(self) -> None:
-        # the delay stays set until a connection is taken: room() must not
-        # cut a back-off short
+        self.backing_off = False
         self.resume()
