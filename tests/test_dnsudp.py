@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import os
 import socket
@@ -262,3 +263,46 @@ def test_a_closed_port_fails_at_once_and_a_new_socket_asks_next_time() -> None:
     (refused, refused_after), (answered, _) = asyncio.run(scenario())
     assert refused is DnsOutcome.SERVFAIL and refused_after < 1.0  # not the 5 s timeout
     assert answered is DnsOutcome.ANSWER
+
+
+def test_start_sends_before_it_returns_and_resolve_shares_the_question() -> None:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.setblocking(False)
+    host, port = raw.getsockname()
+    resolver = LiveResolver([f"{host}:{port}"], timeout=5)
+
+    async def scenario() -> tuple[list[str], list[str], tuple[str, ...], tuple[str, ...]]:
+        started = resolver.start(a("n7.example"))
+        # no await yet: the datagram is already at the server
+        data, peer = raw.recvfrom(2048)
+        query = dns.message.from_wire(data)
+        first = [query.question[0].name.to_text(omit_final_dot=True)]
+        joined = asyncio.create_task(resolver.resolve(a("n7.example")))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        more: list[str] = []
+        with contextlib.suppress(BlockingIOError):
+            more.append(raw.recv(2048).hex())
+        raw.sendto(answer(query), peer)
+        return first, more, (await started).records, (await joined).records
+
+    with raw:
+        first, more, records, shared = asyncio.run(scenario())
+    assert first == ["n7.example"]
+    assert more == []  # the second caller asked nothing: it waited for the first answer
+    assert records == shared == ("10.0.0.7",)
+
+
+def test_start_cancelled_before_it_runs_leaves_nobody_waiting(server: Server) -> None:
+    resolver = LiveResolver([server.nameserver], timeout=2)
+
+    async def scenario() -> tuple[bool, DnsOutcome, tuple[str, ...]]:
+        started = resolver.start(a("n8.example"))
+        started.cancel()  # before its task ever ran
+        result = await asyncio.wait_for(resolver.resolve(a("n8.example")), 3)
+        return started.cancelled(), result.outcome, result.records
+
+    assert asyncio.run(scenario()) == (True, DnsOutcome.ANSWER, ("10.0.0.8",))
+    # the cancelled question was sent; the next caller asked again
+    assert [name for _, _, name in server.seen] == ["n8.example", "n8.example"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 
+import dns.message
+import dns.rdatatype
 import pytest
 
-from mailpolicy.adapters.dns import StaticZone
+from mailpolicy.adapters.dns import LiveResolver, StaticZone
 from mailpolicy.adapters.driver import AcceptAllDelivery, Services, _Shutdown, run_connection
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.dialogue import Connection
@@ -209,6 +212,64 @@ def test_the_sender_domain_is_asked_while_the_client_sends_rcpt() -> None:
     assert channel.asked_at_read[:3] == [[], [], ["sender.example/MX"]]  # HELO, MAIL, RCPT
     assert resolver.questions == ["sender.example/MX"]
     assert conn.rounds == [["sender.example/MX"]]
+
+
+class Nameserver:
+    """A UDP socket on loopback that only collects questions (never answers)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.questions: list[str] = []
+
+    def arrived(self) -> list[str]:
+        """Every question received so far, as ``name/TYPE``."""
+        while True:
+            try:
+                data = self.sock.recv(2048)
+            except BlockingIOError:
+                return self.questions
+            question = dns.message.from_wire(data).question[0]
+            name = question.name.to_text(omit_final_dot=True)
+            self.questions.append(f"{name}/{dns.rdatatype.to_text(question.rdtype)}")
+
+
+class Seeing(Recorder):
+    """A Recorder that notes, at each write, what the nameserver has received."""
+
+    def __init__(self, nameserver: Nameserver, *chunks: bytes) -> None:
+        super().__init__(*chunks)
+        self.nameserver = nameserver
+        self.arrived_at_write: list[list[str]] = []
+
+    def write(self, data: bytes) -> None:
+        self.arrived_at_write.append(list(self.nameserver.arrived()))
+        super().write(data)
+
+
+def test_questions_asked_ahead_leave_before_the_reply_the_client_waits_for() -> None:
+    policy = checking(
+        connection_policy={"reject_unknown_reverse_client_hostname": True},
+        sender_policy={"reject_unknown_sender_domain": True},
+    )
+    nameserver = Nameserver()
+    host, port = nameserver.sock.getsockname()
+    resolver = LiveResolver([f"{host}:{port}"], timeout=5)
+    channel = Seeing(
+        nameserver, b"HELO c.example.org\r\n", b"MAIL FROM:<a@sender.example>\r\n", b"QUIT\r\n"
+    )
+    services = Services(resolver, delivery=AcceptAllDelivery())
+    with nameserver.sock:
+        asyncio.run(run_connection(Connection(policy, "192.0.2.1"), channel, services))
+    assert channel.writes[:3] == [
+        b"220 mx.example.com ESMTP\r\n",
+        b"250 mx.example.com\r\n",
+        b"250 2.1.0 Ok\r\n",
+    ]
+    ptr = "1.2.0.192.in-addr.arpa/PTR"
+    # the PTR was on its way before the banner, the MX before MAIL's 250
+    assert channel.arrived_at_write[:3] == [[ptr], [ptr], [ptr, "sender.example/MX"]]
 
 
 def test_a_decision_is_logged_after_its_reply_is_written() -> None:

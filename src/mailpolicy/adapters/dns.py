@@ -558,11 +558,12 @@ class _Waiting:
     """A question being asked: its loop, and the futures of the callers
     waiting for the same answer (``None`` tells them to ask themselves)."""
 
-    __slots__ = ("futures", "loop")
+    __slots__ = ("futures", "loop", "settled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.futures: list[asyncio.Future[_Reply | None]] = []
+        self.settled = False
 
 
 class _ServerFailed(Exception):
@@ -698,22 +699,100 @@ class LiveResolver:
                     return shared.result
                 waiting = self._inflight.get(query)
             waiting = self._inflight[query] = _Waiting(loop)
-            reply = None
-            try:
-                reply = await self._ask(query)
-            finally:
-                if self._inflight.get(query) is waiting:
-                    del self._inflight[query]
-                if reply is not None:
-                    self._store(query, reply.result, reply.ttl)
-                for future in waiting.futures:
-                    if not future.done():
-                        future.set_result(reply)
-            return reply.result
+            return await self._lead(query, waiting, None)
         except asyncio.CancelledError:
             raise
         except Exception:
             return DnsResult(DnsOutcome.SERVFAIL)
+
+    def start(self, query: DnsQuery) -> asyncio.Future[DnsResult]:
+        """:meth:`resolve`, begun before this returns: a question neither
+        cached nor in flight is sent at once, not when a task first runs.
+
+        For questions asked ahead (``serve`` asks the client's PTR as it
+        connects, before writing its banner): a task's first step comes a
+        loop iteration later, after the reply the client waits for. Callers
+        of :meth:`resolve` meanwhile share the question, as usual. The
+        future never fails; cancelling it stops the waiting, and the others
+        sharing the question then ask again themselves.
+        """
+        loop = asyncio.get_running_loop()
+        hit = self.cached(query)
+        if hit is not None:
+            done: asyncio.Future[DnsResult] = loop.create_future()
+            done.set_result(hit)
+            return done
+        waiting = self._inflight.get(query)
+        if waiting is not None and waiting.loop is loop:
+            return loop.create_task(self.resolve(query))
+        waiting = self._inflight[query] = _Waiting(loop)
+        first = self._send_first(query, loop)
+        task = loop.create_task(self._lead_quietly(query, waiting, first))
+        # A task cancelled before its first step never runs its body: the
+        # question is settled here then, so nobody waits for it forever.
+        task.add_done_callback(lambda _: self._settle(query, waiting, first, None))
+        return task
+
+    async def _lead_quietly(
+        self, query: DnsQuery, waiting: _Waiting, first: dnsudp.Pending | None
+    ) -> DnsResult:
+        try:
+            return await self._lead(query, waiting, first)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return DnsResult(DnsOutcome.SERVFAIL)
+
+    async def _lead(
+        self, query: DnsQuery, waiting: _Waiting, first: dnsudp.Pending | None
+    ) -> DnsResult:
+        """Ask ``query`` for every caller waiting on it (``first``: its
+        question to the first nameserver, already sent)."""
+        reply = None
+        try:
+            reply = await self._ask(query, first)
+        finally:
+            self._settle(query, waiting, first, reply)
+        return reply.result
+
+    def _settle(
+        self,
+        query: DnsQuery,
+        waiting: _Waiting,
+        first: dnsudp.Pending | None,
+        reply: _Reply | None,
+    ) -> None:
+        if waiting.settled:
+            return
+        waiting.settled = True
+        if first is not None:
+            first.finish()
+        if self._inflight.get(query) is waiting:
+            del self._inflight[query]
+        if reply is not None:
+            self._store(query, reply.result, reply.ttl)
+        for future in waiting.futures:
+            if not future.done():
+                future.set_result(reply)
+
+    def _send_first(
+        self, query: DnsQuery, loop: asyncio.AbstractEventLoop
+    ) -> dnsudp.Pending | None:
+        """The question to the first nameserver, sent now; ``None`` when it
+        is better left to :meth:`_ask` (an unusual name, a failed send)."""
+        servers = self.nameservers
+        if not servers:
+            return None
+        question = dnswire.query(query_name(query), query.rtype.value, edns=self.edns)
+        if question is None:
+            return None
+        host, port = servers[0]
+        try:
+            return dnsudp.send(
+                self._channels, loop, question, None, host, port, loop.time() + self.timeout
+            )
+        except Exception:
+            return None
 
     async def resolve_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """:class:`Resolver` protocol: all at once, duplicates asked once.
@@ -735,7 +814,7 @@ class LiveResolver:
             found.update(await gather(self, missing))
         return {query: found[query] for query in unique}
 
-    async def _ask(self, query: DnsQuery) -> _Reply:
+    async def _ask(self, query: DnsQuery, first: dnsudp.Pending | None = None) -> _Reply:
         name = query_name(query)
         question = dnswire.query(name, query.rtype.value, edns=self.edns)
         request = None
@@ -754,9 +833,10 @@ class LiveResolver:
             all_timed_out = bool(servers)
             for host, port in servers:
                 try:
-                    return await self._ask_server(question, request, host, port)
+                    return await self._ask_server(question, request, host, port, first)
                 except _ServerFailed as failure:
                     all_timed_out = all_timed_out and failure.timed_out
+                first = None
             outcome = DnsOutcome.TIMEOUT if all_timed_out else DnsOutcome.SERVFAIL
         except Exception:
             # a bug or an unforeseen library error: temporary, never permanent
@@ -769,11 +849,17 @@ class LiveResolver:
         request: dns.message.Message | None,
         host: str,
         port: int,
+        sent: dnsudp.Pending | None = None,
     ) -> _Reply:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         try:
-            got = await dnsudp.ask(self._channels, question, request, host, port, deadline)
+            if sent is None:
+                sent = dnsudp.send(self._channels, loop, question, request, host, port, deadline)
+            else:
+                # asked ahead, from when it was sent
+                deadline = sent.timer.when()
+            got = await dnsudp.wait(sent)
             if isinstance(got, dnswire.Reading) and not got.truncated:
                 reading: dnswire.Reading | None = got
             else:

@@ -33,7 +33,7 @@ import dns.message
 
 from . import dnswire
 
-__all__ = ["ROTATE_AFTER", "Channels", "Unreachable", "ask"]
+__all__ = ["ROTATE_AFTER", "Channels", "Pending", "Unreachable", "ask", "send", "wait"]
 
 #: questions per source port before a socket retires
 ROTATE_AFTER = 64
@@ -218,6 +218,64 @@ def _expire(future: asyncio.Future[Answer]) -> None:
         future.set_exception(TimeoutError("no reply before the deadline"))
 
 
+class Pending:
+    """A question sent by :func:`send`, its reply still to come: wait for it
+    with :func:`wait`, or give it up with :meth:`finish`."""
+
+    __slots__ = ("future", "qid", "sock", "timer")
+
+    def __init__(
+        self,
+        sock: _Socket,
+        qid: int,
+        future: asyncio.Future[Answer],
+        timer: asyncio.TimerHandle,
+    ) -> None:
+        self.sock = sock
+        self.qid = qid
+        self.future = future
+        self.timer = timer
+
+    def finish(self) -> None:
+        """Stop waiting (idempotent): the timer goes, the id is free again,
+        and an outcome nobody awaited is not reported as lost."""
+        self.timer.cancel()
+        self.sock.forget(self.qid, self.future)
+        future = self.future
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # read: asyncio would log it as never retrieved
+
+
+def send(
+    channels: Channels,
+    loop: asyncio.AbstractEventLoop,
+    question: dnswire.Question | None,
+    request: dns.message.Message | None,
+    host: str,
+    port: int,
+    deadline: float,
+) -> Pending:
+    """Send one question to ``host:port`` now; :func:`wait` gives its reply.
+    Raises :class:`Unreachable` when it cannot be sent."""
+    sock = channels.socket_for(loop, host, port)
+    qid, future = sock.ask(loop, question, request)
+    # a timer that fails the future costs less than asyncio.timeout_at
+    return Pending(sock, qid, future, loop.call_at(deadline, _expire, future))
+
+
+async def wait(pending: Pending) -> Answer:
+    """The reply to a question from :func:`send`: read by
+    :mod:`~mailpolicy.adapters.dnswire` when it can, by dnspython otherwise.
+    Raises :class:`TimeoutError` at its deadline and :class:`Unreachable` when
+    the server cannot be reached."""
+    try:
+        return await pending.future
+    finally:
+        pending.finish()
+
+
 async def ask(
     channels: Channels,
     question: dnswire.Question | None,
@@ -226,17 +284,8 @@ async def ask(
     port: int,
     deadline: float,
 ) -> Answer:
-    """One question to ``host:port``: the reply read by
-    :mod:`~mailpolicy.adapters.dnswire` when it can, by dnspython otherwise.
+    """:func:`send`, then :func:`wait`: one question to ``host:port``.
     Raises :class:`TimeoutError` at ``deadline`` (loop time) and
     :class:`Unreachable` when the server cannot be reached."""
     loop = asyncio.get_running_loop()
-    sock = channels.socket_for(loop, host, port)
-    qid, future = sock.ask(loop, question, request)
-    # a timer that fails the future costs less than asyncio.timeout_at
-    timer = loop.call_at(deadline, _expire, future)
-    try:
-        return await future
-    finally:
-        timer.cancel()
-        sock.forget(qid, future)
+    return await wait(send(channels, loop, question, request, host, port, deadline))

@@ -18,7 +18,7 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -289,7 +289,15 @@ class _Prefetch:
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.answers: dict[DnsQuery, DnsResult] = {}
-        self.tasks: list[asyncio.Task[None]] = []
+        self.pending: list[asyncio.Future[Any]] = []
+        # questions sent by start(), read as soon as they are answered: their
+        # done callbacks run a loop iteration after the answer
+        self.started: dict[DnsQuery, asyncio.Future[DnsResult]] = {}
+        # A resolver that can send at once (LiveResolver.start) asks before
+        # the banner or the 250 goes out; another one asks from a task.
+        self._start: Callable[[DnsQuery], asyncio.Future[DnsResult]] | None = getattr(
+            resolver, "start", None
+        )
 
     @staticmethod
     def client_name_wanted(policy: Policy) -> bool:
@@ -302,21 +310,47 @@ class _Prefetch:
         )
 
     def client_name(self, session: Session) -> None:
-        self._start(self._client_name(session))
+        ip = session.client_ip
+        ptr = DnsQuery.of(ip_text(ip), RType.PTR)
+        forward = RType.A if ip.version == 4 else RType.AAAA
+        if self._start is None:
+            self._track(asyncio.get_running_loop().create_task(self._client_name(ptr, forward)))
+        else:
+            self._begin(ptr, forward)
 
     def ask(self, queries: Iterable[DnsQuery]) -> None:
         for query in queries:
-            if query not in self.answers:
-                self._start(self._one(query))
+            if query in self.answers:
+                continue
+            if self._start is None:
+                self._track(asyncio.get_running_loop().create_task(self._one(query)))
+            else:
+                self._begin(query, None)
 
-    def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self.tasks.append(task)
-        task.add_done_callback(self._finished)
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        self.pending.append(future)
+        future.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, future: asyncio.Future[Any]) -> None:
         with contextlib.suppress(ValueError):
-            self.tasks.remove(task)
+            self.pending.remove(future)
+
+    def _begin(self, query: DnsQuery, then: RType | None) -> None:
+        """Ask ``query`` now; with ``then``, its first record's name's
+        address of that type once it is answered (the PTR, then A)."""
+        assert self._start is not None
+        future = self.started[query] = self._start(query)
+
+        def answered(done: asyncio.Future[DnsResult]) -> None:
+            if done.cancelled():
+                return
+            found = self.answers[query] = done.result()
+            if then is not None and found.found:
+                name = found.records[0].lower().rstrip(".")
+                self._begin(DnsQuery.of(name, then), None)
+
+        future.add_done_callback(answered)
+        self._track(future)
 
     async def _one(self, query: DnsQuery) -> None:
         try:
@@ -324,29 +358,38 @@ class _Prefetch:
         except Exception:  # the session asks again, and reports it then
             log.debug("prefetch of %s failed", query, exc_info=True)
 
-    async def _client_name(self, session: Session) -> None:
-        ip = session.client_ip
-        ptr = DnsQuery.of(ip_text(ip), RType.PTR)
+    async def _client_name(self, ptr: DnsQuery, forward: RType) -> None:
         try:
             found = self.answers[ptr] = await self.resolver.resolve(ptr)
             if found.found:
                 name = found.records[0].lower().rstrip(".")
-                forward = DnsQuery.of(name, RType.A if ip.version == 4 else RType.AAAA)
-                self.answers[forward] = await self.resolver.resolve(forward)
+                query = DnsQuery.of(name, forward)
+                self.answers[query] = await self.resolver.resolve(query)
         except Exception:  # the session asks again, and reports it then
             log.debug("client name prefetch failed", exc_info=True)
 
     async def resolve_all(self, queries: frozenset[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """The answers to ``queries``, and every other answer already in hand."""
+        if self.started:
+            self._read_started()
         missing = [q for q in queries if q not in self.answers]
         asked = await self.resolver.resolve_all(missing) if missing else {}
+        if self.started:
+            self._read_started()
         known = dict(self.answers)  # after the wait: the prefetch may have gone on
         known.update(asked)
         return known
 
+    def _read_started(self) -> None:
+        for query, future in list(self.started.items()):
+            if future.done():
+                del self.started[query]
+                if not future.cancelled():
+                    self.answers[query] = future.result()
+
     def cancel(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        for future in self.pending:
+            future.cancel()
 
 
 async def run_connection(
