@@ -7,6 +7,7 @@ import errno
 import os
 import resource
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,6 +70,46 @@ def test_deliver_async_does_not_block_the_loop(tmp_path: Path) -> None:
     paths = asyncio.run(main())
     assert len(paths) == 20
     assert all(p.read_bytes() == MESSAGE for p in paths)
+
+
+def test_write_inline_decides_which_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivery = MaildirDelivery(tmp_path)
+    synced_by: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced_by.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    alone = [True]
+    delivery.write_inline = lambda: alone[0]
+
+    async def main() -> tuple[Path, list[str], Path]:
+        inline = await delivery.deliver_async("a@x.org", MESSAGE)
+        seen = list(synced_by)
+        synced_by.clear()
+        alone[0] = False
+        threaded = await delivery.deliver_async("a@x.org", MESSAGE)
+        return inline, seen, threaded
+
+    inline, seen_inline, threaded = asyncio.run(main())
+    assert inline.read_bytes() == threaded.read_bytes() == MESSAGE
+    assert inline != threaded
+    # the file, its new/ folder (and the new Maildir's folders) on this thread
+    assert len(seen_inline) >= 2
+    assert set(seen_inline) == {threading.current_thread().name}
+    assert synced_by == ["maildir-writer", "maildir-writer"]
+
+
+def test_an_inline_write_fails_as_a_threaded_one(tmp_path: Path) -> None:
+    delivery = MaildirDelivery(tmp_path)
+    delivery.write_inline = lambda: True
+    with pytest.raises(ValueError, match="too long for a mailbox name"):
+        asyncio.run(delivery.deliver_async("a" * 300 + "@example.org", MESSAGE))
+    assert files_under(tmp_path) == []
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import smtplib
 import socket
 import ssl
@@ -49,6 +50,7 @@ from mailpolicy.adapters.replay import (
 )
 from mailpolicy.adapters.server import Listener, MailServer
 from mailpolicy.adapters.state import MemoryStore
+from mailpolicy.cli.serve import write_inline_when_alone
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.passwords import hash_password
 from mailpolicy.policy import Policy, compile_policy
@@ -924,6 +926,38 @@ def test_a_second_identical_message_after_a_250_is_delivered_again(
     for _ in range(2):
         answer = send(server.port(), "cron@example.com", ["alice@example.com"], report)
         assert answer.code == 250, answer
+    assert len(maildir_messages(tmp_path / "maildir", "alice@example.com")) == 2
+
+
+@pytest.mark.timeout(30)
+def test_serve_writes_on_the_loop_only_while_one_session_is_open(
+    serve: ServerStarter,
+    gateway: Callable[..., GatewayDelivery],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings()
+    delivery = gateway(settings)
+    server = serve(settings, delivery=delivery)
+    write_inline_when_alone(server, delivery)
+    synced_by: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced_by.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    answer = send(server.port(), "carol@example.org", ["alice@example.com"], MESSAGE)
+    assert answer.code == 250, answer
+    assert len(synced_by) >= 2  # the file and its new/ folder, at least
+    assert set(synced_by) == {"server-loop"}
+    synced_by.clear()
+    with Client(server.port()) as idle:
+        assert idle.expect().code == 220  # a second session, open meanwhile
+        answer = send(server.port(), "carol@example.org", ["alice@example.com"], MESSAGE)
+    assert answer.code == 250, answer
+    assert synced_by == ["maildir-writer", "maildir-writer"]
     assert len(maildir_messages(tmp_path / "maildir", "alice@example.com")) == 2
 
 

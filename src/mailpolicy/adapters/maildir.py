@@ -47,7 +47,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
@@ -148,6 +148,12 @@ class MaildirDelivery:
         # Maildirs seen complete; a write that finds one gone makes sure again
         self._ready: set[str] = set()
         self._committer = _Committer(self)
+        #: Asked at each :meth:`deliver_async`: when it returns true, the copy
+        #: is written on the calling thread instead. ``serve`` sets it to
+        #: "this is the only session open": then nothing else could run on
+        #: the event loop meanwhile, and the thread round trip only adds
+        #: latency and CPU (waking a thread, the GIL handed over and back).
+        self.write_inline: Callable[[], bool] | None = None
 
     def __repr__(self) -> str:
         return f"MaildirDelivery({str(self.root)!r})"
@@ -186,8 +192,12 @@ class MaildirDelivery:
         thread round trip (see docs/performance.md).
 
         Cancelling the awaiting task does not stop a write already queued; it
-        completes (or cleans up) in its thread.
+        completes (or cleans up) in its thread. When :attr:`write_inline`
+        says so, the copy is written by :meth:`deliver` on the spot.
         """
+        inline = self.write_inline
+        if inline is not None and inline():
+            return self.deliver(recipient, message, name=name)
         loop = asyncio.get_running_loop()
         written: asyncio.Future[None] = loop.create_future()
         job = _Job(recipient, message, name, written)

@@ -9,9 +9,22 @@ import os
 import signal
 import ssl
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..adapters.gateway import GatewayDelivery
+    from ..adapters.server import MailServer
 
 _AUTO = 0
+
+
+def write_inline_when_alone(server: MailServer, delivery: GatewayDelivery) -> None:
+    """Write Maildir copies on the event loop's thread while ``server`` has
+    one session open (:attr:`~mailpolicy.adapters.maildir.MaildirDelivery.
+    write_inline`): with nothing else to serve, a writer thread only adds its
+    round trip to the client's wait. With two sessions or more, a thread
+    writes, so that one client's ``fsync`` never holds up another's reply."""
+    delivery.maildir.write_inline = lambda: len(server.sessions) <= 1
 
 
 def _workers(text: str) -> int:
@@ -254,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             observer=capture.observer if capture is not None else None,
             sockets=inherited,
         )
+        write_inline_when_alone(server, delivery)
         metrics = Metrics() if metrics_at is not None else None
         server.services.metrics = metrics
         reloader = PolicyReloader(
