@@ -261,6 +261,35 @@ def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
     s.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_killed_workers_connection_slots_are_given_back(workers: Workers) -> None:
+    (kept, _), (doomed, doomed_pid) = _one_per_worker(workers)
+    more = [workers.connect() for _ in range(2)]  # 4 open: the limit
+    extra = socket.create_connection(("127.0.0.1", workers.port), timeout=10)
+    assert extra.recv(200).startswith(b"421 4.7.0")
+    extra.close()
+    on_doomed = 1 + sum(1 for _, pid in more if pid == doomed_pid)
+    time.sleep(0.5)  # the connections closed above have given their slots back
+    os.kill(doomed_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while (
+        "connection slots given back" not in workers.log.read_text() or len(workers.workers()) < 2
+    ):
+        assert time.monotonic() < deadline, workers.log.read_text()
+        time.sleep(0.2)
+    assert f"{on_doomed} connection slots given back" in workers.log.read_text()
+    # the sessions the dead worker held no longer count; the others still do
+    again = []
+    for _ in range(on_doomed):
+        s = socket.create_connection(("127.0.0.1", workers.port), timeout=10)
+        assert s.recv(200).startswith(b"220"), "a dead worker's slot still counted"
+        again.append(s)
+    over = socket.create_connection(("127.0.0.1", workers.port), timeout=10)
+    assert over.recv(200).startswith(b"421 4.7.0")
+    for s in [over, kept, doomed, *again, *(s for s, _ in more)]:
+        s.close()
+
+
 @pytest.mark.parametrize("extra", [(), ("--metrics", "127.0.0.1:0")])
 def test_workers_auto_is_one_per_cpu_unless_one_process_is_needed(
     tmp_path: Path, free_port: Callable[[], int], extra: tuple[str, ...]

@@ -26,7 +26,7 @@ allow a burst of up to twice the limit across a window boundary, and neither
 is a sliding window. ``now`` is passed in (the caller's clock, ``time.time()``
 in the server) so that tests control time.
 
-Two stores:
+Three stores:
 
 * :class:`MemoryStore`, the default: one process, no dependencies. Memory stays
   bounded: counters of past windows are purged as time moves on, closed
@@ -36,6 +36,9 @@ Two stores:
   to reach Redis raises :class:`StateStoreError`; the server answers ``4xx``
   (``421 4.3.0`` at connect, ``451 4.3.0`` later) so the client retries. A
   limit that cannot be checked is never silently waived.
+* :class:`~mailpolicy.adapters.sharedstore.SharedStore`: the worker
+  processes of ``serve --workers N`` on one machine, in shared memory (the
+  parent gives back a dead worker's slots).
 
 A connection slot never outlives the process that took it. In memory that
 holds by construction. In Redis each open session is its own entry in a
@@ -561,16 +564,18 @@ def _take_ttl(url: str, default: float) -> tuple[str, float]:
 def store_from_url(url: str | None, *, key_prefix: str = "mailpolicy:") -> StateStore:
     """The store a URL names: ``None`` or ``memory://`` gives a
     :class:`MemoryStore`; ``redis://``, ``rediss://`` or ``unix://`` a
-    :class:`RedisStore` (no connection is made until the first count).
-    Anything else is a :class:`ValueError`."""
+    :class:`RedisStore` (no connection is made until the first count);
+    ``shared:///path?worker=K`` a
+    :class:`~mailpolicy.adapters.sharedstore.SharedStore` (what ``serve
+    --workers`` passes its workers). Anything else is a :class:`ValueError`."""
     if url is None or url in ("memory://", "memory:", "memory"):
         return MemoryStore()
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
         return RedisStore.from_url(url, key_prefix=key_prefix)
-    if scheme == "local":
-        # the parent of `serve --workers N` (adapters/localstore.py)
-        from .localstore import LocalStore
+    if scheme == "shared":
+        # what the parent of `serve --workers N` gives each worker (adapters/sharedstore.py)
+        from .sharedstore import SharedStore
 
-        return LocalStore(urllib.parse.urlsplit(url).path)
+        return SharedStore.from_url(url)
     raise ValueError(f"unknown state store URL {_redact_url(url)!r}: use memory:// or redis://")

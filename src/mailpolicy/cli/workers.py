@@ -10,8 +10,9 @@ parent keeps every set open, so a worker that dies loses no waiting
 client: its replacement takes over the same sockets. Elsewhere the workers
 share one set. Per-client limits hold as
 with one process: with ``--state redis://`` the workers share Redis; without
-it the parent serves one in-memory store on a Unix socket
-(:mod:`mailpolicy.adapters.localstore`).
+it they count in one table in shared memory that the parent creates
+(:mod:`mailpolicy.adapters.sharedstore`), each worker in a column of its own
+that the parent zeroes when the worker dies.
 
 The parent forwards SIGTERM and SIGINT (graceful stop: every worker finishes
 its messages in flight; a second signal stops them at once) and SIGHUP
@@ -28,11 +29,10 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 
-from ..adapters.localstore import LocalStoreServer
 from ..adapters.server import Listener, _listening_sockets
+from ..adapters.sharedstore import SharedTable
 
 __all__ = ["supervise", "worker_argv"]
 
@@ -126,17 +126,21 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
             args.workers,
             ", a socket each" if len(sets) > 1 else "",
         )
-    folder = tempfile.mkdtemp(prefix="mailpolicy-workers-")
-    store_server: LocalStoreServer | None = None
-    state = args.state
-    if state is None or state.startswith("memory"):
-        store_server = LocalStoreServer(os.path.join(folder, "state.sock"))
-        await store_server.start()
-        state = f"local://{store_server.path}"
+    table: SharedTable | None = None
+    if args.state is None or args.state.startswith("memory"):
+        try:
+            table = SharedTable.create(workers=args.workers)
+        except OSError as e:
+            print(f"mailpolicy: cannot create the shared state store: {e}", file=sys.stderr)
+            for bound in sets:
+                for _, sock in bound:
+                    sock.close()
+            return 2
 
     def argv_of(slot: int) -> tuple[list[str], list[int]]:
         bound = sets[slot % len(sets)]
         fds = [sock.fileno() for _, sock in bound]
+        state = args.state if table is None else f"shared://{table.path}?worker={slot}"
         return worker_argv(args, state, [(lst, sock.fileno()) for lst, sock in bound]), fds
 
     stopping = asyncio.Event()
@@ -155,6 +159,11 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
                 return
             pid = workers[slot].pid
             log.error("worker %d (pid %d) ended with %s; starting another", slot, pid, status)
+            if table is not None:
+                # its sessions are gone: their slots with them
+                released = table.release_worker(slot)
+                if released:
+                    log.info("worker %d: %d connection slots given back", slot, released)
             await asyncio.sleep(0.2)  # a worker that cannot start must not spin
             await start(slot)
 
@@ -181,10 +190,10 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
         for bound in sets:
             for _, sock in bound:
                 sock.close()
-        if store_server is not None:
-            await store_server.close()
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
+        if table is not None:
+            table.close()
+            with contextlib.suppress(OSError):
+                os.unlink(table.path)
         if args.pid_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.pid_file)
