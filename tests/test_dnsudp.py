@@ -294,15 +294,35 @@ def test_start_sends_before_it_returns_and_resolve_shares_the_question() -> None
     assert records == shared == ("10.0.0.7",)
 
 
-def test_start_cancelled_before_it_runs_leaves_nobody_waiting(server: Server) -> None:
+def test_a_cancelled_start_still_answers_those_sharing_its_question(server: Server) -> None:
     resolver = LiveResolver([server.nameserver], timeout=2)
+    told: list[DnsOutcome] = []
 
     async def scenario() -> tuple[bool, DnsOutcome, tuple[str, ...]]:
-        started = resolver.start(a("n8.example"))
-        started.cancel()  # before its task ever ran
+        started = resolver.start(a("n8.example"), lambda found: told.append(found.outcome))
+        started.cancel()  # the session that asked has ended
         result = await asyncio.wait_for(resolver.resolve(a("n8.example")), 3)
         return started.cancelled(), result.outcome, result.records
 
     assert asyncio.run(scenario()) == (True, DnsOutcome.ANSWER, ("10.0.0.8",))
-    # the cancelled question was sent; the next caller asked again
-    assert [name for _, _, name in server.seen] == ["n8.example", "n8.example"]
+    assert [name for _, _, name in server.seen] == ["n8.example"]  # asked once
+    assert told == []  # nobody listens to a cancelled start
+
+
+def test_start_goes_on_to_the_next_nameserver_in_a_task(server: Server) -> None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    closed = probe.getsockname()[1]
+    probe.close()  # ICMP "port unreachable" from now on
+    resolver = LiveResolver([f"127.0.0.1:{closed}", server.nameserver], timeout=2)
+    told: list[tuple[str, ...]] = []
+
+    async def scenario() -> tuple[DnsOutcome, tuple[str, ...]]:
+        found = await asyncio.wait_for(
+            resolver.start(a("n5.example"), lambda found: told.append(found.records)), 3
+        )
+        return found.outcome, found.records
+
+    assert asyncio.run(scenario()) == (DnsOutcome.ANSWER, ("10.0.0.5",))
+    assert told == [("10.0.0.5",)]
+    assert [name for _, _, name in server.seen] == ["n5.example"]

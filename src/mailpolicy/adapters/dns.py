@@ -705,33 +705,80 @@ class LiveResolver:
         except Exception:
             return DnsResult(DnsOutcome.SERVFAIL)
 
-    def start(self, query: DnsQuery) -> asyncio.Future[DnsResult]:
+    def start(
+        self, query: DnsQuery, on_answer: Callable[[DnsResult], None] | None = None
+    ) -> asyncio.Future[DnsResult]:
         """:meth:`resolve`, begun before this returns: a question neither
         cached nor in flight is sent at once, not when a task first runs.
 
         For questions asked ahead (``serve`` asks the client's PTR as it
-        connects, before writing its banner): a task's first step comes a
-        loop iteration later, after the reply the client waits for. Callers
-        of :meth:`resolve` meanwhile share the question, as usual. The
-        future never fails; cancelling it stops the waiting, and the others
-        sharing the question then ask again themselves.
+        connects, before writing its banner). A UDP reply from the first
+        nameserver is read in the socket's own callback: the future gets
+        its answer there, ``on_answer`` (if given) is called there too, and
+        the callers of :meth:`resolve` sharing the question are woken, with
+        no task in between. Anything else (a timeout, another nameserver, a
+        truncated reply and TCP) goes on in a task, as :meth:`resolve`
+        would. The future never fails. Cancelling it only stops the waiting:
+        the question is still settled for those who share it, and
+        ``on_answer`` is not called.
         """
         loop = asyncio.get_running_loop()
+        result: asyncio.Future[DnsResult] = loop.create_future()
+
+        def give(answer: DnsResult) -> None:
+            if not result.done():
+                result.set_result(answer)
+                if on_answer is not None:
+                    on_answer(answer)
+
+        def given(task: asyncio.Task[DnsResult]) -> None:
+            if not task.cancelled():
+                give(task.result())
+
         hit = self.cached(query)
         if hit is not None:
-            done: asyncio.Future[DnsResult] = loop.create_future()
-            done.set_result(hit)
-            return done
+            give(hit)
+            return result
         waiting = self._inflight.get(query)
         if waiting is not None and waiting.loop is loop:
-            return loop.create_task(self.resolve(query))
+            joined = loop.create_task(self.resolve(query))
+            joined.add_done_callback(given)
+            result.add_done_callback(lambda _: joined.cancel())
+            return result
         waiting = self._inflight[query] = _Waiting(loop)
-        first = self._send_first(query, loop)
-        task = loop.create_task(self._lead_quietly(query, waiting, first))
-        # A task cancelled before its first step never runs its body: the
-        # question is settled here then, so nobody waits for it forever.
-        task.add_done_callback(lambda _: self._settle(query, waiting, first, None))
-        return task
+        sent: list[dnsudp.Pending] = []
+
+        def go_on(first: dnsudp.Pending | None) -> None:
+            task = loop.create_task(self._lead_quietly(query, waiting, first))
+            task.add_done_callback(given)
+            # a task cancelled before its first step never runs its body
+            task.add_done_callback(lambda _: self._settle(query, waiting, first, None))
+
+        def read() -> None:
+            first = sent[0]
+            got = first.future
+            if not got.cancelled() and got.exception() is None:
+                answer = got.result()
+                if isinstance(answer, dnswire.Reading) and not answer.truncated:
+                    try:
+                        reply = _from_reading(answer)
+                    except Exception:
+                        pass  # a server failure: the next nameserver, in the task
+                    else:
+                        self._settle(query, waiting, first, reply)
+                        give(reply.result)
+                        return
+            if result.cancelled() and not waiting.futures:
+                self._settle(query, waiting, first, None)  # nobody waits any more
+            else:
+                go_on(first)
+
+        first = self._send_first(query, loop, read)
+        if first is None:
+            go_on(None)
+        else:
+            sent.append(first)
+        return result
 
     async def _lead_quietly(
         self, query: DnsQuery, waiting: _Waiting, first: dnsudp.Pending | None
@@ -776,7 +823,7 @@ class LiveResolver:
                 future.set_result(reply)
 
     def _send_first(
-        self, query: DnsQuery, loop: asyncio.AbstractEventLoop
+        self, query: DnsQuery, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]
     ) -> dnsudp.Pending | None:
         """The question to the first nameserver, sent now; ``None`` when it
         is better left to :meth:`_ask` (an unusual name, a failed send)."""
@@ -789,7 +836,7 @@ class LiveResolver:
         host, port = servers[0]
         try:
             return dnsudp.send(
-                self._channels, loop, question, None, host, port, loop.time() + self.timeout
+                self._channels, loop, question, None, host, port, loop.time() + self.timeout, notify
             )
         except Exception:
             return None

@@ -27,6 +27,7 @@ import asyncio
 import secrets
 import socket
 import weakref
+from collections.abc import Callable
 
 import dns.exception
 import dns.message
@@ -47,17 +48,25 @@ Answer = dnswire.Reading | dns.message.Message
 
 
 class _Question:
-    __slots__ = ("future", "question", "request")
+    __slots__ = ("future", "notify", "question", "request")
 
     def __init__(
         self,
         future: asyncio.Future[Answer],
         question: dnswire.Question | None,
         request: dns.message.Message | None,
+        notify: Callable[[], None] | None,
     ) -> None:
         self.future = future
         self.question = question
         self.request = request
+        self.notify = notify
+
+    def done(self) -> None:
+        """The future has its outcome: tell ``notify`` now, not a loop
+        iteration later as the future's callbacks are."""
+        if self.notify is not None:
+            self.notify()
 
     def answer(self, data: bytes) -> Answer | None:
         """``data`` read as the reply to this question, or ``None`` when it
@@ -107,6 +116,7 @@ class _Socket:
         loop: asyncio.AbstractEventLoop,
         question: dnswire.Question | None,
         request: dns.message.Message | None,
+        notify: Callable[[], None] | None = None,
     ) -> tuple[int, asyncio.Future[Answer]]:
         qid = question.qid if question is not None else request.id if request else 0
         while qid in self.waiting:
@@ -131,7 +141,7 @@ class _Socket:
             self.fail(error)
             raise Unreachable(str(error)) from error
         future: asyncio.Future[Answer] = loop.create_future()
-        self.waiting[qid] = _Question(future, question, request)
+        self.waiting[qid] = _Question(future, question, request, notify)
         self.asked += 1
         if self.asked >= ROTATE_AFTER:
             self.retired = True
@@ -165,11 +175,13 @@ class _Socket:
             # (SERVFAIL for the resolver), it never waits for a better reply
             del self.waiting[qid]
             entry.future.set_exception(error)
+            entry.done()
         else:
             if answer is None:
                 return  # not the reply to this question: it waits on
             del self.waiting[qid]
             entry.future.set_result(answer)
+            entry.done()
         if self.retired and not self.waiting:
             self.close()
 
@@ -182,6 +194,7 @@ class _Socket:
         for entry in waiting:
             if not entry.future.done():
                 entry.future.set_exception(Unreachable(str(error)))
+                entry.done()
 
     def close(self) -> None:
         if self.closed:
@@ -213,9 +226,11 @@ class Channels:
         return current
 
 
-def _expire(future: asyncio.Future[Answer]) -> None:
+def _expire(future: asyncio.Future[Answer], notify: Callable[[], None] | None) -> None:
     if not future.done():
         future.set_exception(TimeoutError("no reply before the deadline"))
+        if notify is not None:
+            notify()
 
 
 class Pending:
@@ -256,13 +271,16 @@ def send(
     host: str,
     port: int,
     deadline: float,
+    notify: Callable[[], None] | None = None,
 ) -> Pending:
     """Send one question to ``host:port`` now; :func:`wait` gives its reply.
-    Raises :class:`Unreachable` when it cannot be sent."""
+    ``notify`` is called as soon as the future has its outcome (a reply, an
+    error, the deadline), from the callback that read it. Raises
+    :class:`Unreachable` when it cannot be sent."""
     sock = channels.socket_for(loop, host, port)
-    qid, future = sock.ask(loop, question, request)
+    qid, future = sock.ask(loop, question, request, notify)
     # a timer that fails the future costs less than asyncio.timeout_at
-    return Pending(sock, qid, future, loop.call_at(deadline, _expire, future))
+    return Pending(sock, qid, future, loop.call_at(deadline, _expire, future, notify))
 
 
 async def wait(pending: Pending) -> Answer:

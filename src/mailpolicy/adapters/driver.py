@@ -295,9 +295,9 @@ class _Prefetch:
         self.started: dict[DnsQuery, asyncio.Future[DnsResult]] = {}
         # A resolver that can send at once (LiveResolver.start) asks before
         # the banner or the 250 goes out; another one asks from a task.
-        self._start: Callable[[DnsQuery], asyncio.Future[DnsResult]] | None = getattr(
-            resolver, "start", None
-        )
+        self._start: (
+            Callable[[DnsQuery, Callable[[DnsResult], None]], asyncio.Future[DnsResult]] | None
+        ) = getattr(resolver, "start", None)
 
     @staticmethod
     def client_name_wanted(policy: Policy) -> bool:
@@ -337,19 +337,16 @@ class _Prefetch:
 
     def _begin(self, query: DnsQuery, then: RType | None) -> None:
         """Ask ``query`` now; with ``then``, its first record's name's
-        address of that type once it is answered (the PTR, then A)."""
+        address of that type as soon as it is answered (the PTR, then A)."""
         assert self._start is not None
-        future = self.started[query] = self._start(query)
 
-        def answered(done: asyncio.Future[DnsResult]) -> None:
-            if done.cancelled():
-                return
-            found = self.answers[query] = done.result()
+        def answered(found: DnsResult) -> None:
+            self.answers[query] = found
             if then is not None and found.found:
                 name = found.records[0].lower().rstrip(".")
                 self._begin(DnsQuery.of(name, then), None)
 
-        future.add_done_callback(answered)
+        future = self.started[query] = self._start(query, answered)
         self._track(future)
 
     async def _one(self, query: DnsQuery) -> None:
