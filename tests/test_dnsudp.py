@@ -326,3 +326,41 @@ def test_start_goes_on_to_the_next_nameserver_in_a_task(server: Server) -> None:
     assert asyncio.run(scenario()) == (DnsOutcome.ANSWER, ("10.0.0.5",))
     assert told == [("10.0.0.5",)]
     assert [name for _, _, name in server.seen] == ["n5.example"]
+
+
+def test_starts_of_one_question_share_it_and_each_hears_once(server: Server) -> None:
+    resolver = LiveResolver([server.nameserver], timeout=2)
+    told: list[tuple[int, tuple[str, ...]]] = []
+
+    async def scenario() -> list[tuple[str, ...]]:
+        started = [
+            resolver.start(a("n6.example"), lambda found, n=n: told.append((n, found.records)))
+            for n in range(3)
+        ]
+        return [(await s).records for s in started]
+
+    assert asyncio.run(scenario()) == [("10.0.0.6",)] * 3
+    assert sorted(told) == [(n, ("10.0.0.6",)) for n in range(3)]
+    assert [name for _, _, name in server.seen] == ["n6.example"]  # one question
+
+
+def test_a_start_sharing_a_cancelled_askers_question_asks_again() -> None:
+    with Server() as server:
+
+        def slowly(query: dns.message.Message) -> list[bytes]:
+            time.sleep(0.2)
+            return [answer(query)]
+
+        server.respond = slowly
+        resolver = LiveResolver([server.nameserver], timeout=2)
+
+        async def scenario() -> tuple[DnsOutcome, tuple[str, ...]]:
+            asker = asyncio.create_task(resolver.resolve(a("n4.example")))
+            await asyncio.sleep(0.02)  # its question is out
+            sharing = resolver.start(a("n4.example"))
+            asker.cancel()
+            found = await asyncio.wait_for(sharing, 3)
+            return found.outcome, found.records
+
+        assert asyncio.run(scenario()) == (DnsOutcome.ANSWER, ("10.0.0.4",))
+    assert [name for _, _, name in server.seen] == ["n4.example", "n4.example"]

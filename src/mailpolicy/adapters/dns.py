@@ -558,11 +558,13 @@ class _Waiting:
     """A question being asked: its loop, and the futures of the callers
     waiting for the same answer (``None`` tells them to ask themselves)."""
 
-    __slots__ = ("futures", "loop", "settled")
+    __slots__ = ("futures", "listeners", "loop", "settled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.futures: list[asyncio.Future[_Reply | None]] = []
+        #: start()'s callers sharing the question, told when it settles
+        self.listeners: list[Callable[[_Reply | None], None]] = []
         self.settled = False
 
 
@@ -731,9 +733,9 @@ class LiveResolver:
                 if on_answer is not None:
                     on_answer(answer)
 
-        def given(task: asyncio.Task[DnsResult]) -> None:
-            if not task.cancelled():
-                give(task.result())
+        def given(done: asyncio.Future[DnsResult]) -> None:
+            if not done.cancelled():
+                give(done.result())
 
         hit = self.cached(query)
         if hit is not None:
@@ -741,9 +743,16 @@ class LiveResolver:
             return result
         waiting = self._inflight.get(query)
         if waiting is not None and waiting.loop is loop:
-            joined = loop.create_task(self.resolve(query))
-            joined.add_done_callback(given)
-            result.add_done_callback(lambda _: joined.cancel())
+            # told when the question in flight settles, in the same callback
+            def joined(reply: _Reply | None) -> None:
+                if result.done():
+                    return  # cancelled meanwhile
+                if reply is not None:
+                    give(reply.result)
+                else:  # its asker gave up: ask again
+                    self.start(query).add_done_callback(given)
+
+            waiting.listeners.append(joined)
             return result
         waiting = self._inflight[query] = _Waiting(loop)
         sent: list[dnsudp.Pending] = []
@@ -768,7 +777,7 @@ class LiveResolver:
                         self._settle(query, waiting, first, reply)
                         give(reply.result)
                         return
-            if result.cancelled() and not waiting.futures:
+            if result.cancelled() and not waiting.futures and not waiting.listeners:
                 self._settle(query, waiting, first, None)  # nobody waits any more
             else:
                 go_on(first)
@@ -821,6 +830,8 @@ class LiveResolver:
         for future in waiting.futures:
             if not future.done():
                 future.set_result(reply)
+        for listener in waiting.listeners:
+            listener(reply)
 
     def _send_first(
         self, query: DnsQuery, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]
