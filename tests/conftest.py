@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -193,3 +195,17 @@ def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
 settings.register_profile(
     "mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], deadline=None
 )
+
+
+@pytest.fixture
+def fsyncs_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of every ``os.fsync`` from now on, in order."""
+    names: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        names.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return names

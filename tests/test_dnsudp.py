@@ -49,6 +49,12 @@ def answer(query: dns.message.Message, name: str | None = None) -> bytes:
     return response.to_wire()
 
 
+def answer_slowly(query: dns.message.Message) -> list[bytes]:
+    """A reply 0.2 s late: long enough for a second caller to join."""
+    time.sleep(0.2)
+    return [answer(query)]
+
+
 class Server:
     """A UDP nameserver on loopback: ``batch`` questions are collected, then
     ``respond`` gives the datagrams to send for each, in the order of ``order``."""
@@ -213,12 +219,7 @@ def test_sockets_are_closed_when_they_retire_and_when_the_loop_ends(server: Serv
 
 def test_a_cancelled_asker_leaves_the_other_callers_to_ask_themselves() -> None:
     with Server() as server:
-
-        def slowly(query: dns.message.Message) -> list[bytes]:
-            time.sleep(0.2)
-            return [answer(query)]
-
-        server.respond = slowly
+        server.respond = answer_slowly
         resolver = LiveResolver([server.nameserver], timeout=2)
 
         async def scenario() -> tuple[DnsOutcome, tuple[str, ...]]:
@@ -346,12 +347,7 @@ def test_starts_of_one_question_share_it_and_each_hears_once(server: Server) -> 
 
 def test_a_start_sharing_a_cancelled_askers_question_asks_again() -> None:
     with Server() as server:
-
-        def slowly(query: dns.message.Message) -> list[bytes]:
-            time.sleep(0.2)
-            return [answer(query)]
-
-        server.respond = slowly
+        server.respond = answer_slowly
         resolver = LiveResolver([server.nameserver], timeout=2)
 
         async def scenario() -> tuple[DnsOutcome, tuple[str, ...]]:

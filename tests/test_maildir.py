@@ -73,17 +73,10 @@ def test_deliver_async_does_not_block_the_loop(tmp_path: Path) -> None:
 
 
 def test_write_inline_decides_which_thread_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fsyncs_by_thread: list[str]
 ) -> None:
     delivery = MaildirDelivery(tmp_path)
-    synced_by: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced_by.append(threading.current_thread().name)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced_by = fsyncs_by_thread
     alone = [True]
     delivery.write_inline = lambda: alone[0]
 

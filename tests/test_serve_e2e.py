@@ -20,7 +20,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import smtplib
 import socket
 import ssl
@@ -934,20 +933,13 @@ def test_serve_writes_on_the_loop_only_while_one_session_is_open(
     serve: ServerStarter,
     gateway: Callable[..., GatewayDelivery],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    fsyncs_by_thread: list[str],
 ) -> None:
     settings = make_settings()
     delivery = gateway(settings)
     server = serve(settings, delivery=delivery)
     write_inline_when_alone(server, delivery)
-    synced_by: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced_by.append(threading.current_thread().name)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced_by = fsyncs_by_thread
     answer = send(server.port(), "carol@example.org", ["alice@example.com"], MESSAGE)
     assert answer.code == 250, answer
     assert len(synced_by) >= 2  # the file and its new/ folder, at least

@@ -55,7 +55,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Final
 
-from .state import ConnectionCounts, CountKind, HitKind, StateStoreError, _check_kind
+from .state import ConnectionCounts, StateStoreError, SyncStore, _check_kind
 
 __all__ = ["PROBES", "SharedStore", "SharedTable"]
 
@@ -270,7 +270,7 @@ class SharedTable:
         return add
 
 
-class SharedStore:
+class SharedStore(SyncStore):
     """A :class:`~mailpolicy.adapters.state.StateStore` over a
     :class:`SharedTable`, counting as worker ``worker`` (its column).
 
@@ -300,18 +300,6 @@ class SharedStore:
 
     def __repr__(self) -> str:
         return f"SharedStore({self.table.path!r}, worker={self.worker})"
-
-    async def connection_opened(self, client: str, now: float, window: int) -> ConnectionCounts:
-        return self.opened_now(client, now, window)
-
-    async def connection_closed(self, client: str) -> None:
-        self.closed_now(client)
-
-    async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
-        return self.count_now(kind, client, now, window, add=1)
-
-    async def peek(self, kind: CountKind, client: str, now: float, window: int) -> int:
-        return self.count_now(kind, client, now, window, add=0)
 
     def opened_now(self, client: str, now: float, window: int) -> ConnectionCounts:
         return self.table.opened(client, self.worker, now, window)

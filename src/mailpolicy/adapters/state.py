@@ -80,6 +80,7 @@ __all__ = [
     "RedisStore",
     "StateStore",
     "StateStoreError",
+    "SyncStore",
     "store_from_url",
 ]
 
@@ -159,7 +160,34 @@ class _Window:
         self.count = 0
 
 
-class MemoryStore:
+class SyncStore:
+    """The :class:`StateStore` coroutines of a store that never waits: each
+    calls its synchronous twin (``opened_now``, ``closed_now``,
+    ``count_now``), which a caller that cannot await may call directly."""
+
+    def opened_now(self, client: str, now: float, window: int) -> ConnectionCounts:
+        raise NotImplementedError
+
+    def closed_now(self, client: str) -> None:
+        raise NotImplementedError
+
+    def count_now(self, kind: str, client: str, now: float, window: int, *, add: int) -> int:
+        raise NotImplementedError
+
+    async def connection_opened(self, client: str, now: float, window: int) -> ConnectionCounts:
+        return self.opened_now(client, now, window)
+
+    async def connection_closed(self, client: str) -> None:
+        self.closed_now(client)
+
+    async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
+        return self.count_now(kind, client, now, window, add=1)
+
+    async def peek(self, kind: CountKind, client: str, now: float, window: int) -> int:
+        return self.count_now(kind, client, now, window, add=0)
+
+
+class MemoryStore(SyncStore):
     """Counters in this process: the default, and what tests use.
 
     All operations are synchronous under a lock, so one store can serve
@@ -188,20 +216,7 @@ class MemoryStore:
         """How many entries (open-connection counts and rate counters) are kept."""
         return len(self._connections) + len(self._rates)
 
-    async def connection_opened(self, client: str, now: float, window: int) -> ConnectionCounts:
-        return self.opened_now(client, now, window)
-
-    async def connection_closed(self, client: str) -> None:
-        self.closed_now(client)
-
-    async def hit(self, kind: HitKind, client: str, now: float, window: int) -> int:
-        return self.count_now(kind, client, now, window, add=1)
-
-    async def peek(self, kind: CountKind, client: str, now: float, window: int) -> int:
-        return self.count_now(kind, client, now, window, add=0)
-
-    # The same, for a caller that cannot await (the local store's server
-    # answers in its protocol callback): the store never waits for anything.
+    # What the protocol's coroutines call (SyncStore): the store never waits.
 
     def opened_now(self, client: str, now: float, window: int) -> ConnectionCounts:
         """:meth:`connection_opened`, synchronously."""
