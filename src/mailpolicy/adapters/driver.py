@@ -290,9 +290,6 @@ class _Prefetch:
         self.resolver = resolver
         self.answers: dict[DnsQuery, DnsResult] = {}
         self.pending: list[asyncio.Future[Any]] = []
-        # questions sent by start(), read as soon as they are answered: their
-        # done callbacks run a loop iteration after the answer
-        self.started: dict[DnsQuery, asyncio.Future[DnsResult]] = {}
         # A resolver that can send at once (LiveResolver.start) asks before
         # the banner or the 250 goes out; another one asks from a task.
         self._start: (
@@ -346,8 +343,8 @@ class _Prefetch:
                 name = found.records[0].lower().rstrip(".")
                 self._begin(DnsQuery.of(name, then), None)
 
-        future = self.started[query] = self._start(query, answered)
-        self._track(future)
+        # answered is called where the answer is read, not a loop iteration later
+        self._track(self._start(query, answered))
 
     async def _one(self, query: DnsQuery) -> None:
         try:
@@ -367,22 +364,11 @@ class _Prefetch:
 
     async def resolve_all(self, queries: frozenset[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """The answers to ``queries``, and every other answer already in hand."""
-        if self.started:
-            self._read_started()
         missing = [q for q in queries if q not in self.answers]
         asked = await self.resolver.resolve_all(missing) if missing else {}
-        if self.started:
-            self._read_started()
         known = dict(self.answers)  # after the wait: the prefetch may have gone on
         known.update(asked)
         return known
-
-    def _read_started(self) -> None:
-        for query, future in list(self.started.items()):
-            if future.done():
-                del self.started[query]
-                if not future.cancelled():
-                    self.answers[query] = future.result()
 
     def cancel(self) -> None:
         for future in self.pending:
