@@ -34,7 +34,7 @@ import dns.message
 
 from . import dnswire
 
-__all__ = ["ROTATE_AFTER", "Channels", "Pending", "Unreachable", "ask", "send", "wait"]
+__all__ = ["ROTATE_AFTER", "Channels", "Pending", "Unreachable", "send", "wait"]
 
 #: questions per source port before a socket retires
 ROTATE_AFTER = 64
@@ -292,18 +292,3 @@ async def wait(pending: Pending) -> Answer:
         return await pending.future
     finally:
         pending.finish()
-
-
-async def ask(
-    channels: Channels,
-    question: dnswire.Question | None,
-    request: dns.message.Message | None,
-    host: str,
-    port: int,
-    deadline: float,
-) -> Answer:
-    """:func:`send`, then :func:`wait`: one question to ``host:port``.
-    Raises :class:`TimeoutError` at ``deadline`` (loop time) and
-    :class:`Unreachable` when the server cannot be reached."""
-    loop = asyncio.get_running_loop()
-    return await wait(send(channels, loop, question, request, host, port, deadline))
