@@ -555,17 +555,20 @@ def _negative_ttl(response: dns.message.Message) -> float:
 
 
 class _Waiting:
-    """A question being asked: its loop, and the futures of the callers
-    waiting for the same answer (``None`` tells them to ask themselves)."""
+    """A question being asked: its loop, and the callers waiting for the same
+    answer, told where it settles (``None`` tells them to ask themselves)."""
 
-    __slots__ = ("futures", "listeners", "loop", "settled")
+    __slots__ = ("listeners", "loop", "settled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.futures: list[asyncio.Future[_Reply | None]] = []
-        #: start()'s callers sharing the question, told when it settles
         self.listeners: list[Callable[[_Reply | None], None]] = []
         self.settled = False
+
+
+def _set_unless_done(future: asyncio.Future[_Reply | None], reply: _Reply | None) -> None:
+    if not future.done():  # a caller cancelled meanwhile
+        future.set_result(reply)
 
 
 class _ServerFailed(Exception):
@@ -695,7 +698,7 @@ class LiveResolver:
             waiting = self._inflight.get(query)
             while waiting is not None and waiting.loop is loop:
                 future: asyncio.Future[_Reply | None] = loop.create_future()
-                waiting.futures.append(future)
+                waiting.listeners.append(functools.partial(_set_unless_done, future))
                 shared = await future
                 if shared is not None:
                     return shared.result
@@ -755,7 +758,7 @@ class LiveResolver:
             waiting.listeners.append(joined)
             return result
         waiting = self._inflight[query] = _Waiting(loop)
-        sent: list[dnsudp.Pending] = []
+        first: dnsudp.Pending | None = None
 
         def go_on(first: dnsudp.Pending | None) -> None:
             task = loop.create_task(self._lead_quietly(query, waiting, first))
@@ -763,8 +766,8 @@ class LiveResolver:
             # a task cancelled before its first step never runs its body
             task.add_done_callback(lambda _: self._settle(query, waiting, first, None))
 
-        def read() -> None:
-            first = sent[0]
+        def read() -> None:  # called once the question below is sent
+            assert first is not None
             got = first.future
             if not got.cancelled() and got.exception() is None:
                 answer = got.result()
@@ -777,7 +780,7 @@ class LiveResolver:
                         self._settle(query, waiting, first, reply)
                         give(reply.result)
                         return
-            if result.cancelled() and not waiting.futures and not waiting.listeners:
+            if result.cancelled() and not waiting.listeners:
                 self._settle(query, waiting, first, None)  # nobody waits any more
             else:
                 go_on(first)
@@ -785,8 +788,6 @@ class LiveResolver:
         first = self._send_first(query, loop, read)
         if first is None:
             go_on(None)
-        else:
-            sent.append(first)
         return result
 
     async def _lead_quietly(
@@ -827,9 +828,6 @@ class LiveResolver:
             del self._inflight[query]
         if reply is not None:
             self._store(query, reply.result, reply.ttl)
-        for future in waiting.futures:
-            if not future.done():
-                future.set_result(reply)
         for listener in waiting.listeners:
             listener(reply)
 
