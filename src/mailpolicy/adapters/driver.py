@@ -292,9 +292,9 @@ class _Prefetch:
         self.pending: list[asyncio.Future[Any]] = []
         # A resolver that can send at once (LiveResolver.start) asks before
         # the banner or the 250 goes out; another one asks from a task.
-        self._start: (
-            Callable[[DnsQuery, Callable[[DnsResult], None]], asyncio.Future[DnsResult]] | None
-        ) = getattr(resolver, "start", None)
+        self._start: Callable[[DnsQuery, Callable[[DnsResult], None]], asyncio.Future[Any]] = (
+            getattr(resolver, "start", None) or self._start_task
+        )
 
     @staticmethod
     def client_name_wanted(policy: Policy) -> bool:
@@ -309,33 +309,16 @@ class _Prefetch:
     def client_name(self, session: Session) -> None:
         ip = session.client_ip
         ptr = DnsQuery.of(ip_text(ip), RType.PTR)
-        forward = RType.A if ip.version == 4 else RType.AAAA
-        if self._start is None:
-            self._track(asyncio.get_running_loop().create_task(self._client_name(ptr, forward)))
-        else:
-            self._begin(ptr, forward)
+        self._begin(ptr, RType.A if ip.version == 4 else RType.AAAA)
 
     def ask(self, queries: Iterable[DnsQuery]) -> None:
         for query in queries:
-            if query in self.answers:
-                continue
-            if self._start is None:
-                self._track(asyncio.get_running_loop().create_task(self._one(query)))
-            else:
+            if query not in self.answers:
                 self._begin(query, None)
-
-    def _track(self, future: asyncio.Future[Any]) -> None:
-        self.pending.append(future)
-        future.add_done_callback(self._finished)
-
-    def _finished(self, future: asyncio.Future[Any]) -> None:
-        with contextlib.suppress(ValueError):
-            self.pending.remove(future)
 
     def _begin(self, query: DnsQuery, then: RType | None) -> None:
         """Ask ``query`` now; with ``then``, its first record's name's
         address of that type as soon as it is answered (the PTR, then A)."""
-        assert self._start is not None
 
         def answered(found: DnsResult) -> None:
             self.answers[query] = found
@@ -343,24 +326,30 @@ class _Prefetch:
                 name = found.records[0].lower().rstrip(".")
                 self._begin(DnsQuery.of(name, then), None)
 
-        # answered is called where the answer is read, not a loop iteration later
-        self._track(self._start(query, answered))
+        # with LiveResolver.start, answered is called where the answer is
+        # read, not a loop iteration later
+        future = self._start(query, answered)
+        self.pending.append(future)
+        future.add_done_callback(self._finished)
 
-    async def _one(self, query: DnsQuery) -> None:
-        try:
-            self.answers[query] = await self.resolver.resolve(query)
-        except Exception:  # the session asks again, and reports it then
-            log.debug("prefetch of %s failed", query, exc_info=True)
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self.pending.remove(future)
 
-    async def _client_name(self, ptr: DnsQuery, forward: RType) -> None:
-        try:
-            found = self.answers[ptr] = await self.resolver.resolve(ptr)
-            if found.found:
-                name = found.records[0].lower().rstrip(".")
-                query = DnsQuery.of(name, forward)
-                self.answers[query] = await self.resolver.resolve(query)
-        except Exception:  # the session asks again, and reports it then
-            log.debug("client name prefetch failed", exc_info=True)
+    def _start_task(
+        self, query: DnsQuery, answered: Callable[[DnsResult], None]
+    ) -> asyncio.Future[None]:
+        """``start`` for a resolver without one: a task that asks."""
+
+        async def ask() -> None:
+            try:
+                found = await self.resolver.resolve(query)
+            except Exception:  # the session asks again, and reports it then
+                log.debug("prefetch of %s failed", query, exc_info=True)
+            else:
+                answered(found)
+
+        return asyncio.get_running_loop().create_task(ask())
 
     async def resolve_all(self, queries: frozenset[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """The answers to ``queries``, and every other answer already in hand."""
