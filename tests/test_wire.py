@@ -209,3 +209,29 @@ def test_a_wire_is_usable_from_a_thread_of_its_own() -> None:
     thread.start()
     thread.join()
     assert result == [b"EHLO x\r\n"]
+
+
+def test_the_peer_address_is_the_one_accept_gave_or_getpeername() -> None:
+    async def main() -> tuple[Any, Any]:
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            client = socket.create_connection(listening.getsockname())
+            conn, accepted = listening.accept()
+            given = Recorder()
+            SocketWire(asyncio.get_running_loop(), conn, given, accepted)
+            asked = Recorder()
+            ours, peer = socket.socketpair()
+            SocketWire(asyncio.get_running_loop(), ours, asked)
+            try:
+                return (
+                    (given.transport.get_extra_info("peername"), accepted, client.getsockname()),
+                    asked.transport.get_extra_info("peername"),
+                )
+            finally:
+                for s in (client, conn, ours, peer):
+                    s.close()
+
+    (from_accept, accepted, client_side), unix_peer = asyncio.run(main())
+    assert from_accept == accepted == client_side
+    assert unix_peer == ""  # a socketpair's unnamed peer, from getpeername

@@ -357,7 +357,7 @@ class _Acceptor:
                 self.pause()  # room() resumes when a session ends
                 return
             try:
-                conn, _addr = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -365,7 +365,7 @@ class _Acceptor:
                 return
             self.delay = 0.0
             try:
-                SocketWire(self.loop, conn, self.make())
+                SocketWire(self.loop, conn, self.make(), peer)
             except OSError as e:
                 log.warning("connection from a client failed at once: %s", e)
                 conn.close()

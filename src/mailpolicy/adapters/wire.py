@@ -57,13 +57,19 @@ class SocketWire:
     """One connected, non-blocking TCP socket and its protocol."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: WireProtocol
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: WireProtocol,
+        peer: Any = None,
     ) -> None:
+        """``peer``: the client's address when known (``accept`` gave it);
+        otherwise ``getpeername`` is asked once, when it is first wanted."""
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
-        self._peer: Any = None
+        self._peer: Any = peer
         self._out = bytearray()
         self._closing = False
         self._closed = False
