@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import resource
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import serve as bench
 
 from mailpolicy.adapters.dns import StaticZone
 from mailpolicy.adapters.driver import AcceptAllDelivery, Services, _Shutdown, run_connection
@@ -31,15 +33,6 @@ from mailpolicy.adapters.gateway import GatewayDelivery
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.dialogue import Connection
 from mailpolicy.policy import compile_policy
-
-
-def _serve_benchmark() -> Any:
-    path = Path(__file__).resolve().parent / "serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Channel:
@@ -66,7 +59,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=1000)
     args = parser.parse_args()
-    bench = _serve_benchmark()
     with tempfile.TemporaryDirectory() as folder:
         policy_data = bench.serve_policy(bench.restriction_lists())
         settings = settings_from_mapping(policy_data, source="benchmarks/serve.py")
