@@ -103,11 +103,15 @@ async def _bind(
                 socks = await _listening_sockets(listener.host, port, backlog, reuse_port=reuse)
                 bound += [(listener, sock) for sock in socks]
     except OSError:
-        for bound in out:
-            for _, sock in bound:
-                sock.close()
+        _close(out)
         raise
     return out
+
+
+def _close(sets: Sequence[Sequence[tuple[Listener, socket.socket]]]) -> None:
+    for bound in sets:
+        for _, sock in bound:
+            sock.close()
 
 
 async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int) -> int:
@@ -132,9 +136,7 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
             table = SharedTable.create(workers=args.workers)
         except OSError as e:
             print(f"mailpolicy: cannot create the shared state store: {e}", file=sys.stderr)
-            for bound in sets:
-                for _, sock in bound:
-                    sock.close()
+            _close(sets)
             return 2
 
     def argv_of(slot: int) -> tuple[list[str], list[int]]:
@@ -187,9 +189,7 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
         await asyncio.gather(*(watch(slot) for slot in range(args.workers)))
         await asyncio.gather(*(proc.wait() for proc in workers.values()))
     finally:
-        for bound in sets:
-            for _, sock in bound:
-                sock.close()
+        _close(sets)
         if table is not None:
             table.close()
             with contextlib.suppress(OSError):
