@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,13 +109,28 @@ class Workers:
 
     def connect(self) -> tuple[socket.socket, int | None]:
         """A greeted connection, and the worker that serves it."""
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        greeting = s.recv(200)
-        return s, (
-            _owner(self.port, s.getsockname()[1], self.workers())
-            if greeting.startswith(b"220")
-            else None
-        )
+        return self.burst(1)[0]
+
+    def burst(self, count: int) -> list[tuple[socket.socket, int | None]]:
+        """``count`` connections opened at once (the kernel completes each
+        before a worker accepts it), then greeted: the way to reach both
+        workers, since a worker that is waiting takes the next connection
+        and a quiet server's are all the first worker's."""
+        opened = [
+            socket.create_connection(("127.0.0.1", self.port), timeout=10) for _ in range(count)
+        ]
+        out: list[tuple[socket.socket, int | None]] = []
+        for s in opened:
+            greeting = s.recv(200)
+            out.append(
+                (
+                    s,
+                    _owner(self.port, s.getsockname()[1], self.workers())
+                    if greeting.startswith(b"220")
+                    else None,
+                )
+            )
+        return out
 
 
 @pytest.fixture
@@ -132,27 +148,25 @@ def workers(tmp_path: Path, free_port: Callable[[], int]) -> Iterator[Workers]:
 
 
 def _one_per_worker(w: Workers) -> list[tuple[socket.socket, int]]:
-    """A connection served by each worker (the kernel picks the worker, so
-    connections to one already had are closed and opened again)."""
-    had: dict[int, socket.socket] = {}
+    """A connection served by each worker: two opened at once, until the
+    second lands on the other worker while the first one is busy."""
     for _ in range(60):
-        s, pid = w.connect()
-        if pid is None or pid in had:
+        pair = w.burst(2)
+        pids = [pid for _, pid in pair]
+        if None not in pids and pids[0] != pids[1]:
+            return [(s, pid) for s, pid in pair if pid is not None]
+        for s, _ in pair:
             s.close()
-            time.sleep(0.05)  # the slot goes back before the next try
-            continue
-        had[pid] = s
-        if len(had) == 2:
-            return [(sock, pid) for pid, sock in had.items()]
+        time.sleep(0.05)  # the slots go back before the next try
     pytest.fail("the kernel never handed a connection to the second worker")
 
 
 @pytest.mark.timeout(120)
 def test_connection_limit_holds_across_both_workers(workers: Workers) -> None:
-    # Connections are spread by the kernel; retry until the 4 allowed ones
-    # land on both workers (a fresh round each time, so the count restarts).
+    # Connections opened at once reach both workers; retry until the 4
+    # allowed ones do (a fresh round each time, so the count restarts).
     for _ in range(20):
-        opened = [workers.connect() for _ in range(4)]
+        opened = workers.burst(4)
         owners = {pid for _, pid in opened}
         if len(owners) == 2 and None not in owners:
             break
@@ -237,13 +251,12 @@ def _sockets_of(pid: int) -> set[str]:
 @pytest.mark.timeout(120)
 def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
     first = workers.workers()
-    # each worker accepts on a listening socket of its own (SO_REUSEPORT),
-    # which the parent keeps: the replacement takes over the same one
+    # both workers accept on the one listening socket the parent keeps
+    # (EPOLLEXCLUSIVE): the replacement takes it over
     listening = _listening_inodes(workers.port)
-    assert len(listening) == 2
+    assert len(listening) == 1
     held = {pid: _sockets_of(pid) & listening for pid in first}
-    assert sorted(len(v) for v in held.values()) == [1, 1]
-    assert held[first[0]] != held[first[1]]
+    assert held[first[0]] == held[first[1]] == listening
     os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 20
     while True:
@@ -259,6 +272,26 @@ def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
     s, pid = workers.connect()
     assert pid in now
     s.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_quiet_servers_sessions_stay_on_one_worker(workers: Workers) -> None:
+    # One session at a time: the worker woken is the first one waiting, so
+    # every session finds the same warm process (with a socket per worker,
+    # SO_REUSEPORT, the kernel hashed each connection to either, about 10
+    # and 10 here).
+    owners = []
+    for _ in range(20):
+        s, pid = workers.connect()
+        owners.append(pid)
+        s.sendall(b"QUIT\r\n")
+        assert s.recv(200).startswith(b"221")
+        s.close()
+        time.sleep(0.05)  # the worker is back waiting, as between real sessions
+    counts = Counter(owners)
+    assert None not in counts
+    assert max(counts.values()) >= 18, counts
+    assert "one socket shared" in workers.log.read_text()
 
 
 @pytest.mark.timeout(120)

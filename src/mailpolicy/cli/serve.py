@@ -340,4 +340,12 @@ def run(args: argparse.Namespace) -> int:
             capture.close()
         return 0
 
+    from ..adapters.selector import EXCLUSIVE_WAKEUP, new_event_loop
+
+    if inherited and EXCLUSIVE_WAKEUP:
+        # the listening sockets are every worker's: wake one waiting worker
+        # a connection, the first one that can take it (adapters/selector.py)
+        shared = [sock.fileno() for _, sock in inherited]
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(shared)) as runner:
+            return runner.run(main())
     return asyncio.run(main())

@@ -2,13 +2,18 @@
 
 The parent binds every listener and hands the listening sockets to N
 workers (fresh interpreters, ``pass_fds``), each a complete ``mailpolicy
-serve``. Where the system has ``SO_REUSEPORT`` (Linux), each worker gets a
-socket set of its own on the same port and the kernel spreads the clients
-evenly over them; with one shared socket the kernel wakes the worker that
-waited last, so one busy worker could take nearly every connection. The
-parent keeps every set open, so a worker that dies loses no waiting
-client: its replacement takes over the same sockets. Elsewhere the workers
-share one set. Per-client limits hold as
+serve``. On Linux every worker waits on the same sockets with
+``EPOLLEXCLUSIVE`` (:mod:`mailpolicy.adapters.selector`): a connection
+wakes one waiting worker, the first that registered if it is waiting, so
+a quiet server's sessions stay on one warm process and a busy one's
+spread over all. (A plain shared socket woke every worker; with a socket
+each, ``SO_REUSEPORT``, the kernel hashes every connection to either
+process, and at one session at a time the one woken had often not run
+for two sessions: see docs/performance.md.) Without ``EPOLLEXCLUSIVE``,
+each worker gets a socket set of its own (``SO_REUSEPORT``), or they share
+one. The parent keeps every set open, so a worker that dies loses no
+waiting client: its replacement takes over the same sockets. Per-client
+limits hold as
 with one process: with ``--state redis://`` the workers share Redis; without
 it they count in one table in shared memory that the parent creates
 (:mod:`mailpolicy.adapters.sharedstore`), each worker in a column of its own
@@ -31,6 +36,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from ..adapters.selector import EXCLUSIVE_WAKEUP
 from ..adapters.server import Listener, _listening_sockets
 from ..adapters.sharedstore import SharedTable
 
@@ -87,9 +93,11 @@ def supervise(args: argparse.Namespace, listeners: list[Listener], backlog: int)
 async def _bind(
     listeners: list[Listener], backlog: int, sets: int
 ) -> list[list[tuple[Listener, socket.socket]]]:
-    """``sets`` socket sets on the listeners' ports (SO_REUSEPORT), or one
-    shared set where the system lacks it."""
-    reuse = hasattr(socket, "SO_REUSEPORT")
+    """One socket set every worker shares, woken one worker at a time
+    (``EPOLLEXCLUSIVE``, see adapters/selector.py); where the system lacks
+    that, ``sets`` sets on the listeners' ports (``SO_REUSEPORT``), or one
+    shared set where it lacks both."""
+    reuse = not EXCLUSIVE_WAKEUP and hasattr(socket, "SO_REUSEPORT")
     out: list[list[tuple[Listener, socket.socket]]] = []
     try:
         for _ in range(sets if reuse else 1):
@@ -128,7 +136,7 @@ async def _supervise(args: argparse.Namespace, listeners: list[Listener], backlo
             port,
             listener.name,
             args.workers,
-            ", a socket each" if len(sets) > 1 else "",
+            ", a socket each" if len(sets) > 1 else ", one socket shared",
         )
     table: SharedTable | None = None
     if args.state is None or args.state.startswith("memory"):
