@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,17 @@ def test_a_quick_run_shows_live_checks_and_delivers_every_message() -> None:
         assert got == sent
     ratios = re.findall(r"^\| mailpolicy serve --workers \d / postfix \| \*\*\d", done.stdout, re.M)
     assert len(ratios) == 2
+    spread = re.search(
+        r"^each server's files (in a block group of their own|beside the others')",
+        done.stdout,
+        re.M,
+    )
+    assert spread is not None, done.stdout[:2000]
+    kind = subprocess.run(
+        ["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True, text=True
+    ).stdout.strip()
+    if kind == "ext2/ext3":  # ext4 too: there chattr +T takes
+        assert spread[1] == "in a block group of their own"
 
 
 @pytest.mark.skipif(
