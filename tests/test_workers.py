@@ -278,8 +278,8 @@ def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
 def test_a_quiet_servers_sessions_stay_on_one_worker(workers: Workers) -> None:
     # One session at a time: the worker woken is the first one waiting, so
     # every session finds the same warm process (with a socket per worker,
-    # SO_REUSEPORT, the kernel hashed each connection to either, about 10
-    # and 10 here).
+    # SO_REUSEPORT, the kernel hashed each connection to either: 12 and 8
+    # in one try).
     owners = []
     for _ in range(20):
         s, pid = workers.connect()
@@ -287,10 +287,12 @@ def test_a_quiet_servers_sessions_stay_on_one_worker(workers: Workers) -> None:
         s.sendall(b"QUIT\r\n")
         assert s.recv(200).startswith(b"221")
         s.close()
-        time.sleep(0.05)  # the worker is back waiting, as between real sessions
+        time.sleep(0.2)  # the worker is back waiting, as between real sessions
     counts = Counter(owners)
     assert None not in counts
-    assert max(counts.values()) >= 18, counts
+    # 17 or more of 20 by chance, were each connection hashed to either
+    # worker: p = 0.003
+    assert max(counts.values()) >= 17, counts
     assert "one socket shared" in workers.log.read_text()
 
 
