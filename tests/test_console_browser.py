@@ -23,8 +23,12 @@ from test_operations import policy_text, start, wait_log
 from test_serve_cli import ServeStarter
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -69,11 +73,33 @@ def shot(driver: webdriver.Chrome, name: str) -> None:
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
 
+def replaced(page: WebElement) -> Callable[[webdriver.Chrome], bool]:
+    """A wait condition: the document whose root is ``page`` is gone.
+
+    Selenium's ``staleness_of`` knows one answer for that, "stale element";
+    while the next document is being attached, ChromeDriver may instead say
+    the node "does not belong to the document" (seen in CI): the same fact.
+    Any other error is one."""
+
+    def gone(_driver: webdriver.Chrome) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as e:
+            if "does not belong to the document" in (e.msg or ""):
+                return True
+            raise
+        return False
+
+    return gone
+
+
 def submit(driver: webdriver.Chrome, element_id: str) -> None:
     """Click a submit button and wait until the next page has replaced this one."""
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.ID, element_id).click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 20).until(replaced(page))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
@@ -163,7 +189,7 @@ def test_edit_preview_apply_in_chromium(
         b.find_element(By.ID, "search").send_keys("bad")
         page = b.find_element(By.TAG_NAME, "html")
         b.find_element(By.CSS_SELECTOR, "form.search button").click()
-        WebDriverWait(b, 20).until(expected_conditions.staleness_of(page))
+        WebDriverWait(b, 20).until(replaced(page))
         entries = b.find_element(By.CSS_SELECTOR, "table.entries").text
         assert "bad.example" in entries
         assert "junk.example" not in entries
