@@ -4,6 +4,8 @@ a selector asyncio can run on like its own."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import select
 import selectors
 import socket
 import threading
@@ -143,3 +145,40 @@ def test_asyncio_runs_on_it() -> None:
         assert runner.run(main()) == len(payload)
         loop = runner.get_loop()
         assert isinstance(loop, asyncio.SelectorEventLoop)
+
+
+class _OldKernel:
+    """An epoll whose kernel predates EPOLLEXCLUSIVE (Linux < 4.5)."""
+
+    def __init__(self) -> None:
+        self.real = select.epoll()
+        self.masks: list[int] = []
+
+    def register(self, fd: int, mask: int) -> None:
+        if mask & select.EPOLLEXCLUSIVE:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self.masks.append(mask)
+        self.real.register(fd, mask)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def test_a_kernel_without_the_flag_wakes_every_waiter_instead_of_failing() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    old = _OldKernel()
+    with ExclusiveEpollSelector([listener.fileno()], epoll=old) as sel:
+        key = sel.register(listener, selectors.EVENT_READ)
+        assert old.masks == [select.EPOLLIN]
+        client = socket.create_connection(listener.getsockname())
+        assert sel.select(1.0) == [(key, selectors.EVENT_READ)]
+        client.close()
+    listener.close()
+
+
+def test_other_registration_errors_are_not_hidden() -> None:
+    with ExclusiveEpollSelector([12345]) as sel:  # no such descriptor is open
+        with pytest.raises(OSError, match="Bad file"):
+            sel.register(12345, selectors.EVENT_READ)
+        assert len(sel.get_map()) == 0  # nothing recorded for it

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import select
 import selectors
@@ -76,8 +77,10 @@ class ExclusiveEpollSelector(selectors.BaseSelector):
     in ``serve``.
     """
 
-    def __init__(self, exclusive: Iterable[int] = ()) -> None:
-        self._epoll = select.epoll()
+    def __init__(self, exclusive: Iterable[int] = (), *, epoll: Any = None) -> None:
+        #: the poller (``select.epoll()`` unless another object with its
+        #: methods is given, as tests do)
+        self._epoll = select.epoll() if epoll is None else epoll
         self._keys: dict[int, selectors.SelectorKey] = {}
         self._map = _Keys(self._keys)
         self.exclusive = frozenset(exclusive)
@@ -101,7 +104,15 @@ class ExclusiveEpollSelector(selectors.BaseSelector):
         if fd in self._keys:
             raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
         key = selectors.SelectorKey(fileobj, fd, events, data)
-        self._epoll.register(fd, self._mask(fd, events))
+        mask = self._mask(fd, events)
+        try:
+            self._epoll.register(fd, mask)
+        except OSError as e:
+            # A kernel older than its headers (before 4.5) refuses the flag:
+            # every waiter is woken then, which is still correct.
+            if e.errno != errno.EINVAL or not mask & select.EPOLLEXCLUSIVE:
+                raise
+            self._epoll.register(fd, mask & ~select.EPOLLEXCLUSIVE)
         self._keys[fd] = key
         return key
 
