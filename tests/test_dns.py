@@ -742,3 +742,25 @@ def test_live_ignores_strays_until_its_own_answer_comes() -> None:
         thread.join()
         udp.close()
     assert (result.outcome, result.records) == (DnsOutcome.ANSWER, ("192.0.2.9",))
+
+
+def test_a_question_answered_as_resolve_all_begins_is_not_asked_again(
+    server: ZoneServer,
+) -> None:
+    # Nothing is kept (TTL 0), as in serve.py's benchmark: the answer to a
+    # question in flight must reach whoever joined it, or they ask again.
+    resolver = live(server, max_ttl=0)
+    ptr, mx = q("192.0.2.10", "PTR"), q("example.net", "MX")
+
+    async def main() -> tuple[DnsResult, dict[DnsQuery, DnsResult]]:
+        ahead = resolver.start(ptr)  # sent now, as serve asks it on connect
+        time.sleep(0.3)  # its answer waits in the socket, not read yet
+        both = asyncio.ensure_future(resolver.resolve_all([ptr, mx]))
+        # one loop iteration: resolve_all begins, then the answer is read
+        return await ahead, await both
+
+    first, results = run(main())
+    assert first.found
+    assert results == {ptr: first, mx: results[mx]}
+    assert results[mx].found
+    assert sorted(rtype for _, rtype in asked(server)) == ["MX", "PTR"]

@@ -853,21 +853,28 @@ class LiveResolver:
     async def resolve_all(self, queries: Iterable[DnsQuery]) -> dict[DnsQuery, DnsResult]:
         """:class:`Resolver` protocol: all at once, duplicates asked once.
 
-        Cached answers are given at once; only the others become tasks (a
-        task per question cost more than the question, for a cached one)."""
+        Cached answers are given at once. Each other question joins the same
+        question in flight, or is sent, before this first waits
+        (:meth:`start`). A task per question would only look a loop
+        iteration later, and by then a question in flight may have been
+        answered and, with a TTL of 0, forgotten: it went out a second time
+        (a session asked its client's PTR twice)."""
         unique = list(dict.fromkeys(queries))
         found: dict[DnsQuery, DnsResult] = {}
-        missing: list[DnsQuery] = []
+        waits: list[tuple[DnsQuery, asyncio.Future[DnsResult]]] = []
         for query in unique:
             hit = self.cached(query)
             if hit is None:
-                missing.append(query)
+                waits.append((query, self.start(query)))
             else:
                 found[query] = hit
-        if len(missing) == 1:
-            found[missing[0]] = await self.resolve(missing[0])
-        elif missing:
-            found.update(await gather(self, missing))
+        try:
+            for query, future in waits:
+                found[query] = await future
+        except asyncio.CancelledError:
+            for _, future in waits:
+                future.cancel()  # stops the waiting only: others share the question
+            raise
         return {query: found[query] for query in unique}
 
     async def _ask(self, query: DnsQuery, first: dnsudp.Pending | None = None) -> _Reply:
