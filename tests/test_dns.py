@@ -764,3 +764,24 @@ def test_a_question_answered_as_resolve_all_begins_is_not_asked_again(
     assert results == {ptr: first, mx: results[mx]}
     assert results[mx].found
     assert sorted(rtype for _, rtype in asked(server)) == ["MX", "PTR"]
+
+
+def test_cancelling_resolve_all_stops_its_own_waiting_only(server: ZoneServer) -> None:
+    resolver = live(server, max_ttl=0)
+    mx, a = q("example.net", "MX"), q("example.net", "A")
+
+    async def main() -> tuple[bool, DnsResult, DnsResult]:
+        other = asyncio.ensure_future(resolver.resolve(mx))
+        await asyncio.sleep(0)  # the other caller asks first
+        mine = asyncio.ensure_future(resolver.resolve_all([mx, a]))
+        await asyncio.sleep(0)  # mine joins the MX and sends the A
+        mine.cancel()
+        await asyncio.wait([mine])
+        # the questions still settle for whoever shares them
+        return mine.cancelled(), await other, await resolver.resolve(a)
+
+    cancelled, shared, later = run(main())
+    assert cancelled
+    assert shared.found
+    assert later.found
+    assert sorted(rtype for _, rtype in asked(server)).count("MX") == 1
