@@ -55,7 +55,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Final
 
-from .state import ConnectionCounts, StateStoreError, SyncStore, _check_kind
+from .state import ConnectionCounts, StateStoreError, SyncStore, _check_kind, _window_start
 
 __all__ = ["PROBES", "SharedStore", "SharedTable"]
 
@@ -70,6 +70,24 @@ _ZERO_TAG: Final = bytes(_TAG)
 _RATE: Final = struct.Struct("<dq")  # window end, count
 _RATE_SLOT: Final = _TAG + _RATE.size
 _RATE_ROW: Final = struct.Struct(f"<{_TAG}sdq")
+
+
+def _size(workers: int, connections: int, rates: int, probes: int) -> int:
+    """The file's size for these columns and capacities."""
+    return (
+        _HEADER_SIZE + (connections + probes) * (_TAG + 4 * workers) + (rates + probes) * _RATE_SLOT
+    )
+
+
+def _find(mm: mmap.mmap, tag: bytes, base: int, slot: int) -> int:
+    """The offset of the slot holding ``tag`` among the :data:`PROBES`
+    slots of ``slot`` bytes from ``base`` on, or -1 (a match that is not at
+    a slot's start is a coincidence inside another slot's numbers)."""
+    end = base + PROBES * slot
+    at = mm.find(tag, base, end)
+    while at != -1 and (at - base) % slot:
+        at = mm.find(tag, at + 1, end)
+    return at
 
 
 def _tag(*parts: str) -> bytes:
@@ -98,8 +116,7 @@ class SharedTable:
             if create:
                 if workers < 1 or connections < 1 or rates < 1:
                     raise ValueError("workers and capacities must be at least 1")
-                size = _HEADER_SIZE + (connections + PROBES) * (_TAG + 4 * workers)
-                size += (rates + PROBES) * _RATE_SLOT
+                size = _size(workers, connections, rates, PROBES)
                 os.ftruncate(fd, size)  # reads as zeros: every slot unused
                 mm = mmap.mmap(fd, size)
                 _HEADER.pack_into(mm, 0, _MAGIC, workers, connections, rates, PROBES)
@@ -109,9 +126,11 @@ class SharedTable:
                     raise ValueError(f"{path}: not a mailpolicy shared store")
                 mm = mmap.mmap(fd, size)
                 magic, workers, connections, rates, probes = _HEADER.unpack_from(mm, 0)
-                expected = _HEADER_SIZE + (connections + probes) * (_TAG + 4 * workers)
-                expected += (rates + probes) * _RATE_SLOT
-                if magic != _MAGIC or probes != PROBES or size != expected:
+                if (
+                    magic != _MAGIC
+                    or probes != PROBES
+                    or size != _size(workers, connections, rates, probes)
+                ):
                     mm.close()
                     raise ValueError(f"{path}: not a mailpolicy shared store of this version")
         except BaseException:
@@ -163,11 +182,7 @@ class SharedTable:
         """``(offset of tag's slot or -1, first slot of its span)``."""
         size = self._conn_slot
         base = self._conn_base + (int.from_bytes(tag[:8], "little") % self.connections) * size
-        end = base + PROBES * size
-        at = mm.find(tag, base, end)
-        while at != -1 and (at - base) % size:
-            at = mm.find(tag, at + 1, end)
-        return at, base
+        return _find(mm, tag, base, size), base
 
     def opened(self, client: str, worker: int, now: float, window: int) -> ConnectionCounts:
         """Count a session of ``client`` opened by ``worker``: its concurrent
@@ -237,15 +252,10 @@ class SharedTable:
     def _count(
         self, mm: mmap.mmap, kind: str, subject: str, now: float, window: int, add: int
     ) -> int:
-        if window <= 0:
-            raise ValueError(f"rate window must be positive, not {window}")
-        end = float(math.floor(now / window) * window + window)
+        end = float(_window_start(now, window) + window)
         tag = _tag(kind, subject, str(window))
         base = self._rate_base + (int.from_bytes(tag[:8], "little") % self.rates) * _RATE_SLOT
-        stop = base + PROBES * _RATE_SLOT
-        at = mm.find(tag, base, stop)
-        while at != -1 and (at - base) % _RATE_SLOT:
-            at = mm.find(tag, at + 1, stop)
+        at = _find(mm, tag, base, _RATE_SLOT)
         if at != -1:
             ends, count = _RATE.unpack_from(mm, at + _TAG)
             if ends == end:
@@ -259,6 +269,7 @@ class SharedTable:
         else:
             # the first free slot; else the counter whose window ends first
             oldest = math.inf
+            stop = base + PROBES * _RATE_SLOT
             for i, (other, ends, _) in enumerate(_RATE_ROW.iter_unpack(mm[base:stop])):
                 if other == _ZERO_TAG or ends <= now:
                     at = base + i * _RATE_SLOT
