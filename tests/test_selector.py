@@ -112,6 +112,10 @@ def test_keys_and_errors() -> None:
         assert sel.select(0) == [(key, selectors.EVENT_WRITE)]
         b.send(b"x")
         assert sel.select(0) == [(key, selectors.EVENT_READ | selectors.EVENT_WRITE)]
+        # refused before the exclusive registration is taken apart: still there
+        with pytest.raises(ValueError, match="invalid events"):
+            sel.modify(a, 0)
+        assert sel.get_key(a) is key
         assert sel.unregister(a) is key
         assert sel.select(0) == []
     a.close()

@@ -35,6 +35,11 @@ __all__ = ["EXCLUSIVE_WAKEUP", "ExclusiveEpollSelector", "new_event_loop"]
 EXCLUSIVE_WAKEUP = hasattr(select, "epoll") and hasattr(select, "EPOLLEXCLUSIVE")
 
 
+def _check_events(events: int) -> None:
+    if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+        raise ValueError(f"invalid events: {events!r}")
+
+
 def _fd_of(fileobj: Any) -> int:
     if isinstance(fileobj, int):
         fd = fileobj
@@ -98,8 +103,7 @@ class ExclusiveEpollSelector(selectors.BaseSelector):
         return mask
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
-            raise ValueError(f"invalid events: {events!r}")
+        _check_events(events)
         fd = _fd_of(fileobj)
         if fd in self._keys:
             raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
@@ -133,6 +137,7 @@ class ExclusiveEpollSelector(selectors.BaseSelector):
             key = self._keys[fd]
         except KeyError:
             raise KeyError(f"{fileobj!r} is not registered") from None
+        _check_events(events)  # before an exclusive registration is taken apart below
         if events == key.events:
             if data is key.data:
                 return key
@@ -142,8 +147,6 @@ class ExclusiveEpollSelector(selectors.BaseSelector):
         if fd in self.exclusive:
             self.unregister(fileobj)
             return self.register(fileobj, events, data)
-        if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
-            raise ValueError(f"invalid events: {events!r}")
         self._epoll.modify(fd, self._mask(fd, events))
         key = key._replace(events=events, data=data)
         self._keys[fd] = key
