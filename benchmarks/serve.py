@@ -593,11 +593,11 @@ def spread(folder: Path) -> str:
     each folder made in it (Postfix's, each ``serve``'s Maildir) goes to a
     group of its own instead of the group of its parent. Without it they
     shared one, and on a file system without a journal (the project's VM) a
-    new file skips every inode of its group deleted in the last 30 seconds
-    (``recently_deleted()`` in the kernel, 20 % of ``serve``'s CPU at one
-    session in ``perf``): Postfix deletes a queue file per message, so the
-    server run after it paid for Postfix's deletions. Postfix still pays for
-    its own.
+    new file skips every inode of its group deleted in the last minute (five
+    while its inode block is dirty): ``recently_deleted()`` in the kernel,
+    under a quarter of ``serve``'s CPU at one session in ``perf``. Postfix
+    deletes a queue file per message, so the Maildir copies paid for
+    Postfix's deletions. Postfix still pays for its own.
     """
     done = subprocess.run(["chattr", "+T", str(folder)], capture_output=True, text=True)
     if done.returncode == 0:
