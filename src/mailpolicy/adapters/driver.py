@@ -11,7 +11,6 @@ optional :class:`SessionObserver` (``serve --capture``) what happened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import itertools
 import logging
@@ -32,6 +31,7 @@ from ..dialogue import (
     Connection,
     Decided,
     Deliver,
+    Event,
     MessageReceived,
     NeedCount,
     NeedDns,
@@ -58,10 +58,12 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 __all__ = [
+    "HANDLED",
     "SHUTDOWN",
     "AcceptAllDelivery",
     "Channel",
     "Delivery",
+    "Receiving",
     "ReplyRecord",
     "Services",
     "SessionObserver",
@@ -137,10 +139,11 @@ SHUTDOWN = _Shutdown()
 class Channel(Protocol):
     """The byte stream to the client, as the loop needs it."""
 
-    async def read(self, timeout: float | None) -> bytes | _Shutdown | None:
+    async def read(self, timeout: float | None) -> bytes | _Shutdown | _Handled | None:
         """Bytes from the client, ``b""`` at its end of input, ``None`` when
         ``timeout`` seconds passed without any, :data:`SHUTDOWN` when the
-        server is stopping."""
+        server is stopping (:data:`HANDLED` for a :class:`Receiving` channel
+        whose receiver took the bytes)."""
         ...
 
     def write(self, data: bytes) -> None:
@@ -329,12 +332,11 @@ class _Prefetch:
         # with LiveResolver.start, answered is called where the answer is
         # read, not a loop iteration later
         future = self._start(query, answered)
-        self.pending.append(future)
-        future.add_done_callback(self._finished)
-
-    def _finished(self, future: asyncio.Future[Any]) -> None:
-        with contextlib.suppress(ValueError):
-            self.pending.remove(future)
+        # the ones answered are dropped here, not by a done-callback each
+        # (a handle on the loop per question)
+        self.pending = [f for f in self.pending if not f.done()]
+        if not future.done():
+            self.pending.append(future)
 
     def _start_task(
         self, query: DnsQuery, answered: Callable[[DnsResult], None]
@@ -364,6 +366,42 @@ class _Prefetch:
             future.cancel()
 
 
+class _Handled:
+    def __repr__(self) -> str:
+        return "HANDLED"
+
+
+#: what :meth:`Channel.read` returns when the bytes that came went to the
+#: channel's receiver (see :class:`Receiving`) and were handled there
+HANDLED = _Handled()
+
+
+class Receiving(Protocol):
+    """A :class:`Channel` that can hand the bytes it receives straight to
+    the loop, while the loop waits in :meth:`Channel.read`.
+
+    The receiver handles them at once, in the channel's own callback: the
+    dialogue's replies that need no waiting (HELO, MAIL, DATA and the like)
+    go out without a task wake-up and a loop iteration each. It returns the
+    next read's timeout in seconds when the dialogue wants more bytes (the
+    read goes on waiting), or ``None`` when the loop must go on: the read
+    then returns :data:`HANDLED`.
+    """
+
+    def receive_with(self, receiver: Callable[[bytes], float | None] | None) -> None:
+        """Give received bytes to ``receiver`` while a read waits (None: stop)."""
+        ...
+
+
+class _Failed:
+    """What the receiver met: raised again in the loop's task."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 async def run_connection(
     conn: Connection,
     channel: Channel,
@@ -372,129 +410,87 @@ async def run_connection(
 ) -> None:
     """Run ``conn`` to its end over ``channel``. Never raises for the
     client's or a service's faults; gives back a counted connection slot."""
-    policy = conn.policy
-    client = ip_text(conn.session.client_ip)
-    deadlines = _Deadlines(services)
-    spool = _Spool(services.spool_dir)
-    metrics = services.metrics
-    prefetch = _Prefetch(services.resolver)
-    if _Prefetch.client_name_wanted(policy):
-        prefetch.client_name(conn.session)
-    if observer is not None:
-        observer.connected(conn.session, services.clock())
-    if metrics is not None:
-        metrics.session_opened()
-    # Replies to commands that came together (pipelining) leave together:
-    # they are written out when the dialogue next waits for anything, as
-    # Postfix flushes when no more pipelined input is there.
-    out: list[bytes] = []
+    await _Loop(conn, channel, services, observer).run()
 
-    # Decisions are logged once their replies are written: the client does
-    # not wait for our log line (the session, its facts, are as decided).
-    decided: list[tuple[Session, Decided]] = []
 
-    def flush() -> None:
+class _Loop:
+    """One connection's loop: :meth:`pump` answers every event of the
+    dialogue that needs no waiting; :meth:`run` (the task) waits for the
+    rest. A :class:`Receiving` channel runs :meth:`received` in its read
+    callback, so the task only wakes when something must be waited for."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        channel: Channel,
+        services: Services,
+        observer: SessionObserver | None,
+    ) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.services = services
+        self.observer = observer
+        self.metrics = services.metrics
+        self.deadlines = _Deadlines(services)
+        self.spool = _Spool(services.spool_dir)
+        self.prefetch = _Prefetch(services.resolver)
+        # Replies to commands that came together (pipelining) leave together:
+        # they are written out when the dialogue next waits for anything, as
+        # Postfix flushes when no more pipelined input is there.
+        self.out: list[bytes] = []
+        # Decisions are logged once their replies are written: the client does
+        # not wait for our log line (the session, its facts, are as decided).
+        self.decided: list[tuple[Session, Decided]] = []
+        #: the event the receiver stopped at, for the task to go on with
+        self.pending: Event | _Failed | None = None
+
+    def flush(self) -> None:
+        out = self.out
         if out:
-            channel.write(out[0] if len(out) == 1 else b"".join(out))
+            self.channel.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if decided:
-            for session, note in decided:
+        if self.decided:
+            for session, note in self.decided:
                 log_decision(session, note)
-            decided.clear()
+            self.decided.clear()
 
-    try:
+    def pump(self) -> Event:
+        """Answer the dialogue's events until one needs waiting (or ends it)."""
+        conn, observer, metrics = self.conn, self.observer, self.metrics
         while True:
             event = conn.next_event()
             if isinstance(event, Send):
-                out.append(event.data)
+                self.out.append(event.data)
                 if metrics is not None:
                     metrics.reply(event.record.reply.code)
-                if services.on_reply is not None:
-                    services.on_reply(event.record)
+                if self.services.on_reply is not None:
+                    self.services.on_reply(event.record)
                 if observer is not None:
                     observer.reply(event.record)
-            elif event is NEED_DATA:
-                flush()
-                data = await channel.read(deadlines.wait(conn))
-                if data is None:
-                    conn.timed_out()
-                elif isinstance(data, _Shutdown):
-                    conn.shut_down()
-                else:
-                    deadlines.received(conn, len(data))
-                    conn.receive_data(data)
             elif isinstance(event, CommandReceived):
                 if observer is not None:
                     observer.command(event.line, event.pending)
             elif isinstance(event, Decided):
-                decided.append((conn.session, event))
+                self.decided.append((conn.session, event))
                 if metrics is not None and event.stage != "delivery":
                     stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
                     metrics.verdict(stage, event.verdict)
             elif isinstance(event, Prefetch):
-                prefetch.ask(event.queries)
+                self.prefetch.ask(event.queries)
             elif isinstance(event, Observed):
                 log_observed(conn.session, event)
                 if metrics is not None:
                     metrics.observed(event.stage.value, event.verdict)
             elif isinstance(event, Spool):
-                spool.append(event.data)
+                self.spool.append(event.data)
             elif isinstance(event, NeedSpooled):
                 try:
-                    conn.spooled(spool.take())
+                    conn.spooled(self.spool.take())
                 except OSError as e:
                     log.error("message spool failed: %s", e)
                     conn.failed(f"spool: {e}")
-            elif isinstance(event, NeedDns):
-                flush()
-                started = time.perf_counter()
-                try:
-                    answers = await prefetch.resolve_all(event.queries)
-                except Exception as e:
-                    if metrics is not None:
-                        metrics.dns_failed(time.perf_counter() - started)
-                    log.exception("resolver failed")
-                    conn.failed(f"{type(e).__name__}: {e}")
-                else:
-                    if metrics is not None:
-                        metrics.dns(time.perf_counter() - started, answers.values())
-                    conn.dns_answers(answers)
-            elif isinstance(event, NeedCount):
-                # a counter is quick (memory, Redis): replies may wait for it
-                await _count(conn, event, services)
-            elif isinstance(event, NeedRecipientCheck):
-                check = getattr(services.delivery, "check_recipient", None)
-                refusal = None if check is None else check(event.recipient)
-                if inspect.isawaitable(refusal):  # it may ask the DNS
-                    refusal = await refusal
-                conn.recipient_checked(refusal)
-            elif isinstance(event, CheckPassword):
-                flush()
-                try:
-                    ok = await asyncio.to_thread(policy.check_password, event.user, event.password)
-                except Exception as e:
-                    log.exception("password check failed")
-                    conn.failed(str(e))
-                else:
-                    conn.password_checked(ok)
-            elif isinstance(event, StartTls):
-                flush()  # the 220 goes out in clear before the handshake
-                conn.tls_started(await channel.start_tls())
             elif isinstance(event, NeedStamp):
-                conn.stamped(Stamp(services.clock(), services.queue_id()))
-            elif isinstance(event, Deliver):
-                flush()
-                try:
-                    delivered = await services.delivery.deliver(event.submission)
-                except Exception as e:
-                    if metrics is not None:
-                        metrics.delivery(None)
-                    log.exception("delivery failed for queue id %s", event.submission.queue_id)
-                    conn.failed(f"{type(e).__name__}: {e}")
-                else:
-                    if metrics is not None:
-                        metrics.delivery(delivered.code)
-                    conn.delivered(delivered)
+                conn.stamped(Stamp(self.services.clock(), self.services.queue_id()))
             elif isinstance(event, Authenticated):
                 if observer is not None:
                     observer.authenticated(event.user, event.ok)
@@ -504,22 +500,140 @@ async def run_connection(
             elif isinstance(event, TlsStarted):
                 if observer is not None:
                     observer.tls_started()
-            elif isinstance(event, Close):
-                break
-    finally:
-        flush()
-        prefetch.cancel()
-        if metrics is not None:
-            metrics.session_closed()
-        spool.close()
-        channel.close()
+            else:
+                return event
+
+    def received(self, data: bytes) -> float | None:
+        """The receiver (:class:`Receiving`): ``data`` came while the task
+        waits for it. Handled here up to the next wait: the next read's
+        timeout when that is for more bytes, else ``None`` and the task
+        goes on with :attr:`pending`."""
+        try:
+            conn = self.conn
+            self.deadlines.received(conn, len(data))
+            conn.receive_data(data)
+            event = self.pump()
+            if event is NEED_DATA:
+                self.flush()
+                return self.deadlines.wait(conn)
+            if not isinstance(event, (NeedCount, NeedRecipientCheck)):
+                # the task would write them first thing (a 221 before the
+                # close); only a count or a recipient check may hold replies
+                self.flush()
+            self.pending = event
+        except Exception as e:  # raised again in the task, which logs it
+            self.pending = _Failed(e)
+        return None
+
+    async def run(self) -> None:
+        conn, channel, services, observer = self.conn, self.channel, self.services, self.observer
+        metrics, prefetch, deadlines, flush = (
+            self.metrics,
+            self.prefetch,
+            self.deadlines,
+            self.flush,
+        )
+        policy = conn.policy
+        client = ip_text(conn.session.client_ip)
+        if _Prefetch.client_name_wanted(policy):
+            prefetch.client_name(conn.session)
         if observer is not None:
-            observer.closed(conn.session)
-        if conn.connection_counted:
-            try:
-                await services.store.connection_closed(client)
-            except Exception as e:
-                log.error("state store update failed: %s", e)
+            observer.connected(conn.session, services.clock())
+        if metrics is not None:
+            metrics.session_opened()
+        receiving = getattr(channel, "receive_with", None)
+        if receiving is not None:
+            receiving(self.received)
+        try:
+            while True:
+                event = self.pending
+                if event is None:
+                    event = self.pump()
+                else:
+                    self.pending = None
+                    if isinstance(event, _Failed):
+                        raise event.error
+                if event is NEED_DATA:
+                    flush()
+                    data = await channel.read(deadlines.wait(conn))
+                    if data is HANDLED:
+                        continue  # the receiver went on up to self.pending
+                    if data is None:
+                        conn.timed_out()
+                    elif isinstance(data, _Shutdown):
+                        conn.shut_down()
+                    else:
+                        assert isinstance(data, bytes)
+                        deadlines.received(conn, len(data))
+                        conn.receive_data(data)
+                elif isinstance(event, NeedDns):
+                    flush()
+                    started = time.perf_counter()
+                    try:
+                        answers = await prefetch.resolve_all(event.queries)
+                    except Exception as e:
+                        if metrics is not None:
+                            metrics.dns_failed(time.perf_counter() - started)
+                        log.exception("resolver failed")
+                        conn.failed(f"{type(e).__name__}: {e}")
+                    else:
+                        if metrics is not None:
+                            metrics.dns(time.perf_counter() - started, answers.values())
+                        conn.dns_answers(answers)
+                elif isinstance(event, NeedCount):
+                    # a counter is quick (memory, Redis): replies may wait for it
+                    await _count(conn, event, services)
+                elif isinstance(event, NeedRecipientCheck):
+                    check = getattr(services.delivery, "check_recipient", None)
+                    refusal = None if check is None else check(event.recipient)
+                    if inspect.isawaitable(refusal):  # it may ask the DNS
+                        refusal = await refusal
+                    conn.recipient_checked(refusal)
+                elif isinstance(event, CheckPassword):
+                    flush()
+                    try:
+                        ok = await asyncio.to_thread(
+                            policy.check_password, event.user, event.password
+                        )
+                    except Exception as e:
+                        log.exception("password check failed")
+                        conn.failed(str(e))
+                    else:
+                        conn.password_checked(ok)
+                elif isinstance(event, StartTls):
+                    flush()  # the 220 goes out in clear before the handshake
+                    conn.tls_started(await channel.start_tls())
+                elif isinstance(event, Deliver):
+                    flush()
+                    try:
+                        delivered = await services.delivery.deliver(event.submission)
+                    except Exception as e:
+                        if metrics is not None:
+                            metrics.delivery(None)
+                        log.exception("delivery failed for queue id %s", event.submission.queue_id)
+                        conn.failed(f"{type(e).__name__}: {e}")
+                    else:
+                        if metrics is not None:
+                            metrics.delivery(delivered.code)
+                        conn.delivered(delivered)
+                elif isinstance(event, Close):
+                    break
+        finally:
+            if receiving is not None:
+                receiving(None)
+            flush()
+            prefetch.cancel()
+            if metrics is not None:
+                metrics.session_closed()
+            self.spool.close()
+            channel.close()
+            if observer is not None:
+                observer.closed(conn.session)
+            if conn.connection_counted:
+                try:
+                    await services.store.connection_closed(client)
+                except Exception as e:
+                    log.error("state store update failed: %s", e)
 
 
 async def _count(conn: Connection, need: NeedCount, services: Services) -> None:

@@ -27,7 +27,15 @@ from typing import Any, Protocol, cast
 from ..dialogue import Connection
 from ..lookup import NetworkTable, ip_key
 from ..policy import Policy
-from .driver import SHUTDOWN, Services, SessionObserver, _Shutdown, run_connection
+from .driver import (
+    HANDLED,
+    SHUTDOWN,
+    Services,
+    SessionObserver,
+    _Handled,
+    _Shutdown,
+    run_connection,
+)
 
 __all__ = ["SmtpProtocol"]
 
@@ -166,6 +174,8 @@ class SmtpProtocol(asyncio.BufferedProtocol):
         #: the waiting read's deadline (loop time) and the connection's one timer
         self._deadline = math.inf
         self._timer: asyncio.TimerHandle | None = None
+        #: the driver's receiver (driver.Receiving), while it runs
+        self._receiver: Callable[[bytes], float | None] | None = None
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -217,7 +227,12 @@ class SmtpProtocol(asyncio.BufferedProtocol):
 
     # -- the Channel the driver uses ------------------------------------------------
 
-    async def read(self, timeout: float | None) -> bytes | _Shutdown | None:
+    def receive_with(self, receiver: Callable[[bytes], float | None] | None) -> None:
+        """driver.Receiving: bytes that come while a read waits go to
+        ``receiver``, in this protocol's read callback."""
+        self._receiver = receiver
+
+    async def read(self, timeout: float | None) -> bytes | _Shutdown | _Handled | None:
         while not self._chunks and not self._eof:
             if self._stopping:
                 return SHUTDOWN
@@ -225,10 +240,13 @@ class SmtpProtocol(asyncio.BufferedProtocol):
             waiter = self._waiter = loop.create_future()
             self._arm(loop, math.inf if timeout is None else loop.time() + timeout)
             try:
-                if await waiter is _TIMED_OUT:
-                    return None
+                woken: object = await waiter
             finally:
                 self._waiter = None
+            if woken is _TIMED_OUT:
+                return None
+            if woken is HANDLED:
+                return HANDLED
         if not self._chunks:
             return b""
         data = b"".join(self._chunks)
@@ -310,6 +328,17 @@ class SmtpProtocol(asyncio.BufferedProtocol):
     # -- inside ------------------------------------------------------------------------
 
     def _push(self, data: bytes) -> None:
+        waiter, receiver = self._waiter, self._receiver
+        if receiver is not None and waiter is not None and not waiter.done() and not self._chunks:
+            # The dialogue waits for exactly these bytes: handled here, and
+            # the task wakes only if the dialogue must wait for something else.
+            timeout = receiver(data)
+            if timeout is None:
+                waiter.set_result(HANDLED)
+            else:
+                loop = waiter.get_loop()
+                self._arm(loop, loop.time() + timeout)
+            return
         self._chunks.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER and not self._paused and self.transport is not None:
