@@ -35,6 +35,7 @@ from mailpolicy import (
 from mailpolicy.rules.context import Context
 from mailpolicy.rules.dnsbl import RejectRblClient
 from mailpolicy.rules.helo import RejectNonFqdnHelo
+from mailpolicy.rules.relay import RejectUnauthDestination
 
 POLICY = make_policy(
     {
@@ -228,6 +229,69 @@ def test_decide_with_a_memo_asks_what_a_new_answer_needs() -> None:
     found = decide(RATE_POLICY, moved, rcpt("r@example.com"), memo)
     assert not isinstance(found, Verdict)
     assert found.queries == {q("elsewhere.example", "A")}
+
+
+def test_the_rounds_of_one_decision_judge_the_envelope_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    relay = Counting(monkeypatch, RejectUnauthDestination)
+    zone, memo = Zone(GOOD), Memo()
+    s = Session(OUTSIDER, helo=OUTSIDER_HELO)
+    s, verdict = decide_with(POLICY, s, rcpt("r1@example.com"), zone, memo)
+    assert len(zone.rounds) == 2  # the PTR, the MX and the DNSBL; then the name's A
+    assert relay.calls == 1  # not once a round
+    assert (
+        verdict
+        == decide_with(
+            POLICY, Session(OUTSIDER, helo=OUTSIDER_HELO), rcpt("r1@example.com"), Zone(GOOD)
+        )[1]
+    )
+
+
+def test_another_envelope_or_new_counters_judge_the_envelope_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    relay = Counting(monkeypatch, RejectUnauthDestination)
+    memo, s = Memo(), session()
+    env = rcpt("r1@example.com")
+    evaluate(RATE_POLICY, s, env, memo)
+    evaluate(RATE_POLICY, s, env, memo)
+    assert relay.calls == 1  # the same envelope, the same facts: a round of one decision
+    evaluate(RATE_POLICY, s, rcpt("r1@example.com"), memo)
+    assert relay.calls == 2  # an equal envelope, but another decision
+    counted = attrs.evolve(s, counters=Counters(recipient_rate=5))
+    evaluate(RATE_POLICY, counted, env, memo)
+    assert relay.calls == 3
+    evaluate(RATE_POLICY, attrs.evolve(counted, helo="other.example.org"), env, memo)
+    assert relay.calls == 4  # a changed fact starts the memo afresh
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a@known.example", "", "x@gone.example"]),
+            st.sampled_from(["r@example.com", "r@elsewhere.example", "postmaster"]),
+            st.sampled_from([OUTSIDER_HELO, "localhost"]),
+            st.sets(st.sampled_from(sorted(GOOD, key=str)), max_size=len(GOOD)),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_decisions_in_rounds_equal_fresh_ones(
+    steps: list[tuple[str, str, str, set[Any]]],
+) -> None:
+    # one envelope judged again as answers arrive, in any order, as the
+    # dialogue does: the memo never answers from a round that knew less
+    memo = Memo()
+    for sender, recipient, helo, known in steps:
+        env = rcpt(recipient, sender)
+        s = Session(OUTSIDER, helo=helo)
+        for query in sorted(known, key=str):
+            s = s.with_dns({query: GOOD[query]})
+            assert decide(POLICY, s, env, memo) == decide(POLICY, s, env)
+        assert evaluate(POLICY, s, env, memo) == evaluate(POLICY, s, env)
 
 
 @settings(max_examples=100, deadline=None)

@@ -103,9 +103,25 @@ class Memo:
     pipelining, the policy, or a DNS answer replaced by a different one) it
     starts afresh; new counters and added DNS answers keep it. It holds at
     most about :attr:`limit` entries. Not thread-safe: one per connection.
+
+    Within one decision (the rounds of :func:`decide` for the same
+    :class:`~mailpolicy.model.Envelope` object, each with more DNS answers)
+    it also keeps what the rules judged anew for each envelope (the
+    recipient's lists, relay control), so a round after the answers came
+    runs only the rules that waited for them.
     """
 
-    __slots__ = ("_dns", "_facts", "_policy", "_session", "_store", "limit")
+    __slots__ = (
+        "_counters",
+        "_dns",
+        "_envelope",
+        "_facts",
+        "_policy",
+        "_round",
+        "_session",
+        "_store",
+        "limit",
+    )
 
     def __init__(self, limit: int = 1024) -> None:
         #: entries kept before starting over (a session with thousands of
@@ -116,6 +132,11 @@ class Memo:
         self._facts: tuple[Any, ...] = ()
         self._dns: Mapping[DnsQuery, DnsResult] = {}
         self._store: dict[object, object] = {}
+        #: the envelope (and counters) of the decision under way, and what
+        #: its envelope-scoped rules decided
+        self._envelope: Envelope | None = None
+        self._counters: object = None
+        self._round: dict[object, object] = {}
 
     def __len__(self) -> int:
         """Entries held."""
@@ -124,7 +145,7 @@ class Memo:
     def clear(self) -> None:
         """Forget everything."""
         self._store.clear()
-        self._policy = self._session = None
+        self._policy = self._session = self._envelope = None
 
     def _for(self, policy: Policy, session: Session) -> dict[object, object]:
         """The entries valid for ``session`` under ``policy``."""
@@ -137,11 +158,21 @@ class Memo:
                 or not _extends(session.dns, self._dns)
             ):
                 store.clear()
+                self._envelope = None
                 self._policy, self._facts = policy, facts
             self._session, self._dns = session, session.dns
         if len(store) >= self.limit:
             store.clear()
         return store
+
+    def _this(self, envelope: Envelope, session: Session) -> dict[object, object]:
+        """The envelope-scoped decisions of the decision under way (call
+        after :meth:`_for`): kept while the same envelope is judged again
+        with the same counters and more DNS answers."""
+        if envelope is not self._envelope or session.counters is not self._counters:
+            self._envelope, self._counters = envelope, session.counters
+            self._round = {}
+        return self._round
 
 
 _UNSEEN: Any = object()
@@ -179,7 +210,12 @@ def _walk(
 ) -> Verdict | _Need:
     if type(policy) is not Policy:
         raise TypeError(_not_a_policy(policy))
-    store: dict[object, object] = {} if memo is None else memo._for(policy, session)
+    if memo is None:
+        store: dict[object, object] = {}
+        this: dict[object, object] = {}
+    else:
+        store = memo._for(policy, session)
+        this = memo._this(envelope, session)
     ctx = Context(policy.shared, session, envelope, store)
     need: _Need | None = None
     pending: Decision | None = None
@@ -187,6 +223,7 @@ def _walk(
     seen: list[Decision] | None = None
     #: the decisions kept for this sender (made on first use)
     senders: dict[object, object] | None = None
+    d: Decision | None
     observed, texts = policy.observed, policy.texts
     discard = envelope.discard
     for restriction, runs in policy.compiled[envelope.stage]:
@@ -203,8 +240,12 @@ def _walk(
                 _observed(seen),
             )
         for quiet, kept, steps in runs:
-            kept_in: dict[object, object] | None = None
-            if kept:
+            kept_in: dict[object, object]
+            if not kept:
+                # ENVELOPE: decided anew for each envelope; kept only for the
+                # next rounds of this decision
+                kept_in = this
+            else:
                 # SESSION or SENDER: decisions made earlier for the same facts
                 if kept == SESSION:
                     kept_in = store
@@ -221,13 +262,10 @@ def _walk(
             calm = quiet is not None
             for rule, slot, is_white, observe in steps:
                 try:
-                    if kept_in is None:  # ENVELOPE: decided anew each time
-                        d = rule.check(ctx)
-                    else:
-                        # a rule waiting for DNS raises and nothing is kept
-                        d = kept_in.get(slot, _UNSEEN)  # type: ignore[assignment]
-                        if d is _UNSEEN:
-                            d = kept_in[slot] = rule.check(ctx)
+                    # a rule waiting for DNS raises and nothing is kept
+                    d = kept_in.get(slot, _UNSEEN)  # type: ignore[assignment]
+                    if d is _UNSEEN:
+                        d = kept_in[slot] = rule.check(ctx)
                 except NeedDns as missing:
                     calm = False
                     # Go on: later rules' questions are asked in the same round.
@@ -268,7 +306,7 @@ def _walk(
                     d = _reworded(d, texts[d.rule])
                 return _verdict(_FINAL[outcome], d, seen)
             else:
-                if calm and kept_in is not None:
+                if calm:
                     kept_in[quiet] = True
                 continue
             break  # a PERMIT ended the chain
