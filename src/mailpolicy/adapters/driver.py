@@ -676,14 +676,18 @@ def log_observed(session: Session, event: Observed) -> None:
 def log_decision(session: Session, event: Decided) -> None:
     """One log line per decision, with its facts as structured fields."""
     verdict = event.verdict
-    # a plain acceptance is a debug line: build nothing unless it is shown
-    if (
-        verdict.action is Action.ACCEPT
-        and event.stage != "delivery"
-        and not decisions.isEnabledFor(logging.DEBUG)
-    ):
-        return
     stage = event.stage.value if isinstance(event.stage, Stage) else event.stage
+    accepted = verdict.action is Action.ACCEPT
+    if stage == "delivery":
+        level = logging.INFO if accepted else logging.WARNING
+    elif verdict.rule == "internal.error":
+        level = logging.ERROR
+    else:
+        level = logging.DEBUG if accepted else logging.INFO
+    # build nothing for a line that is not shown (a plain acceptance is a
+    # debug line; serve --log-level warning shows no delivery either)
+    if not decisions.isEnabledFor(level):
+        return
     fields: dict[str, object] = {"client": ip_text(session.client_ip), "stage": stage}
     if stage == "delivery":
         reply = str(verdict.reply)
@@ -695,7 +699,6 @@ def log_decision(session: Session, event: Decided) -> None:
             ",".join(str(r) for r in event.facts.get("recipients", ()) or ()),  # type: ignore[attr-defined]
             reply,
         )
-        level = logging.INFO if verdict.action is Action.ACCEPT else logging.WARNING
         decisions.log(level, "%s", message, extra={"decision": fields})
         return
     fields.update(
@@ -708,7 +711,4 @@ def log_decision(session: Session, event: Decided) -> None:
         }
     )
     fields.update(event.facts)
-    level = logging.INFO if verdict.action is not Action.ACCEPT else logging.DEBUG
-    if verdict.rule == "internal.error":
-        level = logging.ERROR
     decisions.log(level, "%s", verdict.explain(), extra={"decision": fields})
