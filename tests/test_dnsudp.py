@@ -217,7 +217,7 @@ def test_sockets_are_closed_when_they_retire_and_when_the_loop_ends(server: Serv
     assert len({port for port, _, _ in server.seen}) == 3
 
 
-def test_a_cancelled_asker_leaves_the_other_callers_to_ask_themselves() -> None:
+def test_a_cancelled_asker_leaves_its_question_to_the_other_callers() -> None:
     with Server() as server:
         server.respond = answer_slowly
         resolver = LiveResolver([server.nameserver], timeout=2)
@@ -234,7 +234,36 @@ def test_a_cancelled_asker_leaves_the_other_callers_to_ask_themselves() -> None:
             return result.outcome, result.records
 
         assert asyncio.run(scenario()) == (DnsOutcome.ANSWER, ("10.0.0.9",))
-    assert [name for _, _, name in server.seen] == ["n9.example", "n9.example"]
+    # one question: the first caller's went on for the second
+    assert [name for _, _, name in server.seen] == ["n9.example"]
+
+
+def test_a_lone_cancelled_callers_question_still_fills_the_cache() -> None:
+    def answer_slowly_to_keep(query: dns.message.Message) -> list[bytes]:
+        time.sleep(0.2)
+        response = dns.message.make_response(query)
+        owner = query.question[0].name.to_text(omit_final_dot=True)
+        response.answer.append(dns.rrset.from_text(owner + ".", 300, "IN", "A", address_of(owner)))
+        return [response.to_wire()]
+
+    with Server() as server:
+        server.respond = answer_slowly_to_keep
+        resolver = LiveResolver([server.nameserver], timeout=2)
+
+        async def scenario() -> tuple[str, ...]:
+            asker = asyncio.create_task(resolver.resolve(a("n5.example")))
+            await asyncio.sleep(0.02)  # its question is out
+            asker.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asker
+            for _ in range(200):  # the reply comes 0.2 s after the question
+                await asyncio.sleep(0.01)
+                if resolver.cached(a("n5.example")) is not None:
+                    break
+            return (await resolver.resolve(a("n5.example"))).records
+
+        assert asyncio.run(scenario()) == ("10.0.0.5",)
+    assert [name for _, _, name in server.seen] == ["n5.example"]  # not asked again
 
 
 def test_a_closed_port_fails_at_once_and_a_new_socket_asks_next_time() -> None:
@@ -345,7 +374,7 @@ def test_starts_of_one_question_share_it_and_each_hears_once(server: Server) -> 
     assert [name for _, _, name in server.seen] == ["n6.example"]  # one question
 
 
-def test_a_start_sharing_a_cancelled_askers_question_asks_again() -> None:
+def test_a_start_sharing_a_cancelled_askers_question_gets_its_answer() -> None:
     with Server() as server:
         server.respond = answer_slowly
         resolver = LiveResolver([server.nameserver], timeout=2)
@@ -359,4 +388,4 @@ def test_a_start_sharing_a_cancelled_askers_question_asks_again() -> None:
             return found.outcome, found.records
 
         assert asyncio.run(scenario()) == (DnsOutcome.ANSWER, ("10.0.0.4",))
-    assert [name for _, _, name in server.seen] == ["n4.example", "n4.example"]
+    assert [name for _, _, name in server.seen] == ["n4.example"]  # asked once

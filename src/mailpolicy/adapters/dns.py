@@ -556,7 +556,8 @@ def _negative_ttl(response: dns.message.Message) -> float:
 
 class _Waiting:
     """A question being asked: its loop, and the callers waiting for the same
-    answer, told where it settles (``None`` tells them to ask themselves)."""
+    answer, told where it settles (``None``: it ended without one, when its
+    loop shut down; they ask again)."""
 
     __slots__ = ("listeners", "loop", "settled")
 
@@ -564,11 +565,6 @@ class _Waiting:
         self.loop = loop
         self.listeners: list[Callable[[_Reply | None], None]] = []
         self.settled = False
-
-
-def _set_unless_done(future: asyncio.Future[_Reply | None], reply: _Reply | None) -> None:
-    if not future.done():  # a caller cancelled meanwhile
-        future.set_result(reply)
 
 
 class _ServerFailed(Exception):
@@ -687,45 +683,36 @@ class LiveResolver:
     async def resolve(self, query: DnsQuery) -> DnsResult:
         """:class:`Resolver` protocol. Never raises (except on cancellation).
 
-        The first caller asks; callers with the same query meanwhile wait for
-        its answer. Should the asker be cancelled, they ask again themselves.
+        :meth:`start`, awaited: callers with the same query meanwhile share
+        the first caller's question. Cancelling a caller stops its own
+        waiting only; the question goes on for the others, and its answer
+        is cached as any other.
         """
         try:
-            hit = self.cached(query)
-            if hit is not None:
-                return hit
-            loop = asyncio.get_running_loop()
-            waiting = self._inflight.get(query)
-            while waiting is not None and waiting.loop is loop:
-                future: asyncio.Future[_Reply | None] = loop.create_future()
-                waiting.listeners.append(functools.partial(_set_unless_done, future))
-                shared = await future
-                if shared is not None:
-                    return shared.result
-                waiting = self._inflight.get(query)
-            waiting = self._inflight[query] = _Waiting(loop)
-            return await self._lead(query, waiting, None)
-        except asyncio.CancelledError:
-            raise
+            asked = self.start(query)
         except Exception:
             return DnsResult(DnsOutcome.SERVFAIL)
+        return await asked
 
     def start(
         self, query: DnsQuery, on_answer: Callable[[DnsResult], None] | None = None
     ) -> asyncio.Future[DnsResult]:
-        """:meth:`resolve`, begun before this returns: a question neither
-        cached nor in flight is sent at once, not when a task first runs.
+        """Ask ``query``, begun before this returns: a question neither
+        cached nor in flight is sent at once, not when a task first runs;
+        one in flight is joined. :meth:`resolve` and :meth:`resolve_all`
+        are this, awaited.
 
         For questions asked ahead (``serve`` asks the client's PTR as it
         connects, before writing its banner). A UDP reply from the first
         nameserver is read in the socket's own callback: the future gets
         its answer there, ``on_answer`` (if given) is called there too, and
-        the callers of :meth:`resolve` sharing the question are woken, with
-        no task in between. Anything else (a timeout, another nameserver, a
-        truncated reply and TCP) goes on in a task, as :meth:`resolve`
-        would. The future never fails. Cancelling it only stops the waiting:
-        the question is still settled for those who share it, and
-        ``on_answer`` is not called.
+        the others sharing the question are told, with no task in between.
+        Anything else (a timeout, another nameserver, a truncated reply and
+        TCP, a name only dnspython writes) goes on in a task of the
+        question's own, not the caller's. The future never fails.
+        Cancelling it only stops the waiting: the question is still settled
+        for those who share it (and cached), and ``on_answer`` is not
+        called.
         """
         loop = asyncio.get_running_loop()
         result: asyncio.Future[DnsResult] = loop.create_future()
