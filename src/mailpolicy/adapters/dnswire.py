@@ -15,7 +15,6 @@ checks, on generated replies, that it answers as dnspython does.
 from __future__ import annotations
 
 import ipaddress
-import re
 import secrets
 import struct
 
@@ -30,7 +29,10 @@ CODES = {"A": A, "AAAA": AAAA, "MX": MX, "PTR": PTR, "TXT": TXT}
 _NOERROR, _NXDOMAIN = 0, 3
 _HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")
-_PLAIN = re.compile(rb"[A-Za-z0-9_-]{1,63}")
+#: the bytes of a plain label: a name is checked in one pass
+#: (``bytes.translate`` deletes them; anything left is not plain)
+_PLAIN = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+_PLAIN_OR_DOT = _PLAIN + b"."
 #: dnspython's limit on a CNAME chain
 MAX_CHAIN = 16
 
@@ -82,11 +84,13 @@ def query(name: str, rtype: str, qid: int | None = None, *, edns: bool = False) 
     code = CODES.get(rtype)
     if code is None or not name.isascii():
         return None
-    text = name.rstrip(".")
+    text = name.rstrip(".").encode("ascii")
     out = bytearray()
     if text:
-        for label in text.encode("ascii").split(b"."):
-            if not _PLAIN.fullmatch(label):
+        if text.translate(None, _PLAIN_OR_DOT):
+            return None
+        for label in text.split(b"."):
+            if not 0 < len(label) < 64:
                 return None
             out.append(len(label))
             out += label
@@ -274,7 +278,7 @@ def _name(data: bytes, off: int) -> tuple[str, int]:
     """A domain name at ``off``: lower-case text without the final dot
     (``""`` for the root), and the offset after it. Compression pointers
     must point backwards; labels must be plain, or dnspython reads it."""
-    labels: list[str] = []
+    labels: list[bytes] = []
     after = -1
     length = 0
     while True:
@@ -292,12 +296,18 @@ def _name(data: bytes, off: int) -> tuple[str, int]:
             continue
         if size > 63:
             raise _Unusual
-        label = data[off + 1 : off + 1 + size]
-        if len(label) != size or not _PLAIN.fullmatch(label):
+        end = off + 1 + size
+        if end > len(data):
             raise _Unusual
         length += size + 1
         if length > 255:
             raise _Unusual
-        labels.append(label.decode("ascii").lower())
-        off += 1 + size
-    return ".".join(labels), (after if after >= 0 else off)
+        labels.append(data[off + 1 : end])
+        off = end
+    if not labels:
+        return "", (after if after >= 0 else off)
+    name = b".".join(labels)
+    # plain bytes only, and no dot inside a label (one between each two)
+    if name.translate(None, _PLAIN_OR_DOT) or name.count(b".") != len(labels) - 1:
+        raise _Unusual
+    return name.decode("ascii").lower(), (after if after >= 0 else off)
