@@ -35,6 +35,24 @@ def test_maildir_fs_times_each_step(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # it cleans up
 
 
+@pytest.mark.timeout(300)
+def test_instructions_counts_serve_under_callgrind() -> None:
+    script = str(ROOT / "benchmarks" / "instructions.py")
+    done = subprocess.run(
+        [sys.executable, script, "--sessions", "4", "--warmup", "2"],
+        capture_output=True,
+        text=True,
+        timeout=290,
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("mailpolicy serve --workers 1, 4 sessions after 2 (DNS TTL 0")
+    label, _, count = second.partition(": ")
+    assert label == "user-space instructions a session"
+    # a whole session with every check and a Maildir copy: millions, not nothing
+    assert 500_000 < int(count.replace(",", "")) < 100_000_000
+
+
 @pytest.mark.timeout(120)
 def test_session_cpu_runs_accepted_sessions_both_ways() -> None:
     out = _run("session_cpu.py", "--sessions", "5")
