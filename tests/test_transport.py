@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import ssl
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +17,9 @@ from mailpolicy.adapters.transport import SmtpProtocol
 from mailpolicy.config import settings_from_mapping
 from mailpolicy.model import Session
 from mailpolicy.policy import compile_policy
+
+if TYPE_CHECKING:
+    from conftest import Certificate
 
 POLICY = compile_policy(
     settings_from_mapping(
@@ -149,5 +153,68 @@ def test_a_failure_in_the_read_callback_ends_the_session_in_its_task(
         assert record.getMessage() == "SMTP session error with 192.0.2.1"
         assert record.exc_info is not None
         assert str(record.exc_info[1]) == "observer broke"
+
+    asyncio.run(main())
+
+
+class QuickClient(Transport):
+    """A TLS client that sends its ClientHello the moment the server's 220
+    to STARTTLS is written: it arrives on the loop's next turn."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.protocol: SmtpProtocol | None = None
+        self.secured = False
+
+    def write(self, data: bytes) -> None:
+        if self.secured:
+            self.incoming.write(data)
+            return
+        super().write(data)
+        if data == b"220 2.0.0 Ready to start TLS\r\n":
+            self.secured = True
+            self.step()
+
+    def step(self) -> bool:
+        """Go on with the handshake; send what it has (on the next turn)."""
+        try:
+            self.tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        hello = self.outgoing.read()
+        if hello:
+            assert self.protocol is not None
+            asyncio.get_running_loop().call_soon(feed, self.protocol, hello)
+        return done
+
+
+def test_starttls_is_set_up_before_the_clients_handshake_can_arrive(
+    tls_certificate: Certificate,
+) -> None:
+    async def main() -> None:
+        services = Services(StaticZone.from_mapping({}), delivery=AcceptAllDelivery())
+        protocol = SmtpProtocol(
+            lambda: POLICY, services, tls_context=tls_certificate.server_context()
+        )
+        client = QuickClient(tls_certificate.client_context())
+        client.protocol = protocol
+        protocol.connection_made(client)
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if client.writes:
+                break
+        feed(protocol, b"EHLO client.example.org\r\n")
+        feed(protocol, b"STARTTLS\r\n")
+        for _ in range(200):  # the client answers each flight on the next turn
+            await asyncio.sleep(0)
+            if client.step():
+                break
+        else:
+            raise AssertionError("the TLS handshake did not finish")
+        assert client.writes[-1] == b"220 2.0.0 Ready to start TLS\r\n"
+        protocol.abort()
 
     asyncio.run(main())

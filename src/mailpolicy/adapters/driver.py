@@ -516,9 +516,11 @@ class _Loop:
             if event is NEED_DATA:
                 self.flush()
                 return self.deadlines.wait(conn)
-            if not isinstance(event, (NeedCount, NeedRecipientCheck)):
+            if not isinstance(event, (NeedCount, NeedRecipientCheck, StartTls)):
                 # the task would write them first thing (a 221 before the
-                # close); only a count or a recipient check may hold replies
+                # close); a count or a recipient check may hold replies, and
+                # STARTTLS's 220 goes out from the task, just before TLS is
+                # set up, so no byte of the handshake can come before it
                 self.flush()
             self.pending = event
         except Exception as e:  # raised again in the task, which logs it
