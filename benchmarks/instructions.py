@@ -52,18 +52,6 @@ def zone() -> dict[str, object]:
     return out
 
 
-def smtp_source(port: int, messages: int, length: int) -> None:
-    command = [
-        shutil.which("smtp-source") or "/usr/sbin/smtp-source",
-        *("-s", "1", "-m", str(messages), "-l", str(length)),
-        *("-M", bench.HELO, "-f", bench.SENDER, "-t", bench.RECIPIENT),
-        f"{CLIENT}:{port}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
-    if done.returncode != 0 or done.stderr.strip():
-        raise RuntimeError(f"smtp-source failed ({done.returncode}): {done.stderr.strip()[:500]}")
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((CLIENT, 0))
@@ -120,13 +108,11 @@ def main() -> int:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"serve did not listen: {folder / 'serve.log'}")
                 time.sleep(0.2)
-            smtp_source(port, args.warmup, args.length)
+            bench.smtp_source(port, 1, args.warmup, args.length, address=CLIENT)
             subprocess.run(
                 ["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True
             )
-            started = time.perf_counter()
-            smtp_source(port, args.sessions, args.length)
-            took = time.perf_counter() - started
+            took = bench.smtp_source(port, 1, args.sessions, args.length, address=CLIENT)
             subprocess.run(
                 ["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True
             )
