@@ -393,6 +393,13 @@ class Receiving(Protocol):
         ...
 
 
+#: what the loop waits for only once the replies so far are written (the
+#: client reads them meanwhile): a count or a recipient check is quick and
+#: may hold them; STARTTLS writes its 220 itself, just before TLS is set up,
+#: so that no byte of the handshake can come before it
+_WRITE_FIRST = (NeedDns, CheckPassword, Deliver, Close)
+
+
 class _Failed:
     """What the receiver met: raised again in the loop's task."""
 
@@ -516,12 +523,8 @@ class _Loop:
             if event is NEED_DATA:
                 self.flush()
                 return self.deadlines.wait(conn)
-            if not isinstance(event, (NeedCount, NeedRecipientCheck, StartTls)):
-                # the task would write them first thing (a 221 before the
-                # close); a count or a recipient check may hold replies, and
-                # STARTTLS's 220 goes out from the task, just before TLS is
-                # set up, so no byte of the handshake can come before it
-                self.flush()
+            if isinstance(event, _WRITE_FIRST):
+                self.flush()  # a loop turn before the task would
             self.pending = event
         except Exception as e:  # raised again in the task, which logs it
             self.pending = _Failed(e)
@@ -555,6 +558,8 @@ class _Loop:
                     self.pending = None
                     if isinstance(event, _Failed):
                         raise event.error
+                if isinstance(event, _WRITE_FIRST):
+                    flush()
                 if event is NEED_DATA:
                     flush()
                     data = await channel.read(deadlines.wait(conn))
@@ -569,7 +574,6 @@ class _Loop:
                         deadlines.received(conn, len(data))
                         conn.receive_data(data)
                 elif isinstance(event, NeedDns):
-                    flush()
                     started = time.perf_counter()
                     try:
                         answers = await prefetch.resolve_all(event.queries)
@@ -592,7 +596,6 @@ class _Loop:
                         refusal = await refusal
                     conn.recipient_checked(refusal)
                 elif isinstance(event, CheckPassword):
-                    flush()
                     try:
                         ok = await asyncio.to_thread(
                             policy.check_password, event.user, event.password
@@ -606,7 +609,6 @@ class _Loop:
                     flush()  # the 220 goes out in clear before the handshake
                     conn.tls_started(await channel.start_tls())
                 elif isinstance(event, Deliver):
-                    flush()
                     try:
                         delivered = await services.delivery.deliver(event.submission)
                     except Exception as e:
