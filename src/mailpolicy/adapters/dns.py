@@ -748,7 +748,7 @@ class LiveResolver:
         first: dnsudp.Pending | None = None
 
         def go_on(first: dnsudp.Pending | None) -> None:
-            task = loop.create_task(self._lead_quietly(query, waiting, first))
+            task = loop.create_task(self._lead(query, waiting, first))
             task.add_done_callback(given)
             # a task cancelled before its first step never runs its body
             task.add_done_callback(lambda _: self._settle(query, waiting, first, None))
@@ -777,24 +777,18 @@ class LiveResolver:
             go_on(None)
         return result
 
-    async def _lead_quietly(
-        self, query: DnsQuery, waiting: _Waiting, first: dnsudp.Pending | None
-    ) -> DnsResult:
-        try:
-            return await self._lead(query, waiting, first)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            return DnsResult(DnsOutcome.SERVFAIL)
-
     async def _lead(
         self, query: DnsQuery, waiting: _Waiting, first: dnsudp.Pending | None
     ) -> DnsResult:
         """Ask ``query`` for every caller waiting on it (``first``: its
-        question to the first nameserver, already sent)."""
+        question to the first nameserver, already sent). Never raises but
+        on cancellation: a failure is a SERVFAIL, and the callers sharing
+        the question are told it ended without an answer."""
         reply = None
         try:
             reply = await self._ask(query, first)
+        except Exception:
+            return DnsResult(DnsOutcome.SERVFAIL)
         finally:
             self._settle(query, waiting, first, reply)
         return reply.result
